@@ -1,0 +1,309 @@
+"""Typed configuration: YAML (``yaml.safe_load``) → validated dataclasses.
+
+Unknown keys are rejected with the closest valid key; every message names the key path
+(``config.lsr.rank``), what was expected and what was found. Command-line flags override
+values through :func:`apply_overrides` and are validated the same way.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DTYPES = ("float64", "float32")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+@dataclass
+class ModelConfig:
+    """How to rebuild the network of a state-dict checkpoint."""
+
+    factory: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Where the data lives in the HDF5 file."""
+
+    path: str | None = None
+    train: str = "train"
+    val: str | None = "val"
+    test: str | None = "test"
+    inputs: str = "inputs"
+    targets: str = "targets"
+
+
+@dataclass
+class ParametersConfig:
+    """Which parameters are linearized (fnmatch patterns on names, random fraction)."""
+
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    fraction: float = 1.0
+
+
+@dataclass
+class LsrConfig:
+    """The refinement itself."""
+
+    rank: int | list[int] | str = "auto"
+    start_rank: int = 256
+    max_rank: int = 4096
+    growth: float = 2.0
+    patience: int = 2
+    rise_tolerance: float = 0.05
+    oversampling: int = 10
+    power_iterations: int = 0
+    truncation_rcond: float | str = "auto"
+    tikhonov: float | list[float] | str = "auto"
+    parameters: ParametersConfig = field(default_factory=ParametersConfig)
+    row_chunk: int | str = "auto"
+    tangent_chunk: int = 32
+
+
+@dataclass
+class OutputConfig:
+    checkpoint: str | None = None
+    report: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lsr: LsrConfig = field(default_factory=LsrConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    dtype: str = "float64"
+    device: str = "auto"
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "lsr": LsrConfig,
+    "output": OutputConfig,
+    "lsr.parameters": ParametersConfig,
+}
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
+
+
+def _fail(path: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"config.{path}: expected {expected}, got {_type_name(value)} ({value!r})")
+
+
+def _int(path: str, value: Any, lo: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(path, "an integer", value)
+    if lo is not None and value < lo:
+        raise ConfigError(f"config.{path}: must be at least {lo}, got {value}")
+    return value
+
+
+def _float(path: str, value: Any, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(path, "a number", value)
+    value = float(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"config.{path}: must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _str(path: str, value: Any, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise _fail(path, "a string" + (" or null" if optional else ""), value)
+    return value
+
+
+def _str_list(path: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(path, "a list of strings", value)
+    return list(value)
+
+
+def parse_rank(path: str, value: Any) -> int | list[int] | str:
+    """``"auto"``, a positive integer, or a list of positive integers (a sweep)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "auto":
+            return "auto"
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        try:
+            nums = [int(p) for p in parts]
+        except ValueError:
+            raise ConfigError(
+                f"config.{path}: expected 'auto', an integer or a comma-separated list of integers, got {value!r}"
+            ) from None
+        value = nums[0] if len(nums) == 1 else nums
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"config.{path}: the rank list is empty")
+        ranks = [_int(f"{path}[{i}]", v) for i, v in enumerate(value)]
+        for r in ranks:
+            if r < 1:
+                raise ConfigError(f"config.{path}: ranks must be at least 1, got {r}")
+        return sorted(set(ranks))
+    r = _int(path, value)
+    if r < 1:
+        raise ConfigError(f"config.{path}: must be at least 1 (or 'auto'), got {r}")
+    return r
+
+
+def _check_keys(path: str, raw: dict[str, Any], cls: type) -> None:
+    valid = [f.name for f in fields(cls)]
+    for key in raw:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            where = f"config.{path}.{key}" if path else f"config.{key}"
+            raise ConfigError(f"{where}: unknown key{hint}")
+
+
+def _section(path: str, raw: Any, cls: type) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _fail(path, "a mapping", raw)
+    _check_keys(path, raw, cls)
+    return raw
+
+
+def parse_config(raw: Any) -> Config:
+    """Validate a mapping (from YAML) into a :class:`Config`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {_type_name(raw)}")
+    _check_keys("", raw, Config)
+    cfg = Config()
+
+    m = _section("model", raw.get("model"), ModelConfig)
+    if "factory" in m:
+        cfg.model.factory = _str("model.factory", m["factory"], optional=True)
+    if "kwargs" in m:
+        if m["kwargs"] is not None and not isinstance(m["kwargs"], dict):
+            raise _fail("model.kwargs", "a mapping", m["kwargs"])
+        cfg.model.kwargs = dict(m["kwargs"] or {})
+
+    d = _section("data", raw.get("data"), DataConfig)
+    for key in ("path", "val", "test"):
+        if key in d:
+            setattr(cfg.data, key, _str(f"data.{key}", d[key], optional=True))
+    for key in ("train", "inputs", "targets"):
+        if key in d:
+            setattr(cfg.data, key, _str(f"data.{key}", d[key]))
+
+    s = _section("lsr", raw.get("lsr"), LsrConfig)
+    lsr = cfg.lsr
+    if "rank" in s:
+        lsr.rank = parse_rank("lsr.rank", s["rank"])
+    for key in ("start_rank", "max_rank", "tangent_chunk", "patience"):
+        if key in s:
+            setattr(lsr, key, _int(f"lsr.{key}", s[key], lo=1))
+    for key in ("oversampling", "power_iterations"):
+        if key in s:
+            setattr(lsr, key, _int(f"lsr.{key}", s[key], lo=0))
+    if "growth" in s:
+        lsr.growth = _float("lsr.growth", s["growth"], lo=1.1, hi=16.0)
+    if "rise_tolerance" in s:
+        lsr.rise_tolerance = _float("lsr.rise_tolerance", s["rise_tolerance"], lo=0.0, hi=10.0)
+    if "truncation_rcond" in s:
+        v = s["truncation_rcond"]
+        lsr.truncation_rcond = "auto" if v == "auto" else _float("lsr.truncation_rcond", v, 0.0, 1.0)
+    if "tikhonov" in s:
+        v = s["tikhonov"]
+        if v == "auto":
+            lsr.tikhonov = "auto"
+        elif isinstance(v, list):
+            lsr.tikhonov = [_float(f"lsr.tikhonov[{i}]", x, 0.0, 1e6) for i, x in enumerate(v)]
+        else:
+            lsr.tikhonov = _float("lsr.tikhonov", v, 0.0, 1e6)
+    if "row_chunk" in s:
+        v = s["row_chunk"]
+        lsr.row_chunk = "auto" if v == "auto" else _int("lsr.row_chunk", v, lo=1)
+    p = _section("lsr.parameters", s.get("parameters"), ParametersConfig)
+    if "include" in p:
+        lsr.parameters.include = _str_list("lsr.parameters.include", p["include"])
+    if "exclude" in p:
+        lsr.parameters.exclude = _str_list("lsr.parameters.exclude", p["exclude"])
+    if "fraction" in p:
+        frac = _float("lsr.parameters.fraction", p["fraction"], 0.0, 1.0)
+        if frac <= 0.0:
+            raise ConfigError(f"config.lsr.parameters.fraction: must be in (0, 1], got {frac}")
+        lsr.parameters.fraction = frac
+
+    o = _section("output", raw.get("output"), OutputConfig)
+    for key in ("checkpoint", "report"):
+        if key in o:
+            setattr(cfg.output, key, _str(f"output.{key}", o[key], optional=True))
+
+    if "dtype" in raw:
+        cfg.dtype = parse_dtype("dtype", raw["dtype"])
+    if "device" in raw:
+        cfg.device = parse_device("device", raw["device"])
+    if "seed" in raw:
+        cfg.seed = _int("seed", raw["seed"], lo=0)
+    return cfg
+
+
+def parse_dtype(path: str, value: Any) -> str:
+    if value not in DTYPES:
+        raise ConfigError(f"config.{path}: expected one of {', '.join(DTYPES)}, got {value!r}")
+    return str(value)
+
+
+def parse_device(path: str, value: Any) -> str:
+    if not isinstance(value, str) or not DEVICE_PATTERN.match(value):
+        raise ConfigError(f"config.{path}: expected auto, cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a YAML config file (``None``: all defaults)."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read config file: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid syntax"
+        raise ConfigError(f"{p}: not valid YAML{where}: {problem}") from None
+    try:
+        return parse_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None

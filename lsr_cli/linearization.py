@@ -1,0 +1,256 @@
+"""Matrix-free Jacobian products of a network with respect to (a subset of) its parameters.
+
+``J`` is the ``n × m`` Jacobian of the flattened network output ``vec q(θ, X)`` (``n`` rows =
+samples × output entries) with respect to the ``m`` linearized parameter entries, at ``θ0``.
+It is never formed: :meth:`JacobianOperator.matmat` applies it to ``k`` tangents by batched
+forward-mode JVPs and :meth:`JacobianOperator.rmatmat` applies ``Jᵀ`` by batched VJPs, both
+chunked over sample rows and tangent columns.
+
+Plain modules go through ``torch.func.functional_call``. TorchScript modules are refused by
+that API, so their parameter attributes are swapped for the transformed tensors during the
+call (``torch.func`` transforms work at the dispatcher level, below the TorchScript
+interpreter) and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+Inputs = tuple[Tensor, ...]
+ProgressFn = Callable[[int], None]
+
+
+def is_torchscript(module: nn.Module) -> bool:
+    """Whether ``module`` is a TorchScript module (scripted or traced)."""
+    return isinstance(module, torch.jit.ScriptModule)
+
+
+def _set_attr(module: nn.Module, name: str, value: Tensor) -> None:
+    *path, leaf = name.split(".")
+    for part in path:
+        module = getattr(module, part)
+    setattr(module, leaf, value)
+
+
+def make_functional(module: nn.Module) -> Callable[[dict[str, Tensor], Inputs], Tensor]:
+    """Return ``f(params, inputs) -> output`` evaluating ``module`` with replaced parameters.
+
+    ``params`` maps parameter names (as in ``named_parameters``) to tensors; names not given
+    keep their current values. Works under ``torch.func`` transforms for plain and
+    TorchScript modules alike.
+    """
+    if not is_torchscript(module):
+
+        def call_plain(params: dict[str, Tensor], inputs: Inputs) -> Tensor:
+            return torch.func.functional_call(module, params, inputs, strict=False)
+
+        return call_plain
+
+    originals = dict(module.named_parameters())
+
+    def call_script(params: dict[str, Tensor], inputs: Inputs) -> Tensor:
+        try:
+            for name, value in params.items():
+                _set_attr(module, name, value)
+            return module(*inputs)
+        finally:
+            for name in params:
+                _set_attr(module, name, originals[name])
+
+    return call_script
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    shape: torch.Size
+    index: Tensor | None  # flat indices of linearized entries, None = all
+    size: int  # number of linearized entries
+
+
+class ParameterSpace:
+    """The ``m`` linearized parameter entries and the maps between flat vectors and tensors.
+
+    Selection: parameters whose name matches one of ``include`` (fnmatch patterns; default
+    all) and none of ``exclude``; then, if ``fraction < 1``, a random subset of their scalar
+    entries drawn with ``generator``. Non-floating parameters are never linearized.
+    """
+
+    def __init__(
+        self,
+        params: dict[str, Tensor],
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        fraction: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        entries: list[_Entry] = []
+        for name, p in params.items():
+            if not p.is_floating_point():
+                continue
+            if include and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
+                continue
+            if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
+                continue
+            numel = p.numel()
+            if fraction < 1.0:
+                keep = torch.rand(numel, generator=generator) < fraction
+                index = torch.nonzero(keep).flatten()
+                if index.numel() == 0:
+                    continue
+                entries.append(_Entry(name, p.shape, index.to(p.device), int(index.numel())))
+            else:
+                entries.append(_Entry(name, p.shape, None, numel))
+        self.entries = entries
+        self.num_total = sum(p.numel() for p in params.values() if p.is_floating_point())
+        self.num = sum(e.size for e in entries)
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def unflatten(self, V: Tensor) -> dict[str, Tensor]:
+        """``V``: ``[m, k]`` → ``{name: [k, *shape]}`` (frozen entries zero)."""
+        k = V.shape[1]
+        out: dict[str, Tensor] = {}
+        offset = 0
+        for e in self.entries:
+            block = V[offset : offset + e.size].T  # [k, size]
+            offset += e.size
+            if e.index is None:
+                out[e.name] = block.reshape(k, *e.shape)
+            else:
+                full = V.new_zeros(k, int(torch.Size(e.shape).numel()))
+                full[:, e.index] = block
+                out[e.name] = full.reshape(k, *e.shape)
+        return out
+
+    def flatten(self, tensors: dict[str, Tensor]) -> Tensor:
+        """``{name: [k, *shape]}`` → ``[m, k]`` (only linearized entries)."""
+        blocks = []
+        for e in self.entries:
+            t = tensors[e.name]
+            t = t.reshape(t.shape[0], -1)
+            if e.index is not None:
+                t = t[:, e.index]
+            blocks.append(t.T)
+        return torch.cat(blocks, dim=0)
+
+    def unflatten_vector(self, v: Tensor) -> dict[str, Tensor]:
+        """``v``: ``[m]`` → ``{name: tensor of the parameter's shape}``."""
+        return {n: t[0] for n, t in self.unflatten(v[:, None]).items()}
+
+
+class JacobianOperator:
+    """``J``: ``n × m`` Jacobian of ``vec q(θ, X)`` at ``θ0`` w.r.t. a :class:`ParameterSpace`.
+
+    ``inputs``: tensors with a common leading sample dimension ``N``; rows are ordered
+    sample-major (``n = N · prod(output.shape[1:])``). ``row_chunk`` samples and
+    ``tangent_chunk`` columns are processed at a time.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        space: ParameterSpace,
+        inputs: Inputs,
+        row_chunk: int = 2048,
+        tangent_chunk: int = 32,
+    ) -> None:
+        self.module = module
+        self.space = space
+        self.inputs = inputs
+        self.num_samples = int(inputs[0].shape[0])
+        self.row_chunk = max(1, int(row_chunk))
+        self.tangent_chunk = max(1, int(tangent_chunk))
+        self._call = make_functional(module)
+        named = dict(module.named_parameters())
+        self._primals = {n: named[n].detach() for n in space.names}
+        # parameters outside the space enter as detached constants: no autograd graph on them
+        self._frozen = {n: p.detach() for n, p in named.items() if n not in self._primals}
+        probe = self._forward_chunk(tuple(x[:1] for x in inputs))
+        self.output_shape = tuple(probe.shape[1:])
+        self.out_numel = int(probe[0].numel())
+        self.dtype = probe.dtype
+        self.device = probe.device
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_samples * self.out_numel, self.space.num)
+
+    def _chunks(self) -> list[tuple[int, int]]:
+        n = self.num_samples
+        return [(s, min(s + self.row_chunk, n)) for s in range(0, n, self.row_chunk)]
+
+    def _rows(self, s: int, e: int) -> Inputs:
+        return tuple(x[s:e] for x in self.inputs)
+
+    def _apply(self, params: dict[str, Tensor], rows: Inputs) -> Tensor:
+        return self._call({**self._frozen, **params}, rows)
+
+    def _forward_chunk(self, inputs: Inputs, params: dict[str, Tensor] | None = None) -> Tensor:
+        with torch.no_grad():
+            return self._apply(params or {}, inputs).detach()
+
+    def forward(self, params: dict[str, Tensor] | None = None) -> Tensor:
+        """``vec q(θ, X)``: ``[n]``, at ``θ0`` or with the given parameter values."""
+        outs = [self._forward_chunk(self._rows(s, e), params).reshape(-1) for s, e in self._chunks()]
+        return torch.cat(outs)
+
+    def matmat(self, V: Tensor, progress: ProgressFn | None = None) -> Tensor:
+        """``J V``: ``V`` ``[m, k]`` → ``[n, k]`` by batched forward-mode JVPs."""
+        n, _ = self.shape
+        k = V.shape[1]
+        out = V.new_empty(n, k)
+        primals = self._primals
+        for c0 in range(0, k, self.tangent_chunk):
+            c1 = min(c0 + self.tangent_chunk, k)
+            tangents = self.space.unflatten(V[:, c0:c1])
+            for s, e in self._chunks():
+                rows = self._rows(s, e)
+
+                def f(p: dict[str, Tensor], rows: Inputs = rows) -> Tensor:
+                    return self._apply(p, rows)
+
+                def one(t: dict[str, Tensor], f=f) -> Tensor:
+                    return torch.func.jvp(f, (primals,), (t,))[1]
+
+                with torch.no_grad():
+                    jv = torch.func.vmap(one)(tangents)  # [kc, rows, *out]
+                out[s * self.out_numel : e * self.out_numel, c0:c1] = jv.reshape(c1 - c0, -1).T
+            if progress is not None:
+                progress(c1 - c0)
+        return out
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``J v``: ``[m]`` → ``[n]``."""
+        return self.matmat(v[:, None])[:, 0]
+
+    def rmatmat(self, U: Tensor, progress: ProgressFn | None = None) -> Tensor:
+        """``Jᵀ U``: ``U`` ``[n, k]`` → ``[m, k]`` by batched reverse-mode VJPs."""
+        m = self.space.num
+        k = U.shape[1]
+        out = U.new_zeros(m, k)
+        primals = self._primals
+        for c0 in range(0, k, self.tangent_chunk):
+            c1 = min(c0 + self.tangent_chunk, k)
+            for s, e in self._chunks():
+                rows = self._rows(s, e)
+
+                def f(p: dict[str, Tensor], rows: Inputs = rows) -> Tensor:
+                    return self._apply(p, rows)
+
+                with torch.enable_grad():
+                    _, vjp_fn = torch.func.vjp(f, primals)
+                cot = U[s * self.out_numel : e * self.out_numel, c0:c1].T
+                cot = cot.reshape(c1 - c0, e - s, *self.output_shape)
+                (grads,) = torch.func.vmap(vjp_fn)(cot)
+                out[:, c0:c1] += self.space.flatten(grads)
+            if progress is not None:
+                progress(c1 - c0)
+        return out

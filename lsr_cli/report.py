@@ -1,0 +1,173 @@
+"""Reports: the JSON document of a run, Rich progress bars and the results table.
+
+The only module that imports Rich. Progress and tables go to the given consoles; the JSON
+report is a plain dict (schema in the README).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .refine import RefineResult
+
+SPLIT_ORDER = ("train", "val", "test")
+
+
+def versions() -> dict[str, str]:
+    return {
+        "lsr": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "h5py": h5py.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: non-finite floats become null, tuples lists, paths strings."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def refine_report(
+    result: RefineResult,
+    *,
+    input_info: dict[str, Any],
+    output_info: dict[str, Any],
+    data_info: dict[str, Any],
+    config: dict[str, Any],
+    timings: dict[str, float],
+    seed: int,
+) -> dict[str, Any]:
+    """The JSON report of ``lsr refine``."""
+    return _clean(
+        {
+            "command": "refine",
+            "status": result.status,
+            "message": result.message,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "input": input_info,
+            "output": output_info,
+            "data": data_info,
+            "splits": {s: result.errors[s] for s in SPLIT_ORDER if s in result.errors},
+            "rank": result.rank,
+            "selection_metric": result.selection_metric,
+            "rank_sweep": [e.to_dict() for e in result.rank_sweep],
+            "rounds": result.rounds,
+            "adaptive_stop": result.stop_reason,
+            "regularization": result.regularization,
+            "singular_values": result.singular_values,
+            "timings": timings,
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "peak_memory_kind": result.peak_memory_kind,
+            "device": result.device,
+            "dtype": result.dtype,
+            "seed": seed,
+            "num_parameters": result.num_parameters,
+            "num_linearized_parameters": result.num_linearized_parameters,
+            "num_residuals": result.num_residuals,
+            "config": config,
+            "versions": versions(),
+            "warnings": result.warnings,
+        }
+    )
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3e}"
+
+
+def refine_table(report: dict[str, Any]) -> Table:
+    """Before/after errors per split, with the improvement factor."""
+    table = Table(title=f"lsr refine — rank {report['rank']} ({report['dtype']}, {report['device']})")
+    table.add_column("split")
+    table.add_column("rel L2 before", justify="right")
+    table.add_column("rel L2 after", justify="right")
+    table.add_column("improvement", justify="right")
+    table.add_column("RMSE after", justify="right")
+    table.add_column("max |err| after", justify="right")
+    table.add_column("network at θ0+δ (rel L2)", justify="right")
+    for split, errs in report["splits"].items():
+        b, a = errs["before"]["rel_l2"], errs["after"]["rel_l2"]
+        factor = f"{b / a:.3g}×" if a and b else "—"
+        table.add_row(
+            split,
+            _fmt(b),
+            _fmt(a),
+            factor,
+            _fmt(errs["after"]["rmse"]),
+            _fmt(errs["after"]["max_abs"]),
+            _fmt(errs["network_after"]["rel_l2"]),
+        )
+    return table
+
+
+def errors_table(title: str, errors: dict[str, dict[str, float | None]]) -> Table:
+    table = Table(title=title)
+    for col in ("split", "rel L2", "RMSE", "max |err|", "mean per-sample rel L2"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for split in SPLIT_ORDER:
+        if split in errors:
+            e = errors[split]
+            table.add_row(split, _fmt(e["rel_l2"]), _fmt(e["rmse"]), _fmt(e["max_abs"]), _fmt(e["rel_l2_mean"]))
+    return table
+
+
+class RichProgress:
+    """A :class:`~lsr_cli.refine.ProgressSink` drawing Rich progress bars on ``console``."""
+
+    def __init__(self, console: Console, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+            disable=not enabled,
+        )
+        self._task: Any = None
+
+    def __enter__(self) -> RichProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def begin(self, description: str, total: int) -> Callable[[int], None]:
+        task = self._progress.add_task(description, total=max(total, 1))
+        self._task = task
+        return lambda amount: self._progress.advance(task, amount)
+
+    def end(self) -> None:
+        if self._task is not None:
+            task = self._progress.tasks[-1]
+            self._progress.update(self._task, completed=task.total)
+            self._task = None

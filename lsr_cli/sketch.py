@@ -1,0 +1,122 @@
+"""Matrix-free randomized range finder and SVD of a Jacobian operator.
+
+Halko–Martinsson–Tropp with block growth: ``Y = J Ω`` (JVPs), ``Q = orth(Y)``,
+``B = Jᵀ Q`` (VJPs), ``B = W S Uᵀ`` (so ``Qᵀ J ≈ U S Wᵀ``). Columns can be added later
+(:meth:`RangeSketch.extend`): the new block is orthogonalized against the current ``Q``, so
+``Q`` and ``B`` only grow and earlier products are reused. One sketch at the largest rank
+serves every smaller rank (:meth:`RangeSketch.basis`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+class LinearOperator(Protocol):
+    """What the sketch needs: ``shape = (n, m)``, ``matmat`` and ``rmatmat``."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def matmat(self, V: Tensor, progress: Callable[[int], None] | None = None) -> Tensor: ...
+
+    def rmatmat(self, U: Tensor, progress: Callable[[int], None] | None = None) -> Tensor: ...
+
+
+def _orthonormalize_against(Y: Tensor, Q: Tensor | None) -> Tensor:
+    """Orthonormal basis of ``(I - Q Qᵀ) Y``.
+
+    Two passes of (project out ``Q``, Householder QR): the QR after each projection
+    renormalizes, so columns of ``Y`` that lie (numerically) inside ``range(Q)`` become
+    round-off directions that the second pass makes orthogonal to ``Q`` as well.
+    """
+    if Q is None or Q.shape[1] == 0:
+        return torch.linalg.qr(Y, mode="reduced").Q
+    for _ in range(2):
+        Y = Y - Q @ (Q.T @ Y)
+        Y = torch.linalg.qr(Y, mode="reduced").Q
+    return Y
+
+
+class RangeSketch:
+    """Growing randomized sketch of ``J`` (``n × m``).
+
+    Attributes after :meth:`extend`: ``Q`` ``[n, k]`` orthonormal, ``B = Jᵀ Q`` ``[m, k]``.
+    ``Ω`` has i.i.d. standard normal entries drawn on the CPU from ``generator`` (so results
+    do not depend on the device) in ``dtype``.
+    """
+
+    def __init__(
+        self,
+        op: LinearOperator,
+        generator: torch.Generator,
+        dtype: torch.dtype,
+        device: torch.device,
+        power_iterations: int = 0,
+    ) -> None:
+        self.op = op
+        self.generator = generator
+        self.dtype = dtype
+        self.device = device
+        self.power_iterations = int(power_iterations)
+        n, m = op.shape
+        self.Q = torch.zeros(n, 0, dtype=dtype, device=device)
+        self.B = torch.zeros(m, 0, dtype=dtype, device=device)
+        self._svd: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def num_columns(self) -> int:
+        return int(self.Q.shape[1])
+
+    def extend(self, num_new: int, progress: Callable[[int], None] | None = None) -> None:
+        """Add ``num_new`` sketch columns (JVPs + VJPs: ``(2 + 2q)·num_new`` products)."""
+        n, m = self.op.shape
+        num_new = min(int(num_new), min(n, m) - self.num_columns)
+        if num_new <= 0:
+            return
+        omega = torch.randn(m, num_new, generator=self.generator, dtype=self.dtype)
+        Y = self.op.matmat(omega.to(self.device), progress)
+        Qn = _orthonormalize_against(Y, self.Q)
+        for _ in range(self.power_iterations):
+            Z = self.op.rmatmat(Qn)
+            Z = torch.linalg.qr(Z, mode="reduced").Q
+            Qn = _orthonormalize_against(self.op.matmat(Z), self.Q)
+        Bn = self.op.rmatmat(Qn, progress)
+        self.Q = torch.cat([self.Q, Qn], dim=1)
+        self.B = torch.cat([self.B, Bn], dim=1)
+        self._svd = None
+
+    def singular_values(self) -> Tensor:
+        """Singular values ``S`` ``[k]`` of ``Qᵀ J`` (estimates of those of ``J``), descending."""
+        return self._decompose()[1]
+
+    def _decompose(self) -> tuple[Tensor, Tensor]:
+        if self._svd is None:
+            W, S, _ = torch.linalg.svd(self.B, full_matrices=False)
+            self._svd = (W, S)
+        return self._svd
+
+    def basis(self, rank: int) -> tuple[Tensor, Tensor]:
+        """``P = W[:, :r] · diag(1/S[:r])`` ``[m, r]`` and ``S[:r]``.
+
+        The scaling makes ``J P`` nearly orthonormal, so the reduced matrix is well
+        conditioned. ``rank`` must not exceed :meth:`usable_rank`.
+        """
+        W, S = self._decompose()
+        return W[:, :rank] / S[:rank], S[:rank]
+
+    def usable_rank(self, rtol: float | None = None) -> int:
+        """Number of sketch singular values above ``rtol · S[0]``.
+
+        Default ``rtol = eps(dtype) · max(n, m)`` (directions below it are round-off).
+        """
+        S = self.singular_values()
+        if S.numel() == 0 or S[0] <= 0:
+            return 0
+        if rtol is None:
+            rtol = torch.finfo(self.dtype).eps * max(self.op.shape)
+        return int((S > rtol * S[0]).sum())
