@@ -75,10 +75,14 @@ STAGES = {  # key → column label, in pipeline order
     "solve": "QR(A)+solve",
 }
 PROFILES = {
-    "full": {"widths": (16, 32, 64, 96, 128), "fixed_n": 2000, "ns": (500, 1000, 2000, 4000, 8000),
-             "fixed_width": 64, "repeats": 3},
-    "quick": {"widths": (16, 32, 64), "fixed_n": 1000, "ns": (250, 500, 1000, 2000),
-              "fixed_width": 32, "repeats": 1},
+    "full": {
+        "widths": (16, 32, 64, 96, 128),
+        "fixed_n": 2000,
+        "ns": (500, 1000, 2000, 4000, 8000, 16000),
+        "fixed_width": 64,
+        "repeats": 3,
+    },
+    "quick": {"widths": (16, 32, 64), "fixed_n": 1000, "ns": (250, 500, 1000, 2000), "fixed_width": 32, "repeats": 1},
 }
 
 
@@ -225,7 +229,9 @@ def stopwatch(times: dict[str, float], stage: str) -> Iterator[None]:
     times[stage] = time.perf_counter() - t0
 
 
-def lsr_pipeline(op: JacobianOperator | DenseOperator, f0: Tensor, settings: Settings) -> tuple[dict[str, float], dict[str, Any]]:
+def lsr_pipeline(
+    op: JacobianOperator | DenseOperator, f0: Tensor, settings: Settings
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Sketch, SVD, projection and reduced solve at a fixed rank, as ``refine`` does them."""
     timed = TimedOperator(op)
     sketch = RangeSketch(timed, torch.Generator().manual_seed(settings.seed + 2), DTYPE, CPU)
@@ -289,8 +295,9 @@ def worker(mode: str, case: Case, settings: Settings) -> dict[str, Any]:
 def spawn(mode: str, case: Case, settings: Settings) -> dict[str, Any]:
     """Run :func:`worker` in a fresh Python process and return its JSON result."""
     spec = json.dumps({"mode": mode, "case": asdict(case), "settings": asdict(settings)})
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", spec],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", spec], capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} subprocess for {case} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -299,10 +306,16 @@ def spawn(mode: str, case: Case, settings: Settings) -> dict[str, Any]:
 def measure_case(case: Case, settings: Settings, dense_limit_bytes: float) -> dict[str, Any]:
     """Baseline, matrix-free and (if it fits) dense subprocesses for one case."""
     modes = ["baseline", "free"] + (["dense"] if case.dense_bytes() <= dense_limit_bytes else [])
-    record: dict[str, Any] = {"width": case.width, "m": case.m, "n": case.n, "k": settings.columns,
-                              "sketch_bytes": case.sketch_bytes(settings.columns), "dense_bytes": case.dense_bytes(),
-                              "chunk_block_bytes": settings.row_chunk * settings.tangent_chunk * case.width * 8,
-                              "dense": None}
+    record: dict[str, Any] = {
+        "width": case.width,
+        "m": case.m,
+        "n": case.n,
+        "k": settings.columns,
+        "sketch_bytes": case.sketch_bytes(settings.columns),
+        "dense_bytes": case.dense_bytes(),
+        "chunk_block_bytes": min(case.n, settings.row_chunk) * settings.tangent_chunk * case.width * 8,
+        "dense": None,
+    }
     for mode in modes:
         print(f"  w={case.width:<4} m={case.m:<6} n={case.n:<6} {mode} ...", file=sys.stderr, flush=True)
         record[mode] = spawn(mode, case, settings)
@@ -358,8 +371,15 @@ def timing_table(sweeps: dict[str, list[dict[str, Any]]]) -> str:
                 if result is None:
                     continue
                 stages = [fmt_seconds(result["times"].get(stage)) for stage in STAGES]
-                rows.append([*case_label(sweep, record), method, str(result["check"]["rank"]), *stages,
-                             fmt_seconds(result["total_seconds"])])
+                rows.append(
+                    [
+                        *case_label(sweep, record),
+                        method,
+                        str(result["check"]["rank"]),
+                        *stages,
+                        fmt_seconds(result["total_seconds"]),
+                    ]
+                )
     return markdown_table(headers, rows)
 
 
@@ -375,23 +395,45 @@ def sigma_difference(record: dict[str, Any]) -> float | None:
 
 
 def memory_table(sweeps: dict[str, list[dict[str, Any]]]) -> str:
-    headers = ["sweep", "w", "m", "n", "free extra MiB", "(n+m)·k·8 MiB", "JVP block MiB", "dense extra MiB",
-               "n·m·8 MiB", "time free/dense", "memory free/dense", "‖Az+f0‖/‖f0‖", "max|Δσ|/σ₁"]
+    headers = [
+        "sweep",
+        "w",
+        "m",
+        "n",
+        "free extra MiB",
+        "(n+m)·k·8 MiB",
+        "JVP block MiB",
+        "dense extra MiB",
+        "n·m·8 MiB",
+        "time free/dense",
+        "memory free/dense",
+        "‖Az+f0‖/‖f0‖",
+        "Δσ/σ₁ (max)",
+    ]
     rows = []
     for sweep, records in sweeps.items():
         for record in records:
             free_extra = result_value(record, "free", "extra_bytes")
             dense_extra = result_value(record, "dense", "extra_bytes")
-            rows.append([
-                *case_label(sweep, record), fmt_mib(free_extra), fmt_mib(record["sketch_bytes"]),
-                fmt_mib(record["chunk_block_bytes"]), fmt_mib(dense_extra),
-                fmt_mib(record["dense_bytes"]),
-                fmt_ratio(ratio(result_value(record, "free", "total_seconds"),
-                                result_value(record, "dense", "total_seconds"))),
-                fmt_ratio(ratio(free_extra, dense_extra)),
-                f"{record['free']['check']['linearized_residual']:.3g}",
-                fmt_ratio(sigma_difference(record)) if record["dense"] is not None else "—",
-            ])
+            rows.append(
+                [
+                    *case_label(sweep, record),
+                    fmt_mib(free_extra),
+                    fmt_mib(record["sketch_bytes"]),
+                    fmt_mib(record["chunk_block_bytes"]),
+                    fmt_mib(dense_extra),
+                    fmt_mib(record["dense_bytes"]),
+                    fmt_ratio(
+                        ratio(
+                            result_value(record, "free", "total_seconds"),
+                            result_value(record, "dense", "total_seconds"),
+                        )
+                    ),
+                    fmt_ratio(ratio(free_extra, dense_extra)),
+                    f"{record['free']['check']['linearized_residual']:.3g}",
+                    fmt_ratio(sigma_difference(record)) if record["dense"] is not None else "—",
+                ]
+            )
     return markdown_table(headers, rows)
 
 
@@ -423,8 +465,13 @@ def growth_table(sweep: str, records: list[dict[str, Any]]) -> str:
     series = {label: [value(r) for r in records] for label, value in GROWTH_SERIES.items()}
     rows = []
     for i in range(1, len(records)):
-        rows.append([f"{sizes[i - 1]} → {sizes[i]}", fmt_ratio(sizes[i] / sizes[i - 1]),
-                     *(fmt_ratio(ratio(v[i], v[i - 1])) for v in series.values())])
+        rows.append(
+            [
+                f"{sizes[i - 1]} → {sizes[i]}",
+                fmt_ratio(sizes[i] / sizes[i - 1]),
+                *(fmt_ratio(ratio(v[i], v[i - 1])) for v in series.values()),
+            ]
+        )
     rows.append(["log-log slope", "1", *(fmt_ratio(loglog_slope(sizes, v)) for v in series.values())])
     return markdown_table([size_key, f"{size_key} ratio", *GROWTH_SERIES], rows)
 
@@ -445,15 +492,20 @@ def report(sweeps: dict[str, list[dict[str, Any]]], settings: Settings, header: 
         "",
         "## Peak memory above baseline (ru_maxrss of a fresh subprocess) and ratios",
         "",
-        f"JVP block = row_chunk·tangent_chunk·w·8 bytes ({settings.row_chunk}·{settings.tangent_chunk}·w·8): the "
-        "size of one batched hidden activation inside matmat/rmatmat, a working set independent of n and k. "
-        "max|Δσ|/σ₁ compares the sketch singular values of the two methods (same Ω).",
+        f"JVP block = min(n, row_chunk)·tangent_chunk·w·8 bytes (row_chunk {settings.row_chunk}, tangent_chunk "
+        f"{settings.tangent_chunk}): one batched hidden activation inside matmat/rmatmat, a working set that does "
+        "not grow with n beyond row_chunk nor with k. Δσ/σ₁ (max) compares the sketch singular values of the two "
+        "methods (same Ω: round-off only); ‖Az+f0‖/‖f0‖ is the matrix-free linearized residual at rank r.",
         "",
         memory_table(sweeps),
     ]
     for sweep, records in sweeps.items():
-        parts += ["", f"## Growth along the {sweep} sweep (ratio between successive sizes)", "",
-                  growth_table(sweep, records)]
+        parts += [
+            "",
+            f"## Growth along the {sweep} sweep (ratio between successive sizes)",
+            "",
+            growth_table(sweep, records),
+        ]
     return "\n".join(parts)
 
 
@@ -472,8 +524,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ns", type=int, nargs="+", help="row counts of the n sweep")
     parser.add_argument("--fixed-width", type=int, help="hidden width of the n sweep")
     parser.add_argument("--repeats", type=int, help="timed runs per subprocess (min is reported)")
-    parser.add_argument("--row-chunk", type=int, default=AUTO_ROW_CHUNK,
-                        help=f"JacobianOperator row_chunk (default {AUTO_ROW_CHUNK}, refine's 'auto')")
+    parser.add_argument(
+        "--row-chunk",
+        type=int,
+        default=AUTO_ROW_CHUNK,
+        help=f"JacobianOperator row_chunk (default {AUTO_ROW_CHUNK}, refine's 'auto')",
+    )
     parser.add_argument("--tangent-chunk", type=int, default=32, help="JacobianOperator tangent_chunk (default 32)")
     parser.add_argument("--dense-limit-gib", type=float, default=2.0, help="skip dense where n·m·8 bytes exceed this")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
@@ -488,8 +544,15 @@ def build_plan(args: argparse.Namespace) -> tuple[Settings, dict[str, list[Case]
         value = getattr(args, name)
         return profile[name] if value is None else value
 
-    settings = Settings(rank=args.rank, oversampling=args.oversampling, threads=args.threads, seed=args.seed,
-                        row_chunk=args.row_chunk, tangent_chunk=args.tangent_chunk, repeats=pick("repeats"))
+    settings = Settings(
+        rank=args.rank,
+        oversampling=args.oversampling,
+        threads=args.threads,
+        seed=args.seed,
+        row_chunk=args.row_chunk,
+        tangent_chunk=args.tangent_chunk,
+        repeats=pick("repeats"),
+    )
     sweeps = {
         "m": [Case(w, pick("fixed_n")) for w in pick("widths")],
         "n": [Case(pick("fixed_width"), n) for n in pick("ns")],
@@ -500,10 +563,17 @@ def build_plan(args: argparse.Namespace) -> tuple[Settings, dict[str, list[Case]
 def run_benchmark(args: argparse.Namespace) -> None:
     settings, plan = build_plan(args)
     torch.set_num_threads(settings.threads)
-    header = {"torch": torch.__version__, "python": platform.python_version(), "cpu threads": settings.threads,
-              "dtype": "float64", "k": f"{settings.columns} (rank {settings.rank} + oversampling {settings.oversampling})",
-              "row_chunk": settings.row_chunk, "tangent_chunk": settings.tangent_chunk,
-              "repeats": settings.repeats, "seed": settings.seed}
+    header = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu threads": settings.threads,
+        "dtype": "float64",
+        "k": f"{settings.columns} (rank {settings.rank} + oversampling {settings.oversampling})",
+        "row_chunk": settings.row_chunk,
+        "tangent_chunk": settings.tangent_chunk,
+        "repeats": settings.repeats,
+        "seed": settings.seed,
+    }
     t0 = time.perf_counter()
     cache: dict[Case, dict[str, Any]] = {}
     sweeps: dict[str, list[dict[str, Any]]] = {}

@@ -59,6 +59,7 @@ class LsrConfig:
     max_rank: int = 4096
     growth: float = 2.0
     patience: int = 2
+    holdout: float = 0.1
     rise_tolerance: float = 0.05
     oversampling: int = 10
     power_iterations: int = 0
@@ -234,6 +235,8 @@ def parse_config(raw: Any) -> Config:
             setattr(lsr, key, _int(f"lsr.{key}", s[key], lo=0))
     if "growth" in s:
         lsr.growth = _float("lsr.growth", s["growth"], lo=1.1, hi=16.0)
+    if "holdout" in s:
+        lsr.holdout = _float("lsr.holdout", s["holdout"], lo=0.0, hi=0.5)
     if "rise_tolerance" in s:
         lsr.rise_tolerance = _float("lsr.rise_tolerance", s["rise_tolerance"], lo=0.0, hi=10.0)
     if "truncation_rcond" in s:

@@ -237,20 +237,22 @@ class JacobianOperator:
         k = U.shape[1]
         out = U.new_zeros(m, k)
         primals = self._primals
-        for c0 in range(0, k, self.tangent_chunk):
-            c1 = min(c0 + self.tangent_chunk, k)
-            for s, e in self._chunks():
-                rows = self._rows(s, e)
+        N = self.num_samples
+        for s, e in self._chunks():
+            rows = self._rows(s, e)
 
-                def f(p: dict[str, Tensor], rows: Inputs = rows) -> Tensor:
-                    return self._apply(p, rows)
+            def f(p: dict[str, Tensor], rows: Inputs = rows) -> Tensor:
+                return self._apply(p, rows)
 
-                with torch.enable_grad():
-                    _, vjp_fn = torch.func.vjp(f, primals)
+            with torch.enable_grad():
+                _, vjp_fn = torch.func.vjp(f, primals)  # one forward per row chunk
+            for c0 in range(0, k, self.tangent_chunk):
+                c1 = min(c0 + self.tangent_chunk, k)
                 cot = U[s * self.out_numel : e * self.out_numel, c0:c1].T
                 cot = cot.reshape(c1 - c0, e - s, *self.output_shape)
                 (grads,) = torch.func.vmap(vjp_fn)(cot)
                 out[:, c0:c1] += self.space.flatten(grads)
+            del vjp_fn
             if progress is not None:
-                progress(c1 - c0)
+                progress(round(k * e / N) - round(k * s / N))
         return out

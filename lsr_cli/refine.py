@@ -133,6 +133,78 @@ class RefineResult:
     stop_reason: str = ""
 
 
+@dataclass
+class _Selection:
+    """Rows that select rank and λ: a validation split, or held-out training samples."""
+
+    kind: str  # "val_loss" | "holdout_loss" | "train_loss"
+    fit_rows: Tensor | None  # training rows used to fit when holding out (None: all)
+    hold_rows: Tensor | None
+
+
+def _holdout_rows(
+    num_samples: int, out_numel: int, fraction: float, gen: torch.Generator
+) -> tuple[Tensor, Tensor] | None:
+    """Row indices (fit, hold) holding out ``fraction`` of the training samples, or ``None``."""
+    num_hold = int(round(fraction * num_samples))
+    if fraction <= 0 or num_hold < 2 or num_samples - num_hold < 2:
+        return None
+    perm = torch.randperm(num_samples, generator=gen)
+    hold = torch.sort(perm[:num_hold]).values
+    fit = torch.sort(perm[num_hold:]).values
+
+    def rows(samples: Tensor) -> Tensor:
+        return (samples[:, None] * out_numel + torch.arange(out_numel)).reshape(-1)
+
+    return rows(fit), rows(hold)
+
+
+def _sweep(
+    problem: ReducedProblem,
+    sel_A: Tensor | None,
+    sel_f: Tensor | None,
+    candidates: list[int],
+    grid: tuple[float, ...],
+    rcond: float | None,
+    norm_f0: float,
+) -> tuple[list[SweepEntry], tuple[float, SweepEntry] | None]:
+    """Solve every (rank, λ); keep the best λ per rank; return those entries and the best overall.
+
+    The metric is the MSE on the selection rows (``sel_A z + sel_f``), else the training MSE.
+    """
+    entries: list[SweepEntry] = []
+    best: tuple[float, SweepEntry] | None = None
+    for r in candidates:
+        rank_best: tuple[float, SweepEntry] | None = None
+        for lam in grid:
+            sol = problem.solve(r, lam, rcond)
+            res = problem.residual(sol)
+            train_loss = float(torch.mean(res * res))
+            sel_loss = None
+            if sel_A is not None and sel_f is not None:
+                rv = sel_A[:, :r].to(torch.float64) @ sol.z + sel_f.to(torch.float64)
+                sel_loss = float(torch.mean(rv * rv))
+            metric = sel_loss if sel_loss is not None else train_loss
+            if not math.isfinite(metric):
+                continue
+            entry = SweepEntry(
+                r,
+                train_loss,
+                sel_loss,
+                float(torch.linalg.norm(res)) / max(norm_f0, 1e-300),
+                lam,
+                sol.num_truncated,
+                sol.cond,
+            )
+            if rank_best is None or metric < rank_best[0]:
+                rank_best = (metric, entry)
+        if rank_best is not None:
+            entries.append(rank_best[1])
+            if best is None or rank_best[0] < best[0]:
+                best = rank_best
+    return entries, best
+
+
 def _chunk_rows(out_numel: int, cfg_row_chunk: int | str) -> int:
     if cfg_row_chunk == "auto":
         return max(1, ROW_BUDGET // max(1, out_numel) // 32)
@@ -288,20 +360,33 @@ def refine(
                 )
             rank = max(ranks_wanted)
         has_val = "val" in data
-        metric_name = "val_loss" if has_val else "train_loss"
-        grid = _tikhonov_grid(cfg, has_val)
+        split_rows = None if has_val else _holdout_rows(train.num_samples, out_numel, lsr.holdout, gen)
+        if has_val:
+            selection = _Selection("val_loss", None, None)
+        elif split_rows is not None:
+            selection = _Selection("holdout_loss", *split_rows)
+        else:
+            selection = _Selection("train_loss", None, None)
+        metric_name = selection.kind
+        grid = _tikhonov_grid(cfg, selection.kind != "train_loss")
         rcond = None if lsr.truncation_rcond == "auto" else float(lsr.truncation_rcond)
 
-        train_base = float(torch.mean(f0["train"] ** 2))
-        val_base = float(torch.mean(f0["val"] ** 2)) if has_val else None
-        sweep = [SweepEntry(0, train_base, val_base, 1.0, 0.0, 0, 1.0)]
-        best_metric = val_base if has_val else train_base
-        best = {"rank": 0, "dz": None, "entry": sweep[0]}
+        fit_f = f0["train"] if selection.fit_rows is None else f0["train"][selection.fit_rows]
+        if has_val:
+            sel_f: Tensor | None = f0["val"]
+        elif selection.hold_rows is not None:
+            sel_f = f0["train"][selection.hold_rows]
+        else:
+            sel_f = None
+        train_base = float(torch.mean(fit_f**2))
+        sel_base = float(torch.mean(sel_f**2)) if sel_f is not None else None
+        sweep = [SweepEntry(0, train_base, sel_base, 1.0, 0.0, 0, 1.0)]
+        best_metric = sel_base if sel_base is not None else train_base
+        best: dict[str, Any] = {"rank": 0, "dz": None, "entry": sweep[0]}
         rounds: list[dict[str, Any]] = []
         sketch = RangeSketch(ops["train"], gen, dtype, device, lsr.power_iterations)
         rising = 0
         stop_reason = ""
-        norm_f0 = float(torch.linalg.norm(f0["train"]))
         timings.update(sketch=0.0, project=0.0, solve=0.0)
         while True:
             t1 = time.perf_counter()
@@ -330,42 +415,20 @@ def refine(
             sink.end()
             timings["project"] += time.perf_counter() - t2
             t3 = time.perf_counter()
-            problem = ReducedProblem(A, f0["train"])
-            round_best: tuple[float, SweepEntry, Tensor] | None = None
-            for r in candidates:
-                rank_best: tuple[float, SweepEntry, Tensor] | None = None
-                for lam in grid:
-                    sol = problem.solve(r, lam, rcond)
-                    res = problem.residual(sol)
-                    train_loss = float(torch.mean(res * res))
-                    val_loss = None
-                    if A_val is not None:
-                        rv = A_val[:, :r].to(torch.float64) @ sol.z + f0["val"].to(torch.float64)
-                        val_loss = float(torch.mean(rv * rv))
-                    metric = val_loss if val_loss is not None else train_loss
-                    if not math.isfinite(metric):
-                        continue
-                    entry = SweepEntry(
-                        r,
-                        train_loss,
-                        val_loss,
-                        float(torch.linalg.norm(res)) / max(norm_f0, 1e-300),
-                        lam,
-                        sol.num_truncated,
-                        sol.cond,
-                    )
-                    if rank_best is None or metric < rank_best[0]:
-                        rank_best = (metric, entry, sol.z)
-                if rank_best is None:
-                    continue
-                sweep.append(rank_best[1])
-                if round_best is None or rank_best[0] < round_best[0]:
-                    round_best = rank_best
-            timings["solve"] += time.perf_counter() - t3
+            if selection.fit_rows is None:
+                problem = ReducedProblem(A, f0["train"])
+                sel_A = A_val
+            else:
+                problem = ReducedProblem(A[selection.fit_rows], fit_f)
+                sel_A = A[selection.hold_rows]
+            entries, round_best = _sweep(
+                problem, sel_A, sel_f, candidates, grid, rcond, float(torch.linalg.norm(fit_f))
+            )
+            sweep.extend(entries)
             if round_best is None:
                 raise NumericalError("the reduced least-squares problem produced no finite solution")
-            metric, entry, z = round_best
-            top = next((e for e in reversed(sweep) if e.rank == candidates[-1]), entry)
+            metric, entry = round_best
+            top = entries[-1]
             rounds.append(
                 {
                     "rank": r_eff,
@@ -378,7 +441,11 @@ def refine(
             )
             if metric < best_metric:
                 best_metric = metric
+                # the chosen (rank, λ) is solved on all training rows (held-out rows included)
+                full = problem if selection.fit_rows is None else ReducedProblem(A, f0["train"])
+                z = full.solve(entry.rank, entry.tikhonov, rcond).z
                 best = {"rank": entry.rank, "dz": P[:, : entry.rank] @ z.to(P.dtype), "entry": entry}
+            timings["solve"] += time.perf_counter() - t3
             # a round only counts against growth when the selection loss clearly rises: on a
             # plateau (Adam's residual in the tail of the spectrum) it stays flat until a larger
             # rank reaches the directions that matter
@@ -399,7 +466,7 @@ def refine(
                 stop_reason = "the linearized training residual reached round-off"
                 break
             rank = min(int(math.ceil(rank * lsr.growth)), lsr.max_rank, limit)
-            del A, A_val, problem
+            del A, A_val, sel_A, problem
 
         t4 = time.perf_counter()
         dz = best["dz"]
@@ -433,13 +500,15 @@ def refine(
             (f"no rank lowered the {metric_name} below the starting model's; the refined predictor equals the input"),
         )
     else:
-        ratio = errors["val" if has_val else "train"]["before"]["rel_l2"] / max(
-            errors["val" if has_val else "train"]["after"]["rel_l2"] or 0.0, 1e-300
-        )
-        status, message = (
-            "improved",
-            f"rank {best['rank']} lowered the {'validation' if has_val else 'training'} relative L2 error {ratio:.3g}x",
-        )
+        split = "val" if has_val else "train"
+        ratio = (errors[split]["before"]["rel_l2"] or 0.0) / max(errors[split]["after"]["rel_l2"] or 0.0, 1e-300)
+        chosen_on = {
+            "val_loss": "the validation split",
+            "holdout_loss": f"{lsr.holdout:.0%} of the training samples held out",
+            "train_loss": "the training loss (no validation data)",
+        }[metric_name]
+        status = "improved"
+        message = f"rank {best['rank']} (chosen on {chosen_on}) lowered the {split} relative L2 error {ratio:.3g}x"
     peak, kind = peak_memory_bytes(device)
     S = sketch.singular_values() if sketch.num_columns else torch.zeros(0)
     return RefineResult(
@@ -457,6 +526,7 @@ def refine(
             "num_truncated": chosen.num_truncated,
             "cond": chosen.cond,
             "chosen_by": metric_name,
+            "holdout_fraction": lsr.holdout if selection.kind == "holdout_loss" else 0.0,
         },
         rank_sweep=sweep,
         errors=errors,

@@ -184,6 +184,7 @@ def _refine_linear(tmp_path: Path, scripted: bool):
     cfg.device = "cpu"
     cfg.lsr.rank = 13  # all parameters: full rank
     cfg.lsr.oversampling = 0
+    cfg.lsr.tikhonov = 0.0  # plain least squares; the rank is still checked on held-out rows
     result = refine(ckpt, splits, cfg)
     feats = torch.cat([torch.tanh(x @ model.freq), torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
     w = torch.linalg.lstsq(feats, y).solution
@@ -194,6 +195,7 @@ def _refine_linear(tmp_path: Path, scripted: bool):
 def test_linear_model_full_rank_equals_lstsq(tmp_path, scripted):
     result, ref_pred, x = _refine_linear(tmp_path, scripted)
     assert result.rank == 13
+    assert result.selection_metric == "holdout_loss"  # no val split: 10 % of train held out, then refit on all
     with torch.no_grad():
         pred = result.model(x)
     torch.testing.assert_close(pred, ref_pred, rtol=0, atol=LSTSQ_TOL)
