@@ -99,30 +99,19 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _fmt(v: float | None) -> str:
-    return "—" if v is None else f"{v:.3e}"
+    return "—" if v is None else f"{v:.2e}"
 
 
 def refine_table(report: dict[str, Any]) -> Table:
-    """Before/after errors per split, with the improvement factor."""
+    """Before/after relative L2 errors per split, the gain, and the plain network at θ0 + δ."""
     table = Table(title=f"lsr refine — rank {report['rank']} ({report['dtype']}, {report['device']})")
-    table.add_column("split")
-    table.add_column("rel L2 before", justify="right")
-    table.add_column("rel L2 after", justify="right")
-    table.add_column("improvement", justify="right")
-    table.add_column("RMSE after", justify="right")
-    table.add_column("max |err| after", justify="right")
-    table.add_column("network at θ0+δ (rel L2)", justify="right")
+    for col in ("split", "rel L2 before", "rel L2 after", "gain", "max|err| after", "net θ0+δ"):
+        table.add_column(col, justify="left" if col == "split" else "right", no_wrap=True)
     for split, errs in report["splits"].items():
         b, a = errs["before"]["rel_l2"], errs["after"]["rel_l2"]
         factor = f"{b / a:.3g}×" if a and b else "—"
         table.add_row(
-            split,
-            _fmt(b),
-            _fmt(a),
-            factor,
-            _fmt(errs["after"]["rmse"]),
-            _fmt(errs["after"]["max_abs"]),
-            _fmt(errs["network_after"]["rel_l2"]),
+            split, _fmt(b), _fmt(a), factor, _fmt(errs["after"]["max_abs"]), _fmt(errs["network_after"]["rel_l2"])
         )
     return table
 

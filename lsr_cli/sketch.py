@@ -57,6 +57,7 @@ class RangeSketch:
         dtype: torch.dtype,
         device: torch.device,
         power_iterations: int = 0,
+        block_size: int = 128,
     ) -> None:
         self.op = op
         self.generator = generator
@@ -66,6 +67,8 @@ class RangeSketch:
         n, m = op.shape
         self.Q = torch.zeros(n, 0, dtype=dtype, device=device)
         self.B = torch.zeros(m, 0, dtype=dtype, device=device)
+        self.block_size = max(1, int(block_size))
+        self.exhausted = False
         self._svd: tuple[Tensor, Tensor] | None = None
 
     @property
@@ -73,22 +76,37 @@ class RangeSketch:
         return int(self.Q.shape[1])
 
     def extend(self, num_new: int, progress: Callable[[int], None] | None = None) -> None:
-        """Add ``num_new`` sketch columns (JVPs + VJPs: ``(2 + 2q)·num_new`` products)."""
+        """Add up to ``num_new`` sketch columns (JVPs + VJPs: ``(2 + 2q)·num_new`` products).
+
+        Columns are added in blocks of ``block_size``; once a block adds nothing above
+        round-off (``‖(I − QQᵀ) J Ω_b‖ ≤ rtol · ‖J Ω_b‖`` with the :meth:`usable_rank` rtol)
+        the range of ``J`` is exhausted and the remaining blocks are skipped
+        (:attr:`exhausted` becomes true).
+        """
         n, m = self.op.shape
         num_new = min(int(num_new), min(n, m) - self.num_columns)
-        if num_new <= 0:
-            return
-        omega = torch.randn(m, num_new, generator=self.generator, dtype=self.dtype)
-        Y = self.op.matmat(omega.to(self.device), progress)
-        Qn = _orthonormalize_against(Y, self.Q)
-        for _ in range(self.power_iterations):
-            Z = self.op.rmatmat(Qn)
-            Z = torch.linalg.qr(Z, mode="reduced").Q
-            Qn = _orthonormalize_against(self.op.matmat(Z), self.Q)
-        Bn = self.op.rmatmat(Qn, progress)
-        self.Q = torch.cat([self.Q, Qn], dim=1)
-        self.B = torch.cat([self.B, Bn], dim=1)
-        self._svd = None
+        rtol = torch.finfo(self.dtype).eps * max(n, m)
+        while num_new > 0 and not self.exhausted:
+            size = min(self.block_size, num_new)
+            num_new -= size
+            omega = torch.randn(m, size, generator=self.generator, dtype=self.dtype)
+            Y = self.op.matmat(omega.to(self.device), progress)
+            if self.Q.shape[1] > 0:
+                left = Y - self.Q @ (self.Q.T @ Y)
+                if float(torch.linalg.norm(left)) <= rtol * float(torch.linalg.norm(Y)):
+                    self.exhausted = True
+                    if progress is not None:
+                        progress(size + 2 * num_new)  # the skipped VJPs and blocks
+                    break
+            Qn = _orthonormalize_against(Y, self.Q)
+            for _ in range(self.power_iterations):
+                Z = self.op.rmatmat(Qn)
+                Z = torch.linalg.qr(Z, mode="reduced").Q
+                Qn = _orthonormalize_against(self.op.matmat(Z), self.Q)
+            Bn = self.op.rmatmat(Qn, progress)
+            self.Q = torch.cat([self.Q, Qn], dim=1)
+            self.B = torch.cat([self.B, Bn], dim=1)
+            self._svd = None
 
     def singular_values(self) -> Tensor:
         """Singular values ``S`` ``[k]`` of ``Qᵀ J`` (estimates of those of ``J``), descending."""

@@ -30,6 +30,7 @@ from lsr_cli.errors import (
     ConfigError,
     DataError,
     DeviceError,
+    NumericalError,
     OutputError,
 )
 from lsr_cli.models import MLP
@@ -499,6 +500,14 @@ def _pickled_module(files):
     return {"checkpoint": path}
 
 
+def _nan_weight(files):
+    state = torch.load(files["state_dict"], weights_only=True)
+    state["net.0.bias"][0] = float("nan")
+    path = files["dir"] / "nan_weights.pt"
+    torch.save(state, path)
+    return {"checkpoint": path}
+
+
 def _missing_data(files):
     return {"data": files["dir"] / "absent_data.h5"}
 
@@ -600,6 +609,9 @@ BAD_INPUTS = [
     ),
     pytest.param(
         _pickled_module, CheckpointError.exit_code, ["whole_module.pt", "not plain weights", "MLP"], id="pickled-module"
+    ),
+    pytest.param(
+        _nan_weight, NumericalError.exit_code, ["nan_weights.pt", "model output", "non-finite"], id="nan-output"
     ),
     pytest.param(_missing_data, DataError.exit_code, ["absent_data.h5", "not found"], id="missing-data"),
     pytest.param(_not_hdf5, DataError.exit_code, ["plain.h5", "not an HDF5 file"], id="not-hdf5"),
