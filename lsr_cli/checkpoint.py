@@ -62,7 +62,7 @@ class LoadedCheckpoint:
         """Number of positional tensor inputs of ``forward`` when it can be read off."""
         if isinstance(self.module, torch.jit.ScriptModule):
             try:
-                return len(self.module.forward.schema.arguments) - 1
+                return len(self.module.forward.schema.arguments) - 1  # type: ignore[attr-defined]
             except (AttributeError, RuntimeError):
                 return None
         return None
@@ -87,6 +87,23 @@ def _refusal_reason(exc: Exception) -> str:
     return first[:160]
 
 
+def _factory_file(target: str, base_dir: Path | None) -> Path:
+    """The file of a ``path/file.py:callable`` factory: as given, else relative to the config."""
+    file = Path(target)
+    if not file.is_absolute() and not file.exists() and base_dir is not None:
+        file = base_dir / file
+    return file
+
+
+def canonical_factory(spec: str, base_dir: Path | None = None) -> str:
+    """``spec`` with a file path made absolute, so that a refined checkpoint records a path
+    that :func:`lsr_cli.load_refined` finds from any working directory."""
+    target, sep, attr = spec.rpartition(":")
+    if sep and target.endswith(".py"):
+        return f"{_factory_file(target, base_dir).resolve()}:{attr}"
+    return spec
+
+
 def resolve_factory(spec: str, base_dir: Path | None = None) -> Callable[..., nn.Module]:
     """A built-in factory name, ``package.module:callable`` or ``path/to/file.py:callable``.
 
@@ -102,9 +119,7 @@ def resolve_factory(spec: str, base_dir: Path | None = None) -> Callable[..., nn
     target, _, attr = spec.rpartition(":")
     try:
         if target.endswith(".py"):
-            file = Path(target)
-            if not file.is_absolute() and not file.exists() and base_dir is not None:
-                file = base_dir / file
+            file = _factory_file(target, base_dir)
             if not file.is_file():
                 raise ConfigError(f"config.model.factory: file {target} not found")
             mod_name = f"_lsr_user_factory_{abs(hash(str(file.resolve())))}"
@@ -183,7 +198,7 @@ def build_model(
             parts.append(f"shape mismatch (checkpoint vs model) {mismatched[:3]}")
         raise CheckpointError(f"{where}: state dict does not fit the model built by {factory!r}: {'; '.join(parts)}")
     model.load_state_dict(state, strict=True)
-    return model.eval(), {"factory": factory, "kwargs": kwargs}
+    return model.eval(), {"factory": canonical_factory(factory, base_dir), "kwargs": kwargs}
 
 
 def _extract_state_dict(obj: Any, where: str, warnings: list[str]) -> dict[str, Tensor]:

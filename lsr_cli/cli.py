@@ -126,13 +126,15 @@ def _split_info(data: dict[str, Any]) -> dict[str, Any]:
     return {name: {"group": s.group, "num_samples": s.num_samples, "inputs": s.input_names} for name, s in data.items()}
 
 
-def _save_refined(out: Path, ckpt: LoadedCheckpoint, result: RefineResult, metadata: dict[str, Any]) -> str:
+def _save_refined(
+    out: Path, ckpt: LoadedCheckpoint, result: RefineResult, metadata: dict[str, Any], num_inputs: int
+) -> str:
     """Write the refined checkpoint in the input's family to ``out``; returns the output format."""
     dtype = TORCH_DTYPES[result.dtype]
     if ckpt.format in ("torchscript", "refined_torchscript"):
         base = result.model.base.to("cpu")
+        assert isinstance(base, torch.jit.ScriptModule)
         delta = {k: v.to("cpu") for k, v in result.delta.items()}
-        num_inputs = ckpt.num_inputs or 1
         build_refined_script(base, delta, num_inputs, metadata).save(str(out))
         return "refined_torchscript"
     save_refined_state_dict(out, ckpt, result.delta, dtype, metadata)
@@ -201,7 +203,7 @@ def refine_cmd(
         }
         timings = {"load": t_load, **result.timings}
         with atomic_outputs(out_path, report_path) as (tmp_out, tmp_report):
-            out_format = _save_refined(tmp_out, ckpt, result, metadata)
+            out_format = _save_refined(tmp_out, ckpt, result, metadata, len(splits["train"].inputs))
             timings["save"] = time.perf_counter() - t1
             timings["total"] = time.perf_counter() - t_start
             payload = refine_report(
@@ -294,7 +296,9 @@ def inspect_cmd(
             "metadata": ckpt.metadata,
         }
         if ckpt.delta is not None:
-            info["delta_norm"] = float(torch.sqrt(sum((d.double() ** 2).sum() for d in ckpt.delta.values())))
+            info["delta_norm"] = float(
+                torch.linalg.norm(torch.cat([d.double().reshape(-1) for d in ckpt.delta.values()]))
+            )
         if as_json:
             sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
             return

@@ -245,7 +245,7 @@ class JacobianOperator:
                 return self._apply(p, rows)
 
             with torch.enable_grad():
-                _, vjp_fn = torch.func.vjp(f, primals)  # one forward per row chunk
+                _, vjp_fn = torch.func.vjp(f, primals)  # type: ignore[misc]  # one forward per row chunk
             for c0 in range(0, k, self.tangent_chunk):
                 c1 = min(c0 + self.tangent_chunk, k)
                 cot = U[s * self.out_numel : e * self.out_numel, c0:c1].T

@@ -45,7 +45,7 @@ class LinearizedModel(nn.Module):
         named = dict(self.base.named_parameters())
         primals = {n: named[n].detach() for n in self.delta_names}
         tangents = {n: d.detach() for n, d in zip(self.delta_names, self.deltas, strict=True)}
-        out, jv = torch.func.jvp(lambda p: self._call(p, inputs), (primals,), (tangents,))
+        out, jv = torch.func.jvp(lambda p: self._call(p, inputs), (primals,), (tangents,))  # type: ignore[misc]
         return out + jv
 
 

@@ -52,7 +52,7 @@ class MLP(nn.Module):
         self.register_buffer("input_scale", torch.ones(int(in_features)))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net((x - self.input_shift) / self.input_scale)
+        return self.net((x - self.input_shift) / self.input_scale)  # type: ignore[operator]
 
 
 def mlp(

@@ -231,7 +231,7 @@ def predict(
     with torch.no_grad():
         for s in range(0, n, row_chunk):
             rows = tuple(x[s : s + row_chunk] for x in inputs)
-            out = call(params, rows) if call is not None else module(*rows)
+            out = call(params, rows) if call is not None and params is not None else module(*rows)
             outs.append(out.detach())
     return torch.cat(outs)
 
@@ -351,7 +351,7 @@ def refine(
             ranks_wanted: list[int] = []
             rank = min(lsr.start_rank, lsr.max_rank, limit)
         else:
-            ranks_wanted = lsr.rank if isinstance(lsr.rank, list) else [lsr.rank]
+            ranks_wanted = list(lsr.rank) if isinstance(lsr.rank, list) else [int(lsr.rank)]
             too_big = [r for r in ranks_wanted if r > limit]
             if too_big:
                 raise ConfigError(
