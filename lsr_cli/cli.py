@@ -26,8 +26,9 @@ from .config import Config, load_config, parse_device, parse_dtype, parse_rank
 from .data import read_data
 from .errors import EXIT_CODES, CheckpointError, ConfigError, LsrError, OutputError
 from .outputs import atomic_outputs, check_output_path
-from .refine import TORCH_DTYPES, RefineResult, evaluate, refine, resolve_device
+from .refine import RefineResult, evaluate, refine
 from .report import RichProgress, errors_table, refine_report, refine_table, versions, write_json
+from .runtime import TORCH_DTYPES, resolve_device
 from .scripted import build_refined_script
 
 app = typer.Typer(

@@ -128,7 +128,7 @@ def errors_table(title: str, errors: dict[str, dict[str, float | None]]) -> Tabl
 
 
 class RichProgress:
-    """A :class:`~lsr_cli.refine.ProgressSink` drawing Rich progress bars on ``console``."""
+    """A :class:`~lsr_cli.runtime.ProgressSink` drawing Rich progress bars on ``console``."""
 
     def __init__(self, console: Console, enabled: bool = True) -> None:
         self.enabled = enabled
