@@ -26,8 +26,19 @@ from .config import Config, load_config, parse_device, parse_dtype, parse_rank
 from .data import read_data
 from .errors import EXIT_CODES, CheckpointError, ConfigError, LsrError, OutputError
 from .outputs import atomic_outputs, check_output_path
+from .pde import PdeProblem, parse_problem, refine_pde
+from .pde.iterate import IterateResult, iterate
 from .refine import RefineResult, evaluate, refine
-from .report import RichProgress, errors_table, refine_report, refine_table, versions, write_json
+from .report import (
+    RichProgress,
+    clean_json,
+    errors_table,
+    iterate_table,
+    refine_report,
+    refine_table,
+    versions,
+    write_json,
+)
 from .runtime import TORCH_DTYPES, resolve_device
 from .scripted import build_refined_script
 
@@ -103,6 +114,30 @@ def _data_path(flag: Path | None, cfg: Config, base: Path | None) -> Path:
     raise ConfigError("no data: pass --data FILE or set data.path in the config")
 
 
+def _optional_data_path(flag: Path | None, cfg: Config, base: Path | None) -> Path | None:
+    """PDE problems may generate every point: the data file is then optional."""
+    if flag is None and not cfg.data.path:
+        return None
+    return _data_path(flag, cfg, base)
+
+
+def _problem_info(problem: PdeProblem) -> dict[str, Any]:
+    return {
+        "equation": problem.equation_name,
+        "variables": problem.variables,
+        "blocks": {
+            b.name: {
+                "kind": b.kind,
+                "num_points": int(b.points.shape[0]),
+                "weight": b.weight,
+                "points": b.spec.get("points"),
+            }
+            for b in problem.blocks
+        },
+        "reference_points": int(problem.reference[0].shape[0]) if problem.reference is not None else 0,
+    }
+
+
 def _relative(value: str | None, base: Path | None) -> Path | None:
     if value is None:
         return None
@@ -165,18 +200,20 @@ def refine_cmd(
     as_json: Annotated[bool, Option("--json", help="Print the report as JSON on stdout and nothing else.")] = False,
     debug: Annotated[bool, Option("--debug", help="Show tracebacks of unexpected errors.")] = False,
 ) -> None:
-    """One-shot LSR: refine CHECKPOINT on the training split of the HDF5 data."""
+    """One-shot LSR: refine CHECKPOINT on the training split of the HDF5 data, or on the
+    physics residual of the config's `pde:` section."""
     t_start = time.perf_counter()
     with _guard(debug):
         cfg, base = _config(config)
         _apply_overrides(cfg, device=device, dtype=dtype, seed=seed, rank=rank)
-        data_path = _data_path(data, cfg, base)
+        pde_mode = cfg.pde is not None
+        data_path = _optional_data_path(data, cfg, base) if pde_mode else _data_path(data, cfg, base)
         resolve_device(cfg.device)
         out_path = (
             out or _relative(cfg.output.checkpoint, base) or checkpoint.with_name(checkpoint.stem + ".refined.pt")
         )
         report_path = report or _relative(cfg.output.report, base) or out_path.with_name(out_path.stem + ".report.json")
-        inputs = [checkpoint, data_path] + ([config] if config else [])
+        inputs = [checkpoint] + ([data_path] if data_path else []) + ([config] if config else [])
         check_output_path(out_path, inputs, force, "refined checkpoint")
         check_output_path(report_path, inputs + [out_path], force, "report")
         if not checkpoint.is_file():
@@ -184,12 +221,20 @@ def refine_cmd(
 
         t0 = time.perf_counter()
         ckpt = load_checkpoint(checkpoint, cfg.model, base)
-        splits = read_data(data_path, cfg.data, TORCH_DTYPES[cfg.dtype])
+        if pde_mode:
+            problem = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base)
+            data_info: dict[str, Any] = {"path": str(data_path) if data_path else None, **_problem_info(problem)}
+            num_inputs = 1
+        else:
+            assert data_path is not None
+            splits = read_data(data_path, cfg.data, TORCH_DTYPES[cfg.dtype])
+            data_info = {"path": str(data_path), "splits": _split_info(splits)}
+            num_inputs = len(splits["train"].inputs)
         t_load = time.perf_counter() - t0
         _warn(ckpt.warnings, quiet or as_json)
         show = not (quiet or as_json)
         with RichProgress(_err, enabled=show) as progress:
-            result = refine(ckpt, splits, cfg, progress)
+            result = refine_pde(ckpt, problem, cfg, progress) if pde_mode else refine(ckpt, splits, cfg, progress)
         _warn(result.warnings, quiet or as_json)
 
         t1 = time.perf_counter()
@@ -204,7 +249,7 @@ def refine_cmd(
         }
         timings = {"load": t_load, **result.timings}
         with atomic_outputs(out_path, report_path) as (tmp_out, tmp_report):
-            out_format = _save_refined(tmp_out, ckpt, result, metadata, len(splits["train"].inputs))
+            out_format = _save_refined(tmp_out, ckpt, result, metadata, num_inputs)
             timings["save"] = time.perf_counter() - t1
             timings["total"] = time.perf_counter() - t_start
             payload = refine_report(
@@ -220,7 +265,7 @@ def refine_cmd(
                     ),
                 },
                 output_info={"checkpoint": str(out_path), "format": out_format, "report": str(report_path)},
-                data_info={"path": str(data_path), "splits": _split_info(splits)},
+                data_info=data_info,
                 config=cfg.to_dict(),
                 timings=timings,
                 seed=cfg.seed,
@@ -315,6 +360,172 @@ def inspect_cmd(
         for n, s, d in params:
             table.add_row(n, str(list(s)), d)
         con.print(table)
+
+
+@app.command("iterate")
+def iterate_cmd(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Network to start from [default: model.checkpoint of the config].")
+    ] = None,
+    config: Annotated[Path | None, Option("--config", "-c", help="YAML config with a `pde:` section.")] = None,
+    data: Annotated[Path | None, Option("--data", "-d", help="HDF5 file: collocation points, reference.")] = None,
+    out: Annotated[Path | None, Option("--out", "-o", help="Network [default: CHECKPOINT.iterated.pt].")] = None,
+    report: Annotated[Path | None, Option("--report", "-r", help="JSON report [default: OUT.report.json].")] = None,
+    iterations: Annotated[int | None, Option("--iterations", help="Outer iterations (iterate.iterations).")] = None,
+    rank: Annotated[str | None, Option("--rank", help="LSR rank per iteration: 'auto', N or N1,N2,...")] = None,
+    resume: Annotated[bool, Option("--resume", help="Continue from OUT and its report (adds iterations).")] = False,
+    device: Annotated[str | None, Option("--device", help="auto | cpu | cuda | cuda:N.")] = None,
+    dtype: Annotated[str | None, Option("--dtype", help="float64 (default) | float32.")] = None,
+    seed: Annotated[int | None, Option("--seed", help="Seed of every random draw.")] = None,
+    force: Annotated[bool, Option("--force", help="Overwrite existing outputs.")] = False,
+    quiet: Annotated[bool, Option("--quiet", "-q", help="No progress, table or warnings.")] = False,
+    as_json: Annotated[bool, Option("--json", help="Print the report as JSON on stdout and nothing else.")] = False,
+    debug: Annotated[bool, Option("--debug", help="Show tracebacks of unexpected errors.")] = False,
+) -> None:
+    """Iterative LSR for PDEs: alternate one-shot LSR with an L-BFGS fit of the network to the
+    refined predictor; writes a plain network in the input's format."""
+    t_start = time.perf_counter()
+    with _guard(debug):
+        cfg, base = _config(config)
+        if cfg.pde is None:
+            raise ConfigError("lsr iterate needs a config with a `pde:` section (--config FILE)")
+        _apply_overrides(cfg, device=device, dtype=dtype, seed=seed, rank=rank)
+        if iterations is not None:
+            if iterations < 1:
+                raise ConfigError(f"--iterations: must be at least 1, got {iterations}")
+            cfg.iterate.iterations = iterations
+        start = checkpoint or _relative(cfg.model.checkpoint, base)
+        if start is None:
+            raise ConfigError("no checkpoint: pass CHECKPOINT or set model.checkpoint in the config")
+        data_path = _optional_data_path(data, cfg, base)
+        resolve_device(cfg.device)
+        out_path = out or _relative(cfg.output.checkpoint, base) or start.with_name(start.stem + ".iterated.pt")
+        report_path = report or _relative(cfg.output.report, base) or out_path.with_name(out_path.stem + ".report.json")
+        previous: list[dict[str, Any]] = []
+        source = start
+        if resume:
+            if not out_path.is_file() or not report_path.is_file():
+                raise OutputError(
+                    f"{out_path}: --resume needs the network and report of an earlier run ({out_path}, {report_path})"
+                )
+            try:
+                previous = list(json.loads(report_path.read_text(encoding="utf-8"))["iterations"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise OutputError(f"{report_path}: not an `lsr iterate` report ({exc})") from None
+            source = out_path
+        inputs = [start] + ([data_path] if data_path else []) + ([config] if config else [])
+        check_output_path(out_path, inputs, force or resume, "network")
+        check_output_path(report_path, inputs + [out_path], force or resume, "report")
+        if not source.is_file():
+            raise CheckpointError(f"{source}: checkpoint file not found")
+
+        t0 = time.perf_counter()
+        ckpt = load_checkpoint(source, cfg.model, base)
+        original = {k: v.dtype for k, v in ckpt.module.state_dict().items()}
+        problem = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base)
+        t_load = time.perf_counter() - t0
+        _warn(ckpt.warnings, quiet or as_json)
+        show = not (quiet or as_json)
+
+        def on_iteration(entry: dict[str, Any]) -> None:
+            if show:
+                _err.print(escape(_iteration_line(entry)), highlight=False)
+
+        start_it = previous[-1]["iteration"] + 1 if previous else 0
+        with RichProgress(_err, enabled=show) as progress:
+            result = iterate(ckpt, problem, cfg, progress, data_path, base, start_it, on_iteration)
+        _warn(result.warnings, quiet or as_json)
+        t1 = time.perf_counter()
+        with atomic_outputs(out_path, report_path) as (tmp_out, tmp_report):
+            saved_dtype = _save_network(tmp_out, ckpt, result, original, cfg.iterate.save_dtype)
+            timings = {
+                "load": t_load,
+                **result.timings,
+                "save": time.perf_counter() - t1,
+                "total": time.perf_counter() - t_start,
+            }
+            payload = {
+                "command": "iterate",
+                "status": result.status,
+                "message": result.message,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "input": {
+                    "checkpoint": str(start),
+                    "format": ckpt.format,
+                    "resumed_from": str(source) if resume else None,
+                },
+                "output": {
+                    "checkpoint": str(out_path),
+                    "format": ckpt.format,
+                    "report": str(report_path),
+                    "dtype": saved_dtype,
+                },
+                "data": {"path": str(data_path) if data_path else None, **_problem_info(problem)},
+                "best_iteration": result.best_iteration,
+                "stop_reason": result.stop_reason,
+                "iterations": previous + result.history,
+                "splits": result.errors,
+                "residual_blocks": result.residual_blocks,
+                "residual_loss": result.residual_loss,
+                "timings": timings,
+                "peak_memory_bytes": result.peak_memory_bytes,
+                "peak_memory_kind": result.peak_memory_kind,
+                "device": result.device,
+                "dtype": result.dtype,
+                "seed": cfg.seed,
+                "num_parameters": result.num_parameters,
+                "num_residuals": result.num_residuals,
+                "config": cfg.to_dict(),
+                "versions": versions(),
+                "warnings": result.warnings,
+            }
+            write_json(tmp_report, clean_json(payload))
+        if as_json:
+            sys.stdout.write(json.dumps(clean_json(payload), indent=2) + "\n")
+        elif not quiet:
+            Console().print(iterate_table(payload))
+            Console().print(escape(f"{result.message}\nwrote {out_path} and {report_path}"), highlight=False)
+
+
+def _iteration_line(e: dict[str, Any]) -> str:
+    ref = e["reference_rel_l2"]
+    refs = (
+        ""
+        if ref["network"] is None
+        else f", reference rel L2 {ref['linearized']:.2e} (LSR) / {ref['network']:.2e} (net)"
+    )
+    return (
+        f"iteration {e['iteration']}: rank {e['rank']}, residual {e['residual_loss']['linearized']:.2e} (LSR) / "
+        f"{e['residual_loss']['network']:.2e} (net){refs}, fit {e['alignment']['relative_fit']:.1e}, "
+        f"{e['seconds']['total']:.1f}s"
+    )
+
+
+def _save_network(
+    out: Path, ckpt: LoadedCheckpoint, result: IterateResult, original: dict[str, torch.dtype], save_dtype: str
+) -> str:
+    """The best network as a plain checkpoint in the input's format; returns the dtype written."""
+    module = result.module.to("cpu")
+    if save_dtype == "original":
+        first = next((d for d in original.values() if d.is_floating_point), torch.float64)
+        target = first
+    else:
+        target = TORCH_DTYPES[save_dtype]
+    if ckpt.format == "torchscript":
+        module.to(target).save(str(out))  # type: ignore[operator]
+    else:
+        state = {
+            k: (
+                v.to(original.get(k, target))
+                if save_dtype == "original" and v.is_floating_point()
+                else v.to(target)
+                if v.is_floating_point()
+                else v
+            )
+            for k, v in module.state_dict().items()
+        }
+        torch.save(state, out)
+    return str(target).replace("torch.", "")
 
 
 def main() -> None:

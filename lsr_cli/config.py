@@ -27,6 +27,7 @@ class ModelConfig:
 
     factory: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -71,6 +72,20 @@ class LsrConfig:
 
 
 @dataclass
+class IterateConfig:
+    """Iterative LSR (``lsr iterate``): outer loop, L-BFGS alignment, stopping."""
+
+    iterations: int = 10
+    lbfgs_iterations: int = 300
+    dtau: float = 0.1
+    tolerance: float = 0.0
+    patience: int = 3
+    resample: bool = False
+    history_size: int = 50
+    save_dtype: str = "original"
+
+
+@dataclass
 class OutputConfig:
     checkpoint: str | None = None
     report: str | None = None
@@ -82,6 +97,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lsr: LsrConfig = field(default_factory=LsrConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    pde: dict[str, Any] | None = None
+    iterate: IterateConfig = field(default_factory=IterateConfig)
     dtype: str = "float64"
     device: str = "auto"
     seed: int = 0
@@ -96,6 +113,7 @@ _SECTIONS = {
     "lsr": LsrConfig,
     "output": OutputConfig,
     "lsr.parameters": ParametersConfig,
+    "iterate": IterateConfig,
 }
 
 
@@ -210,6 +228,8 @@ def parse_config(raw: Any) -> Config:
     m = _section("model", raw.get("model"), ModelConfig)
     if "factory" in m:
         cfg.model.factory = _str("model.factory", m["factory"], optional=True)
+    if "checkpoint" in m:
+        cfg.model.checkpoint = _str("model.checkpoint", m["checkpoint"], optional=True)
     if "kwargs" in m:
         if m["kwargs"] is not None and not isinstance(m["kwargs"], dict):
             raise _fail("model.kwargs", "a mapping", m["kwargs"])
@@ -263,6 +283,34 @@ def parse_config(raw: Any) -> Config:
         if frac <= 0.0:
             raise ConfigError(f"config.lsr.parameters.fraction: must be in (0, 1], got {frac}")
         lsr.parameters.fraction = frac
+
+    it = _section("iterate", raw.get("iterate"), IterateConfig)
+    for key in ("iterations", "lbfgs_iterations", "history_size"):
+        if key in it:
+            setattr(cfg.iterate, key, _int(f"iterate.{key}", it[key], lo=1))
+    if "patience" in it:
+        cfg.iterate.patience = _int("iterate.patience", it["patience"], lo=1)
+    if "dtau" in it:
+        cfg.iterate.dtau = _float("iterate.dtau", it["dtau"], lo=0.0, hi=1e6)
+        if cfg.iterate.dtau <= 0:
+            raise ConfigError(f"config.iterate.dtau: must be positive, got {it['dtau']}")
+    if "tolerance" in it:
+        cfg.iterate.tolerance = _float("iterate.tolerance", it["tolerance"], lo=0.0, hi=1e6)
+    for key in ("resample",):
+        if key in it:
+            if not isinstance(it[key], bool):
+                raise _fail(f"iterate.{key}", "true or false", it[key])
+            setattr(cfg.iterate, key, it[key])
+    if "save_dtype" in it:
+        if it["save_dtype"] not in ("original", "float64", "float32"):
+            raise ConfigError(
+                f"config.iterate.save_dtype: expected original, float64 or float32, got {it['save_dtype']!r}"
+            )
+        cfg.iterate.save_dtype = it["save_dtype"]
+    if raw.get("pde") is not None:
+        if not isinstance(raw["pde"], dict):
+            raise _fail("pde", "a mapping", raw["pde"])
+        cfg.pde = dict(raw["pde"])
 
     o = _section("output", raw.get("output"), OutputConfig)
     for key in ("checkpoint", "report"):

@@ -146,3 +146,39 @@ def read_data(path: str | Path, cfg: DataConfig, dtype: torch.dtype) -> dict[str
         raise
     except OSError as exc:
         raise DataError(f"{file}: cannot read HDF5 file: {exc}") from None
+
+
+def read_datasets(path: str | Path, names: list[str], dtype: torch.dtype, optional: bool = False) -> dict[str, Tensor]:
+    """Read the named datasets (absolute HDF5 paths such as ``/collocation/interior``).
+
+    Missing datasets raise :class:`DataError` listing what the parent group holds, or are
+    skipped when ``optional``.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{file}: data file not found")
+    try:
+        if not h5py.is_hdf5(str(file)):
+            raise DataError(f"{file}: not an HDF5 file")
+        out: dict[str, Tensor] = {}
+        with h5py.File(file, "r") as f:
+            for name in names:
+                key = "/" + name.strip("/")
+                obj = f.get(key)
+                if not isinstance(obj, h5py.Dataset):
+                    if optional and obj is None:
+                        continue
+                    parent = f.get(key.rsplit("/", 1)[0] or "/")
+                    holds = _listing(parent) if isinstance(parent, h5py.Group) else "nothing"
+                    found = "a group" if isinstance(obj, h5py.Group) else "nothing"
+                    raise DataError(
+                        f"{file}:{key}: expected a dataset, found {found}; "
+                        f"{parent.name if isinstance(parent, h5py.Group) else '/'} holds: {holds}"
+                    )
+                arr = _read_array(file, obj, dtype)
+                out[name] = arr if arr.is_floating_point() else arr.to(dtype)
+        return out
+    except DataError:
+        raise
+    except OSError as exc:
+        raise DataError(f"{file}: cannot read HDF5 file: {exc}") from None

@@ -23,6 +23,10 @@ from torch import Tensor, nn
 
 Inputs = tuple[Tensor, ...]
 ProgressFn = Callable[[int], None]
+ModelFn = Callable[..., Tensor]
+ResidualFn = Callable[[ModelFn, Inputs], Tensor]
+"""``residual(model, rows) -> [rows, ...]``: a residual built from the network ``model(*xs)``
+(the network with the parameters being differentiated) and row slices of the operator's inputs."""
 
 
 def is_torchscript(module: nn.Module) -> bool:
@@ -151,7 +155,9 @@ class JacobianOperator:
 
     ``inputs``: tensors with a common leading sample dimension ``N``; rows are ordered
     sample-major (``n = N · prod(output.shape[1:])``). ``row_chunk`` samples and
-    ``tangent_chunk`` columns are processed at a time.
+    ``tangent_chunk`` columns are processed at a time. With ``residual``, the rows are those
+    of ``residual(model, rows_of_inputs)`` instead of the network output (a physics residual:
+    the Jacobian is then ``G``).
     """
 
     def __init__(
@@ -161,8 +167,10 @@ class JacobianOperator:
         inputs: Inputs,
         row_chunk: int = 2048,
         tangent_chunk: int = 32,
+        residual: ResidualFn | None = None,
     ) -> None:
         self.module = module
+        self.residual = residual
         self.space = space
         self.inputs = inputs
         self.num_samples = int(inputs[0].shape[0])
@@ -191,7 +199,10 @@ class JacobianOperator:
         return tuple(x[s:e] for x in self.inputs)
 
     def _apply(self, params: dict[str, Tensor], rows: Inputs) -> Tensor:
-        return self._call({**self._frozen, **params}, rows)
+        full = {**self._frozen, **params}
+        if self.residual is None:
+            return self._call(full, rows)
+        return self.residual(lambda *xs: self._call(full, xs), rows)
 
     def _forward_chunk(self, inputs: Inputs, params: dict[str, Tensor] | None = None) -> Tensor:
         with torch.no_grad():
@@ -256,3 +267,39 @@ class JacobianOperator:
             if progress is not None:
                 progress(round(k * e / N) - round(k * s / N))
         return out
+
+
+class StackedOperator:
+    """Rows of several operators with the same columns, stacked: ``[G_1; G_2; …]``."""
+
+    def __init__(self, ops: Sequence[JacobianOperator]) -> None:
+        self.ops = list(ops)
+        self.row_counts = [op.shape[0] for op in self.ops]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (sum(self.row_counts), self.ops[0].shape[1])
+
+    def forward(self) -> Tensor:
+        return torch.cat([op.forward().reshape(-1) for op in self.ops])
+
+    def matmat(self, V: Tensor, progress: ProgressFn | None = None) -> Tensor:
+        return torch.cat([op.matmat(V, _share(progress, len(self.ops), i)) for i, op in enumerate(self.ops)])
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.matmat(v[:, None])[:, 0]
+
+    def rmatmat(self, U: Tensor, progress: ProgressFn | None = None) -> Tensor:
+        out = None
+        start = 0
+        for i, (op, count) in enumerate(zip(self.ops, self.row_counts, strict=True)):
+            part = op.rmatmat(U[start : start + count], _share(progress, len(self.ops), i))
+            out = part if out is None else out + part
+            start += count
+        assert out is not None
+        return out
+
+
+def _share(progress: ProgressFn | None, parts: int, index: int) -> ProgressFn | None:
+    """Report only the last part's progress, so totals stay those of one operator."""
+    return progress if index == parts - 1 else None

@@ -67,6 +67,8 @@ class RefineResult:
     warnings: list[str] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     stop_reason: str = ""
+    residual_blocks: dict[str, dict[str, float]] | None = None  # PDE: mean square per block
+    residual_loss: dict[str, float] | None = None  # PDE: weighted total before/after
 
 
 def _chunk_rows(out_numel: int, cfg_row_chunk: int | str) -> int:

@@ -37,14 +37,14 @@ def versions() -> dict[str, str]:
     }
 
 
-def _clean(obj: Any) -> Any:
+def clean_json(obj: Any) -> Any:
     """JSON-safe copy: non-finite floats become null, tuples lists, paths strings."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): clean_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [clean_json(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     return obj
@@ -61,7 +61,7 @@ def refine_report(
     seed: int,
 ) -> dict[str, Any]:
     """The JSON report of ``lsr refine``."""
-    return _clean(
+    return clean_json(
         {
             "command": "refine",
             "status": result.status,
@@ -70,7 +70,12 @@ def refine_report(
             "input": input_info,
             "output": output_info,
             "data": data_info,
-            "splits": {s: result.errors[s] for s in SPLIT_ORDER if s in result.errors},
+            "splits": {s: result.errors[s] for s in (*SPLIT_ORDER, "reference") if s in result.errors},
+            **(
+                {"residual_blocks": result.residual_blocks, "residual_loss": result.residual_loss}
+                if result.residual_blocks is not None
+                else {}
+            ),
             "rank": result.rank,
             "selection_metric": result.selection_metric,
             "rank_sweep": [e.to_dict() for e in result.rank_sweep],
@@ -160,3 +165,23 @@ class RichProgress:
             task = self._progress.tasks[-1]
             self._progress.update(self._task, completed=task.total)
             self._task = None
+
+
+def iterate_table(report: dict[str, Any]) -> Table:
+    """One row per outer iteration: LSR and network residual/reference errors, fit, time."""
+    table = Table(title=f"lsr iterate — best iteration {report['best_iteration']}")
+    for col in ("it", "rank", "resid LSR", "resid net", "ref LSR", "ref net", "fit", "s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for e in report["iterations"]:
+        ref = e["reference_rel_l2"]
+        table.add_row(
+            str(e["iteration"]),
+            str(e["rank"]),
+            _fmt(e["residual_loss"]["linearized"]),
+            _fmt(e["residual_loss"]["network"]),
+            _fmt(ref["linearized"]),
+            _fmt(ref["network"]),
+            _fmt(e["alignment"]["relative_fit"]),
+            f"{e['seconds']['total']:.1f}",
+        )
+    return table

@@ -1,0 +1,100 @@
+"""Built-in equations: a registry of residuals ``r(F, c)`` on :class:`~.fields.Fields`.
+
+Each equation names its coefficients (with defaults) and whether it needs the time variable
+``t``. Coefficients arrive as tensors ``[N]`` (formulas or numbers from the YAML, or arrays from
+the HDF5 file, evaluated at the points); a vector coefficient (``velocity``) is ``[N, d_space]``.
+Sign convention: the residual is the equation written as ``… = 0``; ``source`` is the
+right-hand side ``f``.
+
+| name | equation |
+|---|---|
+| ``poisson`` | ``−Δu = f`` (any dimension) |
+| ``helmholtz`` | ``Δu + k² u = f`` |
+| ``heat`` (alias ``diffusion``) | ``u_t − κ Δu = f`` |
+| ``advection`` | ``u_t + c · ∇u = f`` |
+| ``burgers`` | ``u_t + u Σ_i ∂u/∂x_i − ν Δu = f`` (the usual form in 1-D) |
+| ``allen_cahn`` | ``u_t − ε Δu − γ (u − u³) = f`` |
+| ``diffusion_reaction`` | ``u_t − D Δu − k u² = f`` |
+
+A user-defined residual (``equation: "file.py:function"``) has the same signature:
+``function(F: Fields, c: dict[str, Tensor]) -> Tensor [N]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from .fields import Fields
+
+Residual = Callable[[Fields, dict[str, Tensor]], Tensor]
+
+
+@dataclass(frozen=True)
+class Equation:
+    name: str
+    residual: Residual
+    coefficients: dict[str, float | str | list[float]] = field(default_factory=dict)
+    needs_time: bool = False
+    vector_coefficients: tuple[str, ...] = ()
+    summary: str = ""
+
+
+def _poisson(F: Fields, c: dict[str, Tensor]) -> Tensor:
+    return -F.laplacian() - c["source"]
+
+
+def _helmholtz(F: Fields, c: dict[str, Tensor]) -> Tensor:
+    return F.laplacian() + c["k"] ** 2 * F.u - c["source"]
+
+
+def _heat(F: Fields, c: dict[str, Tensor]) -> Tensor:
+    return F.d("t") - c["kappa"] * F.laplacian() - c["source"]
+
+
+def _advection(F: Fields, c: dict[str, Tensor]) -> Tensor:
+    return F.d("t") + (c["velocity"] * F.spatial_gradient()).sum(-1) - c["source"]
+
+
+def _burgers(F: Fields, c: dict[str, Tensor]) -> Tensor:
+    return F.d("t") + F.u * F.spatial_gradient().sum(-1) - c["nu"] * F.laplacian() - c["source"]
+
+
+def _allen_cahn(F: Fields, c: dict[str, Tensor]) -> Tensor:
+    u = F.u
+    return F.d("t") - c["epsilon"] * F.laplacian() - c["gamma"] * (u - u**3) - c["source"]
+
+
+def _diffusion_reaction(F: Fields, c: dict[str, Tensor]) -> Tensor:
+    return F.d("t") - c["D"] * F.laplacian() - c["k"] * F.u**2 - c["source"]
+
+
+EQUATIONS: dict[str, Equation] = {
+    e.name: e
+    for e in (
+        Equation("poisson", _poisson, {"source": 0.0}, summary="-Δu = f"),
+        Equation("helmholtz", _helmholtz, {"k": 1.0, "source": 0.0}, summary="Δu + k² u = f"),
+        Equation("heat", _heat, {"kappa": 1.0, "source": 0.0}, True, summary="u_t - κ Δu = f"),
+        Equation("diffusion", _heat, {"kappa": 1.0, "source": 0.0}, True, summary="u_t - κ Δu = f"),
+        Equation(
+            "advection", _advection, {"velocity": [1.0], "source": 0.0}, True, ("velocity",), summary="u_t + c·∇u = f"
+        ),
+        Equation("burgers", _burgers, {"nu": 0.01, "source": 0.0}, True, summary="u_t + u Σ∂u/∂x_i - ν Δu = f"),
+        Equation(
+            "allen_cahn",
+            _allen_cahn,
+            {"epsilon": 1e-4, "gamma": 5.0, "source": 0.0},
+            True,
+            summary="u_t - ε Δu - γ (u - u³) = f",
+        ),
+        Equation(
+            "diffusion_reaction",
+            _diffusion_reaction,
+            {"D": 0.01, "k": 0.01, "source": 0.0},
+            True,
+            summary="u_t - D Δu - k u² = f",
+        ),
+    )
+}

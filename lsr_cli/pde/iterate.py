@@ -1,0 +1,289 @@
+"""Iterative LSR (I-LSR, ``lsr iterate``): push the LSR gain back into the network's weights.
+
+Each outer iteration (METHOD.md §3):
+
+1. one-shot LSR of the physics residual at the current weights θ → step ``δ``;
+2. target ``u* = q(θ, x) + J(x) δ`` at every collocation point (detached);
+3. align the network to it with L-BFGS (strong Wolfe line search, float64), minimizing
+
+   ``Σ_pde ‖s_b (r_b(θ) + (q(θ, x) − u*) / Δτ)‖² + Σ_other ‖s_b r_b(θ)‖²``  (mean over rows)
+
+   — an implicit pseudo-time step anchored at the LSR predictor: a small ``Δτ`` makes it a
+   well-conditioned supervised fit, a larger one keeps more of the physics.
+
+The best network (lowest weighted residual loss) is kept; the loop stops at the iteration
+cap, when the loss is below ``iterate.tolerance``, after ``iterate.patience`` iterations
+without improvement, or on a non-finite value (the best network so far is kept). Nothing
+here prints; the CLI writes the network and the per-iteration report.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lsr_cli.checkpoint import LoadedCheckpoint
+from lsr_cli.config import Config
+from lsr_cli.errors import CheckpointError, ConfigError, NumericalError
+from lsr_cli.linearization import JacobianOperator, ParameterSpace
+from lsr_cli.metrics import error_metrics
+from lsr_cli.refine import predict, prepare_module
+from lsr_cli.runtime import TORCH_DTYPES, NoProgress, ProgressSink, no_tf32, peak_memory_bytes, resolve_device
+
+from .problem import PdeProblem, resample
+from .refine_pde import block_losses, build_operators, check_points_fit, lsr_step
+
+
+@dataclass
+class IterateResult:
+    """The best network, the per-iteration history and the errors before/after."""
+
+    status: str
+    message: str
+    module: nn.Module  # best network (refinement dtype)
+    best_iteration: int
+    history: list[dict[str, Any]]
+    errors: dict[str, dict[str, dict[str, float | None]]]
+    residual_blocks: dict[str, dict[str, float]]
+    residual_loss: dict[str, float]
+    timings: dict[str, float]
+    num_parameters: int
+    num_residuals: int
+    device: str
+    dtype: str
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    stop_reason: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def _alignment_loss(module: nn.Module, problem: PdeProblem, targets: list[Tensor], dtau: float) -> Tensor:
+    total = torch.zeros((), dtype=targets[0].dtype, device=targets[0].device)
+    rows = 0
+    for block, u_star in zip(problem.blocks, targets, strict=True):
+        r = block.residual(module, block.inputs)
+        if block.kind == "pde":
+            u = module(block.points).reshape(-1)
+            r = r + block.scale * (u - u_star) / dtau
+        total = total + (r * r).sum()
+        rows += r.shape[0]
+    return total / rows
+
+
+def align(module: nn.Module, problem: PdeProblem, targets: list[Tensor], cfg: Config) -> tuple[int, float]:
+    """L-BFGS (strong Wolfe) on the pseudo-time alignment loss; returns (evaluations, final loss)."""
+    params = [p for p in module.parameters() if p.is_floating_point()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=cfg.iterate.lbfgs_iterations,
+        history_size=cfg.iterate.history_size,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-14,
+        tolerance_change=1e-16,
+    )
+    evaluations = 0
+
+    def closure() -> Tensor:
+        nonlocal evaluations
+        evaluations += 1
+        opt.zero_grad()
+        loss = _alignment_loss(module, problem, targets, cfg.iterate.dtau)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+        final = _alignment_loss(module, problem, targets, cfg.iterate.dtau)
+    return evaluations, float(final.detach())
+
+
+def _reference_errors(
+    module: nn.Module, problem: PdeProblem, dz_u: Tensor | None = None
+) -> dict[str, float | None] | None:
+    if problem.reference is None:
+        return None
+    x_ref, u_ref = problem.reference
+    u = predict(module, (x_ref,), 4096).reshape(u_ref.shape)
+    if dz_u is not None:
+        u = u + dz_u.reshape(u_ref.shape)
+    return error_metrics(u, u_ref)
+
+
+def iterate(
+    ckpt: LoadedCheckpoint,
+    problem: PdeProblem,
+    cfg: Config,
+    progress: ProgressSink | None = None,
+    data_path: Path | None = None,
+    base_dir: Path | None = None,
+    start_iteration: int = 0,
+    on_iteration: Callable[[dict[str, Any]], None] | None = None,
+) -> IterateResult:
+    """Run I-LSR from ``ckpt`` (a plain network); see the module docstring."""
+    if ckpt.delta is not None:
+        raise CheckpointError(
+            f"{ckpt.path}: `lsr iterate` starts from a plain network, not from a refined "
+            "(linearized) checkpoint; pass the network that was refined"
+        )
+    sink = progress or NoProgress()
+    dtype = TORCH_DTYPES[cfg.dtype]
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    it_cfg = cfg.iterate
+    timings = {"lsr": 0.0, "align": 0.0, "evaluate": 0.0}
+    history: list[dict[str, Any]] = []
+    warnings: list[str] = []
+    with no_tf32():
+        module = prepare_module(ckpt, dtype, device)
+        problem.to(device, dtype)
+        check_points_fit(module, problem, str(ckpt.path))
+        named0 = {k: p.detach() for k, p in module.named_parameters()}
+        space0 = ParameterSpace(
+            named0, cfg.lsr.parameters.include, cfg.lsr.parameters.exclude, cfg.lsr.parameters.fraction, gen
+        )
+        if space0.num == 0:
+            raise ConfigError("config.lsr.parameters: no floating-point parameter is selected")
+        ops = build_operators(module, problem, space0, cfg.lsr.tangent_chunk)
+        if not bool(torch.isfinite(ops.f0).all()):
+            raise NumericalError(f"{ckpt.path}: the physics residual at the checkpoint has non-finite values")
+        start_blocks = block_losses(ops.f0, problem)
+        start_loss = float(torch.mean(ops.f0**2))
+        start_ref = _reference_errors(module, problem)
+        best_loss, best_state, best_it = start_loss, copy.deepcopy(module.state_dict()), start_iteration - 1
+        best_blocks = start_blocks
+        stale = 0
+        stop_reason = f"reached iterate.iterations = {it_cfg.iterations}"
+        advance = sink.begin("I-LSR iterations", it_cfg.iterations)
+        for k in range(start_iteration, start_iteration + it_cfg.iterations):
+            t0 = time.perf_counter()
+            if it_cfg.resample and k > start_iteration:
+                resample(problem, gen, data_path, base_dir)
+            named = {n: p.detach() for n, p in module.named_parameters()}
+            space = ParameterSpace(
+                named, cfg.lsr.parameters.include, cfg.lsr.parameters.exclude, cfg.lsr.parameters.fraction, gen
+            )
+            ops = build_operators(module, problem, space, cfg.lsr.tangent_chunk)
+            sub = lsr_step(module, problem, space, ops, cfg, gen, NoProgress())
+            lin_loss_total = (
+                float(torch.mean((ops.f0 + ops.G.matvec(sub.dz)) ** 2))
+                if sub.dz is not None
+                else float(torch.mean(ops.f0**2))
+            )
+            targets = []
+            for block in problem.blocks:
+                u = predict(module, (block.points,), 4096).reshape(-1)
+                if sub.dz is not None:
+                    u = u + JacobianOperator(module, space, (block.points,), 1024, cfg.lsr.tangent_chunk).matvec(sub.dz)
+                targets.append(u.detach())
+            lin_ref = None
+            if problem.reference is not None and sub.dz is not None:
+                jr = JacobianOperator(module, space, (problem.reference[0],), 4096, cfg.lsr.tangent_chunk).matvec(
+                    sub.dz
+                )
+                lin_ref = _reference_errors(module, problem, jr)
+            elif problem.reference is not None:
+                lin_ref = _reference_errors(module, problem)
+            t1 = time.perf_counter()
+            timings["lsr"] += t1 - t0
+            evaluations, align_loss = align(module, problem, targets, cfg)
+            t2 = time.perf_counter()
+            timings["align"] += t2 - t1
+            named = {n: p.detach() for n, p in module.named_parameters()}
+            f_net = torch.cat(
+                [
+                    op.forward(named).reshape(-1)
+                    for op in build_operators(module, problem, ParameterSpace(named), cfg.lsr.tangent_chunk).blocks
+                ]
+            )
+            net_loss = float(torch.mean(f_net**2))
+            net_blocks = block_losses(f_net, problem)
+            u_all = torch.cat([predict(module, (b.points,), 4096).reshape(-1) for b in problem.blocks])
+            u_star_all = torch.cat(targets)
+            fit = float(torch.linalg.norm(u_all - u_star_all) / torch.linalg.norm(u_star_all).clamp_min(1e-300))
+            net_ref = _reference_errors(module, problem)
+            timings["evaluate"] += time.perf_counter() - t2
+            entry = {
+                "iteration": k,
+                "rank": sub.rank,
+                "residual_loss": {"linearized": lin_loss_total, "network": net_loss},
+                "blocks": {name: {"network": net_blocks[name]} for name in net_blocks},
+                "reference_rel_l2": {
+                    "linearized": lin_ref["rel_l2"] if lin_ref else None,
+                    "network": net_ref["rel_l2"] if net_ref else None,
+                },
+                "alignment": {"relative_fit": fit, "loss": align_loss, "lbfgs_evaluations": evaluations},
+                "seconds": {"lsr": t1 - t0, "align": t2 - t1, "total": time.perf_counter() - t0},
+            }
+            history.append(entry)
+            if on_iteration is not None:
+                on_iteration(entry)
+            advance(1)
+            if not math.isfinite(net_loss):
+                stop_reason = f"non-finite residual at iteration {k}; kept the best network (iteration {best_it})"
+                warnings.append(stop_reason)
+                break
+            if net_loss < best_loss:
+                best_loss, best_state, best_it, best_blocks = (
+                    net_loss,
+                    copy.deepcopy(module.state_dict()),
+                    k,
+                    net_blocks,
+                )
+                stale = 0
+            else:
+                stale += 1
+            if net_loss <= it_cfg.tolerance:
+                stop_reason = f"residual loss {net_loss:.3e} below iterate.tolerance"
+                break
+            if stale >= it_cfg.patience:
+                stop_reason = f"no improvement for {stale} iterations"
+                break
+        sink.end()
+        module.load_state_dict(best_state)
+        final_ref = _reference_errors(module, problem)
+
+    errors = {}
+    if start_ref is not None and final_ref is not None:
+        errors["reference"] = {"before": start_ref, "after": final_ref}
+    residual_blocks = {n: {"before": start_blocks[n], "after": best_blocks[n]} for n in start_blocks}
+    if best_it < start_iteration:
+        status, message = "unchanged", "no iteration lowered the residual loss; the network is unchanged"
+    else:
+        status = "improved"
+        message = f"iteration {best_it} lowered the weighted residual loss {start_loss / max(best_loss, 1e-300):.3g}x"
+        if "reference" in errors:
+            ratio = (start_ref["rel_l2"] or 0.0) / max(final_ref["rel_l2"] or 0.0, 1e-300)  # type: ignore[index]
+            message += f" and the network's error vs the reference {ratio:.3g}x"
+    peak, kind = peak_memory_bytes(device)
+    return IterateResult(
+        status,
+        message,
+        module,
+        best_it,
+        history,
+        errors,
+        residual_blocks,
+        {"before": start_loss, "after": best_loss},
+        timings,
+        sum(p.numel() for p in module.parameters()),
+        problem.num_rows,
+        str(device),
+        cfg.dtype,
+        peak,
+        kind,
+        stop_reason,
+        warnings,
+    )

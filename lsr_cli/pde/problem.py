@@ -1,0 +1,510 @@
+"""The ``pde:`` section of a config: equation, domain, residual blocks and their points.
+
+A problem is a list of residual blocks, each with its points and weight::
+
+    pde:
+      equation: poisson            # built-in (see lsr_cli.pde.equations) or "file.py:function"
+      variables: [x, y]            # input columns in order; "t" is time
+      domain: {x: [0, 1], y: [0, 1]}
+      constants: {nu: 0.0031831}   # named numbers usable in formulas
+      coefficients: {source: "2*pi**2*sin(pi*x)*sin(pi*y)"}   # number, formula or {dataset: /path}
+      blocks:
+        - {name: interior, kind: pde, points: {sample: sobol, count: 2000}}
+        - {name: walls, kind: dirichlet, value: "0", weight: 100, points: {sample: boundary, count: 400}}
+
+Block kinds: ``pde`` (the equation), ``dirichlet`` (``u − g``), ``neumann`` (``∂u/∂n − g``, outward
+normal of the box face), ``periodic`` (``u(x_lo) − u(x_hi)`` along ``variable``), ``initial``
+(``u(x, t0) − g``), ``data`` (``u − values`` at observed points). Points come from the data
+file (``{dataset: /collocation/NAME}``) or are generated in the box (``sample: uniform | sobol |
+lhs | grid``; boundary kinds sample their faces, ``initial`` the ``t = t_min`` face). Block rows
+are scaled by ``√(w_b · N_total / N_b)``, so the loss is a weighted mean of squares.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lsr_cli.data import read_datasets
+from lsr_cli.errors import ConfigError, DataError
+from lsr_cli.linearization import ModelFn
+
+from .equations import EQUATIONS, Equation
+from .expressions import compile_expression
+from .fields import TIME, Fields
+
+KINDS = ("pde", "dirichlet", "neumann", "periodic", "initial", "data")
+SAMPLERS = ("uniform", "sobol", "lhs", "grid")
+_PDE_KEYS = (
+    "equation",
+    "variables",
+    "domain",
+    "constants",
+    "coefficients",
+    "blocks",
+    "basis",
+    "basis_points",
+    "reference",
+)
+_BLOCK_KEYS = ("name", "kind", "points", "weight", "value", "faces", "variable", "values")
+_POINT_KEYS = ("dataset", "sample", "count")
+
+
+def _unknown(path: str, key: str, valid: tuple[str, ...]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"config.{path}.{key}: unknown key{hint}")
+
+
+def _mapping(path: str, raw: Any, valid: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config.{path}: expected a mapping, got {type(raw).__name__}")
+    for key in raw:
+        if key not in valid:
+            raise _unknown(path, str(key), valid)
+    return raw
+
+
+@dataclass
+class Box:
+    """Axis-aligned domain ``[lo_i, hi_i]`` per variable (time included)."""
+
+    variables: list[str]
+    lo: Tensor
+    hi: Tensor
+
+    def _unit(self, count: int, dims: int, method: str, gen: torch.Generator) -> Tensor:
+        if method == "sobol":
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+            return torch.quasirandom.SobolEngine(dims, scramble=True, seed=seed).draw(count, dtype=torch.float64)
+        if method == "lhs":
+            cells = torch.stack([torch.randperm(count, generator=gen) for _ in range(dims)], dim=1).double()
+            return (cells + torch.rand(count, dims, generator=gen, dtype=torch.float64)) / count
+        if method == "grid":
+            per = max(2, math.ceil(count ** (1.0 / dims)))
+            axes = [(torch.arange(per, dtype=torch.float64) + 0.5) / per for _ in range(dims)]
+            return torch.cartesian_prod(*axes).reshape(-1, dims)
+        return torch.rand(count, dims, generator=gen, dtype=torch.float64)
+
+    def interior(self, count: int, method: str, gen: torch.Generator) -> Tensor:
+        return self.lo + (self.hi - self.lo) * self._unit(count, len(self.variables), method, gen)
+
+    def faces(self, names: list[str]) -> list[tuple[int, int]]:
+        """``(variable index, side)`` of spatial faces named ``x_min`` / ``x_max`` (``all``: every one)."""
+        spatial = [i for i, v in enumerate(self.variables) if v != TIME]
+        every = [(i, s) for i in spatial for s in (0, 1)]
+        if names == ["all"]:
+            return every
+        out = []
+        for name in names:
+            var, _, side = name.rpartition("_")
+            if var not in self.variables or var == TIME or side not in ("min", "max"):
+                valid = [f"{self.variables[i]}_{'min' if s == 0 else 'max'}" for i, s in every]
+                raise ConfigError(f"config.pde.blocks: unknown face {name!r}; faces are {valid} or 'all'")
+            out.append((self.variables.index(var), 0 if side == "min" else 1))
+        return out
+
+    def on_faces(
+        self, count: int, faces: list[tuple[int, int]], method: str, gen: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """Points on the faces (split by face measure) and their outward normals ``[N, d]``."""
+        extent = self.hi - self.lo
+        measures = torch.tensor([float(torch.prod(torch.cat([extent[:i], extent[i + 1 :]]))) for i, _ in faces])
+        counts = torch.floor(count * measures / measures.sum()).long()
+        counts[: int(count - counts.sum())] += 1
+        pts, normals = [], []
+        for (i, side), c in zip(faces, counts.tolist(), strict=True):
+            if c == 0:
+                continue
+            p = self.interior(c, method, gen)
+            p[:, i] = self.hi[i] if side else self.lo[i]
+            nrm = torch.zeros_like(p)
+            nrm[:, i] = 1.0 if side else -1.0
+            pts.append(p)
+            normals.append(nrm)
+        return torch.cat(pts), torch.cat(normals)
+
+    def normals_of(self, points: Tensor, where: str) -> Tensor:
+        """Outward normals of points lying on spatial faces (error if a point is on none)."""
+        tol = 1e-9 * float((self.hi - self.lo).abs().max())
+        normals = torch.zeros_like(points)
+        found = torch.zeros(points.shape[0], dtype=torch.bool)
+        for i, v in enumerate(self.variables):
+            if v == TIME:
+                continue
+            for side, bound in ((-1.0, self.lo[i]), (1.0, self.hi[i])):
+                hit = ((points[:, i] - bound).abs() <= tol) & ~found
+                normals[hit, i] = side
+                found |= hit
+        if not bool(found.all()):
+            raise DataError(f"{where}: {int((~found).sum())} neumann point(s) lie on no face of the domain")
+        return normals
+
+
+@dataclass
+class Block:
+    """One residual block: ``inputs`` (``points`` first) and ``residual(model, rows)``."""
+
+    name: str
+    kind: str
+    weight: float
+    points: Tensor
+    inputs: tuple[Tensor, ...]
+    spec: dict[str, Any]
+    scale: float = 1.0
+    residual_fn: Callable[[ModelFn, tuple[Tensor, ...]], Tensor] | None = None
+
+    @property
+    def generated(self) -> bool:
+        return "sample" in self.spec.get("points", {})
+
+    def residual(self, model: ModelFn, rows: tuple[Tensor, ...]) -> Tensor:
+        assert self.residual_fn is not None
+        return self.scale * self.residual_fn(model, rows)
+
+
+@dataclass
+class PdeProblem:
+    equation: Equation
+    equation_name: str
+    variables: list[str]
+    box: Box | None
+    blocks: list[Block]
+    reference: tuple[Tensor, Tensor] | None
+    basis: str
+    basis_points: int | str
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(b.points.shape[0] for b in self.blocks)
+
+    def all_points(self) -> Tensor:
+        return torch.cat([b.points for b in self.blocks])
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> PdeProblem:
+        for b in self.blocks:
+            b.points = b.points.to(device=device, dtype=dtype)
+            b.inputs = tuple(x.to(device=device, dtype=dtype) for x in b.inputs)
+        if self.reference is not None:
+            self.reference = tuple(t.to(device=device, dtype=dtype) for t in self.reference)  # type: ignore[assignment]
+        return self
+
+
+def _user_equation(spec: str, base_dir: Path | None) -> Equation:
+    target, _, attr = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            file = Path(target)
+            if not file.is_absolute() and not file.exists() and base_dir is not None:
+                file = base_dir / file
+            if not file.is_file():
+                raise ConfigError(f"config.pde.equation: file {target} not found")
+            name = f"_lsr_user_residual_{abs(hash(str(file.resolve())))}"
+            mspec = importlib.util.spec_from_file_location(name, file)
+            assert mspec is not None and mspec.loader is not None
+            module = importlib.util.module_from_spec(mspec)
+            sys.modules[name] = module
+            mspec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as exc:  # user code: any import failure, one line
+        raise ConfigError(f"config.pde.equation: importing {target!r} failed: {type(exc).__name__}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"config.pde.equation: {target!r} has no callable {attr!r}")
+    return Equation(spec, fn, {}, summary=f"user residual {spec}")
+
+
+def _equation(raw: Any, base_dir: Path | None) -> Equation:
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(
+            f"config.pde.equation: expected a built-in name ({', '.join(EQUATIONS)}) or 'file.py:function', got {raw!r}"
+        )
+    if ":" in raw:
+        return _user_equation(raw, base_dir)
+    if raw not in EQUATIONS:
+        close = difflib.get_close_matches(raw, list(EQUATIONS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"config.pde.equation: unknown equation {raw!r}{hint}; built-in: {', '.join(EQUATIONS)}")
+    return EQUATIONS[raw]
+
+
+class _Builder:
+    """Turns validated config pieces into tensors (points, coefficient arrays)."""
+
+    def __init__(self, raw: dict[str, Any], data_path: Path | None, gen: torch.Generator) -> None:
+        self.raw = raw
+        self.data_path = data_path
+        self.gen = gen
+        variables = raw.get("variables")
+        if variables is None:
+            raise ConfigError("config.pde.variables: required, e.g. [x, y] or [x, t]")
+        if not isinstance(variables, list) or not variables or not all(isinstance(v, str) for v in variables):
+            raise ConfigError(f"config.pde.variables: expected a list of names, got {variables!r}")
+        if len(set(variables)) != len(variables):
+            raise ConfigError(f"config.pde.variables: names repeat in {variables}")
+        self.variables: list[str] = variables
+        consts = raw.get("constants") or {}
+        if not isinstance(consts, dict) or not all(isinstance(v, (int, float)) for v in consts.values()):
+            raise ConfigError(f"config.pde.constants: expected a mapping of names to numbers, got {consts!r}")
+        self.constants = {str(k): float(v) for k, v in consts.items()}
+        self.box = self._box(raw.get("domain"))
+
+    def _box(self, domain: Any) -> Box | None:
+        if domain is None:
+            return None
+        if not isinstance(domain, dict):
+            raise ConfigError(f"config.pde.domain: expected a mapping like {{x: [0, 1]}}, got {domain!r}")
+        for key in domain:
+            if key not in self.variables:
+                raise _unknown("pde.domain", str(key), tuple(self.variables))
+        lo, hi = [], []
+        for v in self.variables:
+            b = domain.get(v)
+            if not (
+                isinstance(b, list) and len(b) == 2 and all(isinstance(t, (int, float)) for t in b) and b[0] < b[1]
+            ):
+                raise ConfigError(f"config.pde.domain.{v}: expected [low, high] with low < high, got {b!r}")
+            lo.append(float(b[0]))
+            hi.append(float(b[1]))
+        return Box(self.variables, torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64))
+
+    def formula(self, where: str, spec: Any, points: Tensor) -> Tensor:
+        """A number, formula or ``{dataset: /path}`` evaluated at ``points`` → ``[N]``."""
+        if isinstance(spec, dict):
+            _mapping(where.removeprefix("config."), spec, ("dataset",))
+            arr = self.dataset(where, spec.get("dataset"))
+            if arr.shape[0] != points.shape[0]:
+                raise DataError(
+                    f"{where}: dataset {spec['dataset']} has {arr.shape[0]} rows, the block has "
+                    f"{points.shape[0]} points"
+                )
+            return arr.reshape(points.shape[0], -1)[:, 0]
+        expr = compile_expression(spec, self.variables, where, self.constants)
+        env = {v: points[:, i] for i, v in enumerate(self.variables)}
+        return expr(env).expand(points.shape[0]).to(torch.float64)
+
+    def dataset(self, where: str, name: Any) -> Tensor:
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}.dataset: expected an HDF5 dataset path, got {name!r}")
+        if self.data_path is None:
+            raise ConfigError(f"{where}: dataset {name} needs a data file (--data or data.path)")
+        return read_datasets(self.data_path, [name], torch.float64)[name]
+
+    def points(
+        self, where: str, spec: Any, kind: str, faces: list[str], variable: str | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The block's points and, for face kinds, their outward normals."""
+        spec = _mapping(where, spec, _POINT_KEYS)
+        d = len(self.variables)
+        if "dataset" in spec:
+            pts = self.dataset(f"config.{where}", spec["dataset"])
+            if pts.ndim != 2 or pts.shape[1] != d:
+                raise DataError(
+                    f"{self.data_path}:{spec['dataset']}: expected points [N, {d}] for variables "
+                    f"{self.variables}, found shape {tuple(pts.shape)}"
+                )
+            normals = (
+                self.box.normals_of(pts, f"{self.data_path}:{spec['dataset']}")
+                if (kind == "neumann" and self.box is not None)
+                else None
+            )
+            if kind == "neumann" and self.box is None:
+                raise ConfigError(f"config.{where}: neumann blocks need pde.domain to know the normals")
+            return pts, normals
+        method = spec.get("sample")
+        count = spec.get("count")
+        if method not in (*SAMPLERS, "boundary"):
+            raise ConfigError(
+                f"config.{where}: give 'dataset' or 'sample' (one of {', '.join(SAMPLERS)}), got {spec!r}"
+            )
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"config.{where}.count: expected a positive integer, got {count!r}")
+        if self.box is None:
+            raise ConfigError(f"config.{where}: generated points need pde.domain")
+        method = "uniform" if method == "boundary" else method
+        if kind in ("dirichlet", "neumann"):
+            pts, normals = self.box.on_faces(count, self.box.faces(faces), method, self.gen)
+            return pts, normals
+        if kind == "initial":
+            if TIME not in self.variables:
+                raise ConfigError(f"config.{where}: an initial block needs the time variable 't' in pde.variables")
+            pts = self.box.interior(count, method, self.gen)
+            pts[:, self.variables.index(TIME)] = self.box.lo[self.variables.index(TIME)]
+            return pts, None
+        if kind == "periodic":
+            assert variable is not None
+            i = self.variables.index(variable)
+            pts = self.box.interior(count, method, self.gen)
+            pts[:, i] = self.box.lo[i]
+            return pts, None
+        return self.box.interior(count, method, self.gen), None
+
+
+def _field_model(model: ModelFn, variables: list[str], x: Tensor) -> Fields:
+    return Fields(model, x, variables)
+
+
+def _make_block(i: int, raw: Any, eq: Equation, b: _Builder, coeff_specs: dict[str, Any]) -> Block:
+    where = f"pde.blocks[{i}]"
+    spec = _mapping(where, raw, _BLOCK_KEYS)
+    kind = spec.get("kind", "pde")
+    if kind not in KINDS:
+        close = difflib.get_close_matches(str(kind), KINDS, n=1)
+        raise ConfigError(
+            f"config.{where}.kind: unknown block kind {kind!r}"
+            + (f"; did you mean '{close[0]}'?" if close else f"; kinds: {', '.join(KINDS)}")
+        )
+    name = spec.get("name", f"{kind}{i}")
+    weight = spec.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+        raise ConfigError(f"config.{where}.weight: expected a positive number, got {weight!r}")
+    faces = spec.get("faces", ["all"])
+    faces = [faces] if isinstance(faces, str) else faces
+    variable = spec.get("variable")
+    if kind == "periodic" and variable not in b.variables:
+        raise ConfigError(
+            f"config.{where}.variable: periodic blocks name a variable of {b.variables}, got {variable!r}"
+        )
+    if "points" not in spec:
+        raise ConfigError(
+            f"config.{where}.points: required ({{dataset: /collocation/{name}}} or {{sample: sobol, count: N}})"
+        )
+    pts, normals = b.points(f"{where}.points", spec["points"], kind, faces, variable)
+    variables = b.variables
+    inputs: list[Tensor] = [pts]
+    fn: Callable[[ModelFn, tuple[Tensor, ...]], Tensor]
+    if kind == "pde":
+        names = list(eq.coefficients) + [k for k in coeff_specs if k not in eq.coefficients]
+        for cname in names:
+            cspec = coeff_specs.get(cname, eq.coefficients.get(cname, 0.0))
+            if cname in eq.vector_coefficients:
+                vec = cspec if isinstance(cspec, list) else [cspec]
+                nspace = len([v for v in variables if v != TIME])
+                if len(vec) != nspace:
+                    raise ConfigError(
+                        f"config.pde.coefficients.{cname}: expected {nspace} components "
+                        f"(one per spatial variable), got {len(vec)}"
+                    )
+                inputs.append(
+                    torch.stack(
+                        [b.formula(f"config.pde.coefficients.{cname}[{j}]", c, pts) for j, c in enumerate(vec)], dim=1
+                    )
+                )
+            else:
+                inputs.append(b.formula(f"config.pde.coefficients.{cname}", cspec, pts))
+
+        def fn(model: ModelFn, rows: tuple[Tensor, ...], names: list[str] = names) -> Tensor:
+            F = _field_model(model, variables, rows[0])
+            return eq.residual(F, dict(zip(names, rows[1:], strict=True)))
+    elif kind == "data":
+        values = spec.get("values")
+        vals = b.dataset(f"config.{where}.values", values)
+        if vals.shape[0] != pts.shape[0]:
+            raise DataError(f"{b.data_path}:{values}: {vals.shape[0]} values for {pts.shape[0]} points")
+        inputs.append(vals.reshape(pts.shape[0], -1)[:, 0])
+
+        def fn(model: ModelFn, rows: tuple[Tensor, ...]) -> Tensor:
+            return _field_model(model, variables, rows[0]).u - rows[1]
+    elif kind == "periodic":
+        if b.box is None:
+            raise ConfigError(f"config.{where}: periodic blocks need pde.domain")
+        i_var = variables.index(str(variable))
+        partner = pts.clone()
+        partner[:, i_var] = b.box.hi[i_var]
+        inputs.append(partner)
+
+        def fn(model: ModelFn, rows: tuple[Tensor, ...]) -> Tensor:
+            return _field_model(model, variables, rows[0]).u - _field_model(model, variables, rows[1]).u
+    else:  # dirichlet, neumann, initial
+        g = b.formula(f"config.{where}.value", spec.get("value", 0.0), pts)
+        inputs.append(g)
+        if kind == "neumann":
+            assert normals is not None
+            inputs.append(normals)
+
+            def fn(model: ModelFn, rows: tuple[Tensor, ...]) -> Tensor:
+                F = _field_model(model, variables, rows[0])
+                return (F.gradient() * rows[2]).sum(-1) - rows[1]
+        else:
+
+            def fn(model: ModelFn, rows: tuple[Tensor, ...]) -> Tensor:
+                return _field_model(model, variables, rows[0]).u - rows[1]
+
+    return Block(str(name), kind, float(weight), pts, tuple(inputs), spec, residual_fn=fn)
+
+
+def parse_problem(raw: Any, data_path: Path | None, gen: torch.Generator, base_dir: Path | None = None) -> PdeProblem:
+    """Validate the ``pde:`` section and build every block's points and coefficients."""
+    raw = _mapping("pde", raw, _PDE_KEYS)
+    eq = _equation(raw.get("equation"), base_dir)
+    b = _Builder(raw, data_path, gen)
+    if eq.needs_time and TIME not in b.variables:
+        raise ConfigError(f"config.pde.variables: equation {eq.name!r} needs the time variable 't', got {b.variables}")
+    coeffs = raw.get("coefficients") or {}
+    if not isinstance(coeffs, dict):
+        raise ConfigError(f"config.pde.coefficients: expected a mapping, got {coeffs!r}")
+    if eq.name in EQUATIONS:
+        for key in coeffs:
+            if key not in eq.coefficients:
+                raise _unknown("pde.coefficients", str(key), tuple(eq.coefficients))
+    blocks_raw = raw.get("blocks")
+    if not isinstance(blocks_raw, list) or not blocks_raw:
+        raise ConfigError("config.pde.blocks: expected a non-empty list of residual blocks")
+    blocks = [_make_block(i, r, eq, b, coeffs) for i, r in enumerate(blocks_raw)]
+    names = [blk.name for blk in blocks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config.pde.blocks: block names repeat: {names}")
+    set_scales(blocks)
+    basis = raw.get("basis", "output")
+    if basis not in ("output", "residual"):
+        raise ConfigError(f"config.pde.basis: expected 'output' or 'residual', got {basis!r}")
+    basis_points = raw.get("basis_points", "auto")
+    if basis_points != "auto" and (
+        isinstance(basis_points, bool) or not isinstance(basis_points, int) or basis_points < 1
+    ):
+        raise ConfigError(f"config.pde.basis_points: expected 'auto' or a positive integer, got {basis_points!r}")
+    reference = None
+    if data_path is not None and raw.get("reference", True):
+        ref = read_datasets(data_path, ["/reference/inputs", "/reference/values"], torch.float64, optional=True)
+        if len(ref) == 2:
+            x_ref, u_ref = ref["/reference/inputs"], ref["/reference/values"]
+            if x_ref.ndim != 2 or x_ref.shape[1] != len(b.variables) or u_ref.shape[0] != x_ref.shape[0]:
+                raise DataError(
+                    f"{data_path}:/reference: inputs {tuple(x_ref.shape)} and values "
+                    f"{tuple(u_ref.shape)} do not fit {len(b.variables)} variables"
+                )
+            reference = (x_ref, u_ref.reshape(x_ref.shape[0], -1)[:, :1])
+    return PdeProblem(eq, raw["equation"], b.variables, b.box, blocks, reference, basis, basis_points, raw)
+
+
+def set_scales(blocks: list[Block]) -> None:
+    """Row scale ``√(w_b · N_total / N_b)``: the loss becomes a weighted mean of squares."""
+    total = sum(blk.points.shape[0] for blk in blocks)
+    for blk in blocks:
+        blk.scale = math.sqrt(blk.weight * total / blk.points.shape[0])
+
+
+def resample(problem: PdeProblem, gen: torch.Generator, data_path: Path | None, base_dir: Path | None = None) -> None:
+    """Draw new points for the generated blocks (blocks read from the data file stay)."""
+    fresh = parse_problem(problem.raw, data_path, gen, base_dir)
+    device, dtype = problem.blocks[0].points.device, problem.blocks[0].points.dtype
+    for i, blk in enumerate(problem.blocks):
+        if blk.generated:
+            new = fresh.blocks[i]
+            blk.points = new.points.to(device=device, dtype=dtype)
+            blk.inputs = tuple(x.to(device=device, dtype=dtype) for x in new.inputs)
+            blk.residual_fn = new.residual_fn
+    set_scales(problem.blocks)

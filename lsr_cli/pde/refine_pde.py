@@ -1,0 +1,229 @@
+"""One-shot LSR on a physics residual (``lsr refine`` with a ``pde:`` config).
+
+The residual ``f(θ)`` stacks every block of the problem (PDE interior, boundary, initial, data),
+each scaled by ``√(w_b N / N_b)``; ``G = ∂f/∂θ`` is applied matrix-free by JVPs/VJPs through the
+exact input derivatives of :mod:`.fields`. The basis ``P`` comes from a sketch of the output
+Jacobian ``J`` on a random subset of the collocation points (``pde.basis: output``, the
+authors' choice, cheaper) or of ``G`` itself (``pde.basis: residual``); the reduced problem
+uses every residual row; rank and λ are chosen on held-out residual rows (``lsr.holdout``).
+The refined predictor ``q(θ0, x) + J(x) δ`` is compared with the reference solution when the
+data file has one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lsr_cli.checkpoint import LoadedCheckpoint
+from lsr_cli.config import Config
+from lsr_cli.errors import CheckpointError, ConfigError, NumericalError
+from lsr_cli.linearization import JacobianOperator, ParameterSpace, StackedOperator
+from lsr_cli.linearized import LinearizedModel
+from lsr_cli.metrics import error_metrics
+from lsr_cli.refine import RefineResult, predict, prepare_module
+from lsr_cli.runtime import TORCH_DTYPES, NoProgress, ProgressSink, no_tf32, peak_memory_bytes, resolve_device
+from lsr_cli.subspace import Selection, SubspaceResult, holdout_rows, solve_subspace
+
+from .problem import PdeProblem
+
+ROW_CHUNK = 256
+"""Collocation points per Jacobian-product chunk (second derivatives make each row costlier)."""
+
+
+@dataclass
+class ResidualOperators:
+    """``G`` of every block at the current weights, stacked, and ``f0``."""
+
+    blocks: list[JacobianOperator]
+    G: StackedOperator
+    f0: Tensor
+
+
+def check_points_fit(module: nn.Module, problem: PdeProblem, where: str) -> None:
+    """One forward pass on a few points: ``[N, d]`` in, one value per point out."""
+    x = problem.blocks[0].points[:4]
+    try:
+        with torch.no_grad():
+            out = module(x)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{where}: the model does not accept points of dimension {x.shape[1]} "
+            f"(variables {problem.variables}): {first[:200]}"
+        ) from None
+    if not isinstance(out, Tensor) or out.shape[0] != x.shape[0] or out[0].numel() != 1:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise CheckpointError(
+            f"{where}: a PDE model must return one value per point ([N] or [N, 1]); "
+            f"for {x.shape[0]} points it returned {shape}"
+        )
+
+
+def build_operators(
+    module: nn.Module, problem: PdeProblem, space: ParameterSpace, tangent_chunk: int, row_chunk: int = ROW_CHUNK
+) -> ResidualOperators:
+    ops = [
+        JacobianOperator(module, space, b.inputs, row_chunk, tangent_chunk, residual=b.residual) for b in problem.blocks
+    ]
+    G = StackedOperator(ops)
+    return ResidualOperators(ops, G, G.forward())
+
+
+def block_losses(f: Tensor, problem: PdeProblem) -> dict[str, float]:
+    """Mean square of each block's unscaled residual (``f`` is the scaled, stacked residual)."""
+    out, start = {}, 0
+    for b in problem.blocks:
+        n = b.points.shape[0]
+        out[b.name] = float(torch.mean((f[start : start + n] / b.scale) ** 2))
+        start += n
+    return out
+
+
+def lsr_step(
+    module: nn.Module,
+    problem: PdeProblem,
+    space: ParameterSpace,
+    ops: ResidualOperators,
+    cfg: Config,
+    gen: torch.Generator,
+    sink: ProgressSink,
+) -> SubspaceResult:
+    """One-shot LSR of the stacked physics residual at the module's current weights."""
+    lsr = cfg.lsr
+    n = ops.G.shape[0]
+    split = holdout_rows(n, 1, lsr.holdout, gen)
+    selection = (
+        Selection("holdout_loss", fit_rows=split[0], hold_rows=split[1], holdout_fraction=lsr.holdout)
+        if split is not None
+        else Selection("train_loss")
+    )
+    if problem.basis == "residual":
+        basis_op: JacobianOperator | StackedOperator = ops.G
+        label = "G"
+    else:
+        pts = problem.all_points()
+        r_max = lsr.max_rank if lsr.rank == "auto" else max(lsr.rank if isinstance(lsr.rank, list) else [lsr.rank])
+        count = problem.basis_points if problem.basis_points != "auto" else int(r_max) + lsr.oversampling + 1000
+        count = min(int(count), pts.shape[0])
+        idx = torch.randperm(pts.shape[0], generator=gen)[:count].to(pts.device)
+        basis_op = JacobianOperator(module, space, (pts[idx],), 4 * ROW_CHUNK, lsr.tangent_chunk)
+        label = "J"
+    return solve_subspace(basis_op, ops.G, ops.f0, selection, lsr, gen, ops.f0.dtype, ops.f0.device, sink, label)
+
+
+def refine_pde(
+    ckpt: LoadedCheckpoint, problem: PdeProblem, cfg: Config, progress: ProgressSink | None = None
+) -> RefineResult:
+    """One-shot LSR of ``ckpt`` on the physics residual of ``problem``."""
+    if ckpt.delta is not None:
+        raise CheckpointError(
+            f"{ckpt.path}: refining a refined checkpoint on a PDE residual is not supported; "
+            "refine the original network, or use `lsr iterate`, which writes a plain network"
+        )
+    sink = progress or NoProgress()
+    dtype = TORCH_DTYPES[cfg.dtype]
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    timings: dict[str, float] = {}
+    with no_tf32():
+        t0 = time.perf_counter()
+        module = prepare_module(ckpt, dtype, device)
+        problem.to(device, dtype)
+        check_points_fit(module, problem, str(ckpt.path))
+        named = dict(module.named_parameters())
+        space = ParameterSpace(
+            {k: p.detach() for k, p in named.items()},
+            cfg.lsr.parameters.include,
+            cfg.lsr.parameters.exclude,
+            cfg.lsr.parameters.fraction,
+            gen,
+        )
+        if space.num == 0:
+            raise ConfigError(
+                f"config.lsr.parameters: no floating-point parameter is selected; names: {list(named)[:8]}"
+            )
+        ops = build_operators(module, problem, space, cfg.lsr.tangent_chunk)
+        if not bool(torch.isfinite(ops.f0).all()):
+            raise NumericalError(f"{ckpt.path}: the physics residual at the checkpoint has non-finite values")
+        timings["baseline"] = time.perf_counter() - t0
+        sub = lsr_step(module, problem, space, ops, cfg, gen, sink)
+        timings.update(sub.timings)
+
+        t1 = time.perf_counter()
+        dz = sub.dz
+        delta = (
+            space.unflatten_vector(dz) if dz is not None else {space.names[0]: torch.zeros_like(named[space.names[0]])}
+        )
+        net_params = {k: named[k].detach() + v for k, v in delta.items()}
+        f_after = ops.f0 + ops.G.matvec(dz) if dz is not None else ops.f0
+        f_net = torch.cat([op.forward(net_params).reshape(-1) for op in ops.blocks])
+        before_b, after_b, net_b = (block_losses(f, problem) for f in (ops.f0, f_after, f_net))
+        residuals = {
+            name: {"before": before_b[name], "after": after_b[name], "network_after": net_b[name]} for name in before_b
+        }
+        errors = {}
+        if problem.reference is not None:
+            x_ref, u_ref = problem.reference
+            u0 = predict(module, (x_ref,), 4096).reshape(u_ref.shape)
+            u_lin = u0
+            if dz is not None:
+                u_lin = u0 + JacobianOperator(module, space, (x_ref,), 4096, cfg.lsr.tangent_chunk).matvec(dz).reshape(
+                    u_ref.shape
+                )
+            u_net = predict(module, (x_ref,), 4096, net_params).reshape(u_ref.shape)
+            errors["reference"] = {
+                "before": error_metrics(u0, u_ref),
+                "after": error_metrics(u_lin, u_ref),
+                "network_after": error_metrics(u_net, u_ref),
+            }
+        timings["evaluate"] = time.perf_counter() - t1
+
+    total_before = float(torch.mean(ops.f0**2))
+    total_after = float(torch.mean(f_after**2))
+    if sub.rank == 0:
+        status, message = (
+            "unchanged",
+            "no rank lowered the held-out residual loss; the refined predictor equals the input",
+        )
+    else:
+        status = "improved"
+        message = f"rank {sub.rank} lowered the weighted residual loss {total_before / max(total_after, 1e-300):.3g}x"
+        if "reference" in errors:
+            ref = errors["reference"]
+            ratio = (ref["before"]["rel_l2"] or 0.0) / max(ref["after"]["rel_l2"] or 0.0, 1e-300)
+            message += f" and the error vs the reference {ratio:.3g}x"
+    peak, kind = peak_memory_bytes(device)
+    return RefineResult(
+        status=status,
+        message=message,
+        model=LinearizedModel(module, delta),
+        delta=delta,
+        rank=sub.rank,
+        selection_metric=sub.regularization["chosen_by"],
+        regularization=sub.regularization,
+        rank_sweep=sub.sweep,
+        errors=errors,
+        timings=timings,
+        singular_values=sub.singular_values,
+        num_parameters=sum(p.numel() for p in named.values()),
+        num_linearized_parameters=space.num,
+        num_residuals=ops.G.shape[0],
+        device=str(device),
+        dtype=cfg.dtype,
+        peak_memory_bytes=peak,
+        peak_memory_kind=kind,
+        warnings=[],
+        rounds=sub.rounds,
+        stop_reason=sub.stop_reason,
+        residual_blocks=residuals,
+        residual_loss={"before": total_before, "after": total_after},
+    )
+
+
+__all__ = ["ResidualOperators", "block_losses", "build_operators", "check_points_fit", "lsr_step", "refine_pde"]
