@@ -39,7 +39,7 @@ from lsr_cli.refine import predict, prepare_module
 from lsr_cli.runtime import TORCH_DTYPES, NoProgress, ProgressSink, no_tf32, peak_memory_bytes, resolve_device
 
 from .problem import PdeProblem, resample
-from .refine_pde import block_losses, build_operators, check_points_fit, lsr_step
+from .refine_pde import block_losses, build_operators, check_blocks, check_points_fit, lsr_step
 
 
 @dataclass
@@ -150,6 +150,7 @@ def iterate(
         module = prepare_module(ckpt, dtype, device)
         problem.to(device, dtype)
         check_points_fit(module, problem, str(ckpt.path))
+        check_blocks(module, problem)
         named0 = {k: p.detach() for k, p in module.named_parameters()}
         space0 = ParameterSpace(
             named0, cfg.lsr.parameters.include, cfg.lsr.parameters.exclude, cfg.lsr.parameters.fraction, gen

@@ -476,8 +476,15 @@ def parse_problem(raw: Any, data_path: Path | None, gen: torch.Generator, base_d
         isinstance(basis_points, bool) or not isinstance(basis_points, int) or basis_points < 1
     ):
         raise ConfigError(f"config.pde.basis_points: expected 'auto' or a positive integer, got {basis_points!r}")
+    want = raw.get("reference", True)
+    if want not in (True, False, "required"):
+        raise ConfigError(f"config.pde.reference: expected true, false or 'required', got {want!r}")
+    if want == "required" and data_path is None:
+        raise ConfigError(
+            "config.pde.reference: 'required' needs a data file with /reference/inputs and /reference/values"
+        )
     reference = None
-    if data_path is not None and raw.get("reference", True):
+    if data_path is not None and want:
         ref = read_datasets(data_path, ["/reference/inputs", "/reference/values"], torch.float64, optional=True)
         if len(ref) == 2:
             x_ref, u_ref = ref["/reference/inputs"], ref["/reference/values"]
@@ -487,6 +494,11 @@ def parse_problem(raw: Any, data_path: Path | None, gen: torch.Generator, base_d
                     f"{tuple(u_ref.shape)} do not fit {len(b.variables)} variables"
                 )
             reference = (x_ref, u_ref.reshape(x_ref.shape[0], -1)[:, :1])
+        elif want == "required":
+            raise DataError(
+                f"{data_path}: pde.reference is 'required' but /reference/inputs and /reference/values "
+                "are not both there"
+            )
     return PdeProblem(eq, raw["equation"], b.variables, b.box, blocks, reference, basis, basis_points, raw)
 
 

@@ -63,6 +63,27 @@ def check_points_fit(module: nn.Module, problem: PdeProblem, where: str) -> None
         )
 
 
+def check_blocks(module: nn.Module, problem: PdeProblem) -> None:
+    """Evaluate every block's residual on a few points: one finite value per point, or a
+    one-line error naming the block (user residuals included)."""
+    for b in problem.blocks:
+        rows = tuple(x[:3] for x in b.inputs)
+        try:
+            r = b.residual(module, rows)
+        except Exception as exc:  # user residual code, or an equation the model cannot serve
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                f"config.pde: evaluating the residual of block '{b.name}' ({b.kind}, equation "
+                f"{problem.equation_name}) failed: {type(exc).__name__}: {first[:200]}"
+            ) from None
+        if not isinstance(r, Tensor) or r.reshape(-1).shape[0] != rows[0].shape[0]:
+            shape = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
+            raise ConfigError(
+                f"config.pde: the residual of block '{b.name}' must give one value per point "
+                f"([{rows[0].shape[0]}] for {rows[0].shape[0]} points), got {shape}"
+            )
+
+
 def build_operators(
     module: nn.Module, problem: PdeProblem, space: ParameterSpace, tangent_chunk: int, row_chunk: int = ROW_CHUNK
 ) -> ResidualOperators:
@@ -136,6 +157,7 @@ def refine_pde(
         module = prepare_module(ckpt, dtype, device)
         problem.to(device, dtype)
         check_points_fit(module, problem, str(ckpt.path))
+        check_blocks(module, problem)
         named = dict(module.named_parameters())
         space = ParameterSpace(
             {k: p.detach() for k, p in named.items()},
@@ -226,4 +248,12 @@ def refine_pde(
     )
 
 
-__all__ = ["ResidualOperators", "block_losses", "build_operators", "check_points_fit", "lsr_step", "refine_pde"]
+__all__ = [
+    "ResidualOperators",
+    "block_losses",
+    "build_operators",
+    "check_blocks",
+    "check_points_fit",
+    "lsr_step",
+    "refine_pde",
+]
