@@ -79,7 +79,7 @@ EQUATIONS: dict[str, Equation] = {
         Equation("heat", _heat, {"kappa": 1.0, "source": 0.0}, True, summary="u_t - κ Δu = f"),
         Equation("diffusion", _heat, {"kappa": 1.0, "source": 0.0}, True, summary="u_t - κ Δu = f"),
         Equation(
-            "advection", _advection, {"velocity": [1.0], "source": 0.0}, True, ("velocity",), summary="u_t + c·∇u = f"
+            "advection", _advection, {"velocity": 1.0, "source": 0.0}, True, ("velocity",), summary="u_t + c·∇u = f"
         ),
         Equation("burgers", _burgers, {"nu": 0.01, "source": 0.0}, True, summary="u_t + u Σ∂u/∂x_i - ν Δu = f"),
         Equation(

@@ -39,7 +39,7 @@ from lsr_cli.errors import ConfigError, DataError
 from lsr_cli.linearization import ModelFn
 
 from .equations import EQUATIONS, Equation
-from .expressions import compile_expression
+from .expressions import BUILTIN_CONSTANTS, FUNCTIONS, compile_expression
 from .fields import TIME, Fields
 
 KINDS = ("pde", "dirichlet", "neumann", "periodic", "initial", "data")
@@ -98,6 +98,22 @@ class Box:
     def interior(self, count: int, method: str, gen: torch.Generator) -> Tensor:
         return self.lo + (self.hi - self.lo) * self._unit(count, len(self.variables), method, gen)
 
+    def on_face(self, count: int, index: int, side: int, method: str, gen: torch.Generator) -> Tensor:
+        """Points on the face ``variables[index] = lo`` (``side`` 0) or ``hi`` (1), drawn in the
+        face's own ``d − 1`` dimensions (so a grid stays a grid and counts are kept)."""
+        d = len(self.variables)
+        unit = torch.zeros(0, d, dtype=torch.float64)
+        if d > 1:
+            inner = self._unit(count, d - 1, method, gen)
+            unit = torch.cat(
+                [inner[:, :index], torch.zeros(inner.shape[0], 1, dtype=torch.float64), inner[:, index:]], 1
+            )
+        else:
+            unit = torch.zeros(count, 1, dtype=torch.float64)
+        pts = self.lo + (self.hi - self.lo) * unit
+        pts[:, index] = self.hi[index] if side else self.lo[index]
+        return pts
+
     def faces(self, names: list[str]) -> list[tuple[int, int]]:
         """``(variable index, side)`` of spatial faces named ``x_min`` / ``x_max`` (``all``: every one)."""
         spatial = [i for i, v in enumerate(self.variables) if v != TIME]
@@ -125,8 +141,7 @@ class Box:
         for (i, side), c in zip(faces, counts.tolist(), strict=True):
             if c == 0:
                 continue
-            p = self.interior(c, method, gen)
-            p[:, i] = self.hi[i] if side else self.lo[i]
+            p = self.on_face(c, i, side, method, gen)
             nrm = torch.zeros_like(p)
             nrm[:, i] = 1.0 if side else -1.0
             pts.append(p)
@@ -255,6 +270,12 @@ class _Builder:
             raise ConfigError(f"config.pde.variables: expected a list of names, got {variables!r}")
         if len(set(variables)) != len(variables):
             raise ConfigError(f"config.pde.variables: names repeat in {variables}")
+        reserved = [v for v in variables if v in FUNCTIONS or v in BUILTIN_CONSTANTS or not v.isidentifier()]
+        if reserved:
+            raise ConfigError(
+                f"config.pde.variables: {reserved} cannot be variable names (formula functions, "
+                "the constants pi and e, or not identifiers)"
+            )
         self.variables: list[str] = variables
         consts = raw.get("constants") or {}
         if not isinstance(consts, dict) or not all(isinstance(v, (int, float)) for v in consts.values()):
@@ -341,15 +362,10 @@ class _Builder:
         if kind == "initial":
             if TIME not in self.variables:
                 raise ConfigError(f"config.{where}: an initial block needs the time variable 't' in pde.variables")
-            pts = self.box.interior(count, method, self.gen)
-            pts[:, self.variables.index(TIME)] = self.box.lo[self.variables.index(TIME)]
-            return pts, None
+            return self.box.on_face(count, self.variables.index(TIME), 0, method, self.gen), None
         if kind == "periodic":
             assert variable is not None
-            i = self.variables.index(variable)
-            pts = self.box.interior(count, method, self.gen)
-            pts[:, i] = self.box.lo[i]
-            return pts, None
+            return self.box.on_face(count, self.variables.index(variable), 0, method, self.gen), None
         return self.box.interior(count, method, self.gen), None
 
 
@@ -373,6 +389,10 @@ def _make_block(i: int, raw: Any, eq: Equation, b: _Builder, coeff_specs: dict[s
         raise ConfigError(f"config.{where}.weight: expected a positive number, got {weight!r}")
     faces = spec.get("faces", ["all"])
     faces = [faces] if isinstance(faces, str) else faces
+    if not isinstance(faces, list) or not all(isinstance(f, str) for f in faces):
+        raise ConfigError(
+            f"config.{where}.faces: expected 'all' or a list of face names like [x_min, y_max], got {faces!r}"
+        )
     variable = spec.get("variable")
     if kind == "periodic" and variable not in b.variables:
         raise ConfigError(
@@ -391,8 +411,8 @@ def _make_block(i: int, raw: Any, eq: Equation, b: _Builder, coeff_specs: dict[s
         for cname in names:
             cspec = coeff_specs.get(cname, eq.coefficients.get(cname, 0.0))
             if cname in eq.vector_coefficients:
-                vec = cspec if isinstance(cspec, list) else [cspec]
                 nspace = len([v for v in variables if v != TIME])
+                vec = cspec if isinstance(cspec, list) else [cspec] * nspace  # a scalar: same on every axis
                 if len(vec) != nspace:
                     raise ConfigError(
                         f"config.pde.coefficients.{cname}: expected {nspace} components "
