@@ -462,6 +462,7 @@ def iterate_cmd(
                 },
                 "data": {"path": str(data_path) if data_path else None, **_problem_info(problem)},
                 "best_iteration": result.best_iteration,
+                "selection": result.selection,
                 "stop_reason": result.stop_reason,
                 "iterations": previous + result.history,
                 "splits": result.errors,

@@ -77,12 +77,13 @@ class IterateConfig:
 
     iterations: int = 10
     lbfgs_iterations: int = 300
-    dtau: float = 0.1
+    dtau: float = 1e-3
     tolerance: float = 0.0
     patience: int = 3
     resample: bool = False
     history_size: int = 50
     save_dtype: str = "original"
+    select: str = "distance"
 
 
 @dataclass
@@ -301,6 +302,10 @@ def parse_config(raw: Any) -> Config:
             if not isinstance(it[key], bool):
                 raise _fail(f"iterate.{key}", "true or false", it[key])
             setattr(cfg.iterate, key, it[key])
+    if "select" in it:
+        if it["select"] not in ("distance", "residual"):
+            raise ConfigError(f"config.iterate.select: expected distance or residual, got {it['select']!r}")
+        cfg.iterate.select = it["select"]
     if "save_dtype" in it:
         if it["save_dtype"] not in ("original", "float64", "float32"):
             raise ConfigError(

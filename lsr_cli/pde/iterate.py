@@ -63,6 +63,7 @@ class IterateResult:
     peak_memory_kind: str
     stop_reason: str
     warnings: list[str] = field(default_factory=list)
+    selection: dict[str, Any] = field(default_factory=dict)
 
 
 def _alignment_loss(module: nn.Module, problem: PdeProblem, targets: list[Tensor], dtau: float) -> Tensor:
@@ -120,6 +121,34 @@ def _reference_errors(
     return error_metrics(u, u_ref)
 
 
+def _distance(u: Tensor, target: Tensor) -> float:
+    return float(torch.linalg.norm(u - target) / torch.linalg.norm(target).clamp_min(1e-300))
+
+
+def _select(
+    module: nn.Module,
+    problem: PdeProblem,
+    candidates: list[tuple[int, dict[str, Tensor], float, dict[str, float]]],
+    targets: list[Tensor],
+    select: str,
+) -> tuple[int, dict[str, Tensor], float, dict[str, float], dict[int, float]]:
+    """The kept network: closest to the last LSR predictor (``distance``, reference-free and far
+    more accurate than any network), or lowest weighted residual loss (``residual``)."""
+    distances: dict[int, float] = {}
+    if targets:
+        target = torch.cat(targets)
+        for k, state, _, _ in candidates:
+            module.load_state_dict(state)
+            distances[k] = _distance(
+                torch.cat([predict(module, (b.points,), 4096).reshape(-1) for b in problem.blocks]), target
+            )
+    if select == "distance" and distances:
+        k, state, loss, blocks = min(candidates, key=lambda c: distances[c[0]])
+    else:
+        k, state, loss, blocks = min(candidates, key=lambda c: c[2])
+    return k, state, loss, blocks, distances
+
+
 def iterate(
     ckpt: LoadedCheckpoint,
     problem: PdeProblem,
@@ -163,9 +192,11 @@ def iterate(
         start_blocks = block_losses(ops.f0, problem)
         start_loss = float(torch.mean(ops.f0**2))
         start_ref = _reference_errors(module, problem)
-        best_loss, best_state, best_it = start_loss, copy.deepcopy(module.state_dict()), start_iteration - 1
-        best_blocks = start_blocks
+        # candidates: (iteration, weights, residual loss, per-block losses); the start is one of them
+        candidates = [(start_iteration - 1, copy.deepcopy(module.state_dict()), start_loss, start_blocks)]
+        best_estimate = math.inf
         stale = 0
+        targets: list[Tensor] = []
         stop_reason = f"reached iterate.iterations = {it_cfg.iterations}"
         advance = sink.begin("I-LSR iterations", it_cfg.iterations)
         for k in range(start_iteration, start_iteration + it_cfg.iterations):
@@ -184,11 +215,16 @@ def iterate(
                 else float(torch.mean(ops.f0**2))
             )
             targets = []
+            u_now = []
             for block in problem.blocks:
                 u = predict(module, (block.points,), 4096).reshape(-1)
+                u_now.append(u)
                 if sub.dz is not None:
                     u = u + JacobianOperator(module, space, (block.points,), 1024, cfg.lsr.tangent_chunk).matvec(sub.dz)
                 targets.append(u.detach())
+            # distance of the incoming network to the LSR predictor: an error estimate that needs no
+            # reference (the predictor's residual is orders of magnitude below the network's)
+            estimate = _distance(torch.cat(u_now), torch.cat(targets))
             lin_ref = None
             if problem.reference is not None and sub.dz is not None:
                 jr = JacobianOperator(module, space, (problem.reference[0],), 4096, cfg.lsr.tangent_chunk).matvec(
@@ -213,7 +249,7 @@ def iterate(
             net_blocks = block_losses(f_net, problem)
             u_all = torch.cat([predict(module, (b.points,), 4096).reshape(-1) for b in problem.blocks])
             u_star_all = torch.cat(targets)
-            fit = float(torch.linalg.norm(u_all - u_star_all) / torch.linalg.norm(u_star_all).clamp_min(1e-300))
+            fit = _distance(u_all, u_star_all)
             net_ref = _reference_errors(module, problem)
             timings["evaluate"] += time.perf_counter() - t2
             entry = {
@@ -225,6 +261,7 @@ def iterate(
                     "linearized": lin_ref["rel_l2"] if lin_ref else None,
                     "network": net_ref["rel_l2"] if net_ref else None,
                 },
+                "network_error_estimate": estimate,
                 "alignment": {"relative_fit": fit, "loss": align_loss, "lbfgs_evaluations": evaluations},
                 "seconds": {"lsr": t1 - t0, "align": t2 - t1, "total": time.perf_counter() - t0},
             }
@@ -233,26 +270,24 @@ def iterate(
                 on_iteration(entry)
             advance(1)
             if not math.isfinite(net_loss):
-                stop_reason = f"non-finite residual at iteration {k}; kept the best network (iteration {best_it})"
+                stop_reason = f"non-finite residual at iteration {k}; kept the best network so far"
                 warnings.append(stop_reason)
                 break
-            if net_loss < best_loss:
-                best_loss, best_state, best_it, best_blocks = (
-                    net_loss,
-                    copy.deepcopy(module.state_dict()),
-                    k,
-                    net_blocks,
-                )
-                stale = 0
+            candidates.append((k, copy.deepcopy(module.state_dict()), net_loss, net_blocks))
+            if estimate < best_estimate:
+                best_estimate, stale = estimate, 0
             else:
                 stale += 1
-            if net_loss <= it_cfg.tolerance:
-                stop_reason = f"residual loss {net_loss:.3e} below iterate.tolerance"
+            if fit <= it_cfg.tolerance:
+                stop_reason = f"the network fits the LSR predictor to {fit:.3e} (iterate.tolerance)"
                 break
             if stale >= it_cfg.patience:
-                stop_reason = f"no improvement for {stale} iterations"
+                stop_reason = f"the network's distance to the LSR predictor did not fall for {stale} iterations"
                 break
         sink.end()
+        best_it, best_state, best_loss, best_blocks, distances = _select(
+            module, problem, candidates, targets, it_cfg.select
+        )
         module.load_state_dict(best_state)
         final_ref = _reference_errors(module, problem)
 
@@ -260,11 +295,15 @@ def iterate(
     if start_ref is not None and final_ref is not None:
         errors["reference"] = {"before": start_ref, "after": final_ref}
     residual_blocks = {n: {"before": start_blocks[n], "after": best_blocks[n]} for n in start_blocks}
+    criterion = "distance to the last LSR predictor" if it_cfg.select == "distance" else "weighted residual loss"
     if best_it < start_iteration:
-        status, message = "unchanged", "no iteration lowered the residual loss; the network is unchanged"
+        status, message = "unchanged", f"no iteration improved the {criterion}; the network is unchanged"
     else:
         status = "improved"
-        message = f"iteration {best_it} lowered the weighted residual loss {start_loss / max(best_loss, 1e-300):.3g}x"
+        message = f"iteration {best_it} has the best {criterion}"
+        if distances:
+            message += f" ({distances[best_it]:.3g} vs {distances[start_iteration - 1]:.3g} at the start)"
+        message += f"; weighted residual loss {start_loss:.3g} -> {best_loss:.3g}"
         if "reference" in errors:
             ratio = (start_ref["rel_l2"] or 0.0) / max(final_ref["rel_l2"] or 0.0, 1e-300)  # type: ignore[index]
             message += f" and the network's error vs the reference {ratio:.3g}x"
@@ -287,4 +326,5 @@ def iterate(
         kind,
         stop_reason,
         warnings,
+        {"criterion": criterion, "distances": {str(k): v for k, v in distances.items()}},
     )
