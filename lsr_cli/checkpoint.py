@@ -11,11 +11,8 @@ Formats (``LoadedCheckpoint.format``):
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import pickle
 import re
-import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +26,7 @@ from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .models import BUILTIN_FACTORIES
 from .scripted import is_refined_script, unpack_refined_script
+from .usercode import import_callable, user_file
 
 STATE_FORMAT = "lsr-refined-state-dict/1"
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
@@ -87,20 +85,12 @@ def _refusal_reason(exc: Exception) -> str:
     return first[:160]
 
 
-def _factory_file(target: str, base_dir: Path | None) -> Path:
-    """The file of a ``path/file.py:callable`` factory: as given, else relative to the config."""
-    file = Path(target)
-    if not file.is_absolute() and not file.exists() and base_dir is not None:
-        file = base_dir / file
-    return file
-
-
 def canonical_factory(spec: str, base_dir: Path | None = None) -> str:
     """``spec`` with a file path made absolute, so that a refined checkpoint records a path
     that :func:`lsr_cli.load_refined` finds from any working directory."""
     target, sep, attr = spec.rpartition(":")
     if sep and target.endswith(".py"):
-        return f"{_factory_file(target, base_dir).resolve()}:{attr}"
+        return f"{user_file(target, base_dir).resolve()}:{attr}"
     return spec
 
 
@@ -116,29 +106,7 @@ def resolve_factory(spec: str, base_dir: Path | None = None) -> Callable[..., nn
             f"config.model.factory: expected a built-in name ({', '.join(BUILTIN_FACTORIES)}) or "
             f"'package.module:callable' or 'file.py:callable', got {spec!r}"
         )
-    target, _, attr = spec.rpartition(":")
-    try:
-        if target.endswith(".py"):
-            file = _factory_file(target, base_dir)
-            if not file.is_file():
-                raise ConfigError(f"config.model.factory: file {target} not found")
-            mod_name = f"_lsr_user_factory_{abs(hash(str(file.resolve())))}"
-            mspec = importlib.util.spec_from_file_location(mod_name, file)
-            if mspec is None or mspec.loader is None:
-                raise ConfigError(f"config.model.factory: cannot import {file}")
-            module = importlib.util.module_from_spec(mspec)
-            sys.modules[mod_name] = module
-            mspec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except ConfigError:
-        raise
-    except Exception as exc:  # user code: report any import failure in one line
-        raise ConfigError(f"config.model.factory: importing {target!r} failed: {type(exc).__name__}: {exc}") from None
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        raise ConfigError(f"config.model.factory: {target!r} has no callable {attr!r}")
-    return fn
+    return import_callable(spec, "config.model.factory", base_dir)
 
 
 def _infer_mlp_kwargs(state: dict[str, Tensor], kwargs: dict[str, Any]) -> dict[str, Any]:

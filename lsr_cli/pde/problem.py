@@ -23,9 +23,7 @@ are scaled by ``√(w_b · N_total / N_b)``, so the loss is a weighted mean of s
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from torch import Tensor
 from lsr_cli.data import read_datasets
 from lsr_cli.errors import ConfigError, DataError
 from lsr_cli.linearization import ModelFn
+from lsr_cli.usercode import import_callable
 
 from .equations import EQUATIONS, Equation
 from .expressions import BUILTIN_CONSTANTS, FUNCTIONS, compile_expression
@@ -216,29 +215,7 @@ class PdeProblem:
 
 
 def _user_equation(spec: str, base_dir: Path | None) -> Equation:
-    target, _, attr = spec.rpartition(":")
-    try:
-        if target.endswith(".py"):
-            file = Path(target)
-            if not file.is_absolute() and not file.exists() and base_dir is not None:
-                file = base_dir / file
-            if not file.is_file():
-                raise ConfigError(f"config.pde.equation: file {target} not found")
-            name = f"_lsr_user_residual_{abs(hash(str(file.resolve())))}"
-            mspec = importlib.util.spec_from_file_location(name, file)
-            assert mspec is not None and mspec.loader is not None
-            module = importlib.util.module_from_spec(mspec)
-            sys.modules[name] = module
-            mspec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except ConfigError:
-        raise
-    except Exception as exc:  # user code: any import failure, one line
-        raise ConfigError(f"config.pde.equation: importing {target!r} failed: {type(exc).__name__}: {exc}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"config.pde.equation: {target!r} has no callable {attr!r}")
+    fn = import_callable(spec, "config.pde.equation", base_dir)
     return Equation(spec, fn, {}, summary=f"user residual {spec}")
 
 
