@@ -179,26 +179,35 @@ def _save_refined(
 
 Option = typer.Option
 
+DataOpt = Annotated[Path | None, Option("--data", "-d", help="HDF5 data file (overrides data.path).")]
+ReportOpt = Annotated[Path | None, Option("--report", "-r", help="JSON report [default: OUT.report.json].")]
+RankOpt = Annotated[str | None, Option("--rank", help="'auto', N, or a sweep 'N1,N2,...' (overrides lsr.rank).")]
+DeviceOpt = Annotated[str | None, Option("--device", help="auto | cpu | cuda | cuda:N.")]
+DtypeOpt = Annotated[str | None, Option("--dtype", help="float64 (default) | float32 (fast).")]
+SeedOpt = Annotated[int | None, Option("--seed", help="Seed of every random draw.")]
+ForceOpt = Annotated[bool, Option("--force", help="Overwrite existing outputs.")]
+QuietOpt = Annotated[bool, Option("--quiet", "-q", help="No progress, table or warnings.")]
+JsonOpt = Annotated[bool, Option("--json", help="Print the report as JSON on stdout and nothing else.")]
+DebugOpt = Annotated[bool, Option("--debug", help="Show tracebacks of unexpected errors.")]
+
 
 @app.command("refine")
 def refine_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="TorchScript or state-dict checkpoint (or a refined one).")],
-    data: Annotated[Path | None, Option("--data", "-d", help="HDF5 data file (overrides data.path).")] = None,
+    data: DataOpt = None,
     config: Annotated[Path | None, Option("--config", "-c", help="YAML config file.")] = None,
     out: Annotated[
         Path | None, Option("--out", "-o", help="Refined checkpoint [default: CHECKPOINT.refined.pt].")
     ] = None,
-    report: Annotated[Path | None, Option("--report", "-r", help="JSON report [default: OUT.report.json].")] = None,
-    rank: Annotated[
-        str | None, Option("--rank", help="'auto', N, or a sweep 'N1,N2,...' (overrides lsr.rank).")
-    ] = None,
-    device: Annotated[str | None, Option("--device", help="auto | cpu | cuda | cuda:N.")] = None,
-    dtype: Annotated[str | None, Option("--dtype", help="float64 (default) | float32 (fast).")] = None,
-    seed: Annotated[int | None, Option("--seed", help="Seed of every random draw.")] = None,
-    force: Annotated[bool, Option("--force", help="Overwrite existing outputs.")] = False,
-    quiet: Annotated[bool, Option("--quiet", "-q", help="No progress, table or warnings.")] = False,
-    as_json: Annotated[bool, Option("--json", help="Print the report as JSON on stdout and nothing else.")] = False,
-    debug: Annotated[bool, Option("--debug", help="Show tracebacks of unexpected errors.")] = False,
+    report: ReportOpt = None,
+    rank: RankOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    seed: SeedOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """One-shot LSR: refine CHECKPOINT on the training split of the HDF5 data, or on the
     physics residual of the config's `pde:` section."""
@@ -281,12 +290,12 @@ def refine_cmd(
 @app.command("evaluate")
 def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="Any checkpoint, refined or not.")],
-    data: Annotated[Path | None, Option("--data", "-d", help="HDF5 data file (overrides data.path).")] = None,
+    data: DataOpt = None,
     config: Annotated[Path | None, Option("--config", "-c", help="YAML config (model factory, data layout).")] = None,
-    device: Annotated[str | None, Option("--device", help="auto | cpu | cuda | cuda:N.")] = None,
-    dtype: Annotated[str | None, Option("--dtype", help="float64 (default) | float32.")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     as_json: Annotated[bool, Option("--json", help="Print the errors as JSON on stdout and nothing else.")] = False,
-    debug: Annotated[bool, Option("--debug", help="Show tracebacks of unexpected errors.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Errors of CHECKPOINT on every split of the data (rel L2, RMSE, max |err|)."""
     with _guard(debug):
@@ -319,7 +328,7 @@ def inspect_cmd(
         Path | None, Option("--config", "-c", help="YAML config (model factory for state dicts).")
     ] = None,
     as_json: Annotated[bool, Option("--json", help="Print as JSON on stdout and nothing else.")] = False,
-    debug: Annotated[bool, Option("--debug", help="Show tracebacks of unexpected errors.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Format, parameter count and shapes, dtypes of CHECKPOINT."""
     from rich.table import Table
@@ -370,17 +379,17 @@ def iterate_cmd(
     config: Annotated[Path | None, Option("--config", "-c", help="YAML config with a `pde:` section.")] = None,
     data: Annotated[Path | None, Option("--data", "-d", help="HDF5 file: collocation points, reference.")] = None,
     out: Annotated[Path | None, Option("--out", "-o", help="Network [default: CHECKPOINT.iterated.pt].")] = None,
-    report: Annotated[Path | None, Option("--report", "-r", help="JSON report [default: OUT.report.json].")] = None,
+    report: ReportOpt = None,
     iterations: Annotated[int | None, Option("--iterations", help="Outer iterations (iterate.iterations).")] = None,
     rank: Annotated[str | None, Option("--rank", help="LSR rank per iteration: 'auto', N or N1,N2,...")] = None,
     resume: Annotated[bool, Option("--resume", help="Continue from OUT and its report (adds iterations).")] = False,
-    device: Annotated[str | None, Option("--device", help="auto | cpu | cuda | cuda:N.")] = None,
-    dtype: Annotated[str | None, Option("--dtype", help="float64 (default) | float32.")] = None,
-    seed: Annotated[int | None, Option("--seed", help="Seed of every random draw.")] = None,
-    force: Annotated[bool, Option("--force", help="Overwrite existing outputs.")] = False,
-    quiet: Annotated[bool, Option("--quiet", "-q", help="No progress, table or warnings.")] = False,
-    as_json: Annotated[bool, Option("--json", help="Print the report as JSON on stdout and nothing else.")] = False,
-    debug: Annotated[bool, Option("--debug", help="Show tracebacks of unexpected errors.")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    seed: SeedOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Iterative LSR for PDEs: alternate one-shot LSR with an L-BFGS fit of the network to the
     refined predictor; writes a plain network in the input's format."""

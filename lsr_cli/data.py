@@ -14,6 +14,8 @@ name. All arrays of a split share the leading sample dimension ``N``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,11 +117,9 @@ def _read_split(file: Path, f: h5py.File, role: str, group: str, cfg: DataConfig
     return Split(role, group, inputs, targets, names)
 
 
-def read_data(path: str | Path, cfg: DataConfig, dtype: torch.dtype) -> dict[str, Split]:
-    """Read the configured splits (``train`` required, ``val`` and ``test`` when present).
-
-    Floating arrays are converted to ``dtype``; integer arrays stay ``int64``.
-    """
+@contextmanager
+def _open(path: str | Path) -> Iterator[tuple[Path, h5py.File]]:
+    """Open an HDF5 file for reading; missing, non-HDF5 or unreadable files are a :class:`DataError`."""
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{file}: data file not found")
@@ -127,25 +127,33 @@ def read_data(path: str | Path, cfg: DataConfig, dtype: torch.dtype) -> dict[str
         if not h5py.is_hdf5(str(file)):
             raise DataError(f"{file}: not an HDF5 file")
         with h5py.File(file, "r") as f:
-            out: dict[str, Split] = {}
-            for role in SPLITS:
-                group = getattr(cfg, role)
-                if group is None:
-                    continue
-                group = group.strip("/")
-                if group not in f:
-                    if role == "train":
-                        raise DataError(
-                            f"{file}:/{group}: training split not found (config.data.train); "
-                            f"the file holds: {_listing(f)}"
-                        )
-                    continue
-                out[role] = _read_split(file, f, role, group, cfg, dtype)
-            return out
+            yield file, f
     except DataError:
         raise
     except OSError as exc:
         raise DataError(f"{file}: cannot read HDF5 file: {exc}") from None
+
+
+def read_data(path: str | Path, cfg: DataConfig, dtype: torch.dtype) -> dict[str, Split]:
+    """Read the configured splits (``train`` required, ``val`` and ``test`` when present).
+
+    Floating arrays are converted to ``dtype``; integer arrays stay ``int64``.
+    """
+    out: dict[str, Split] = {}
+    with _open(path) as (file, f):
+        for role in SPLITS:
+            group = getattr(cfg, role)
+            if group is None:
+                continue
+            group = group.strip("/")
+            if group not in f:
+                if role == "train":
+                    raise DataError(
+                        f"{file}:/{group}: training split not found (config.data.train); the file holds: {_listing(f)}"
+                    )
+                continue
+            out[role] = _read_split(file, f, role, group, cfg, dtype)
+    return out
 
 
 def read_datasets(path: str | Path, names: list[str], dtype: torch.dtype, optional: bool = False) -> dict[str, Tensor]:
@@ -154,31 +162,19 @@ def read_datasets(path: str | Path, names: list[str], dtype: torch.dtype, option
     Missing datasets raise :class:`DataError` listing what the parent group holds, or are
     skipped when ``optional``.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"{file}: data file not found")
-    try:
-        if not h5py.is_hdf5(str(file)):
-            raise DataError(f"{file}: not an HDF5 file")
-        out: dict[str, Tensor] = {}
-        with h5py.File(file, "r") as f:
-            for name in names:
-                key = "/" + name.strip("/")
-                obj = f.get(key)
-                if not isinstance(obj, h5py.Dataset):
-                    if optional and obj is None:
-                        continue
-                    parent = f.get(key.rsplit("/", 1)[0] or "/")
-                    holds = _listing(parent) if isinstance(parent, h5py.Group) else "nothing"
-                    found = "a group" if isinstance(obj, h5py.Group) else "nothing"
-                    raise DataError(
-                        f"{file}:{key}: expected a dataset, found {found}; "
-                        f"{parent.name if isinstance(parent, h5py.Group) else '/'} holds: {holds}"
-                    )
-                arr = _read_array(file, obj, dtype)
-                out[name] = arr if arr.is_floating_point() else arr.to(dtype)
-        return out
-    except DataError:
-        raise
-    except OSError as exc:
-        raise DataError(f"{file}: cannot read HDF5 file: {exc}") from None
+    out: dict[str, Tensor] = {}
+    with _open(path) as (file, f):
+        for name in names:
+            key = "/" + name.strip("/")
+            obj = f.get(key)
+            if not isinstance(obj, h5py.Dataset):
+                if optional and obj is None:
+                    continue
+                parent = f.get(key.rsplit("/", 1)[0] or "/")
+                holds = _listing(parent) if isinstance(parent, h5py.Group) else "nothing"
+                found = "a group" if isinstance(obj, h5py.Group) else "nothing"
+                where = parent.name if isinstance(parent, h5py.Group) else "/"
+                raise DataError(f"{file}:{key}: expected a dataset, found {found}; {where} holds: {holds}")
+            arr = _read_array(file, obj, dtype)
+            out[name] = arr if arr.is_floating_point() else arr.to(dtype)
+    return out

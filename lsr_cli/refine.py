@@ -33,6 +33,7 @@ from .runtime import (
     no_tf32,
     peak_memory_bytes,
     resolve_device,
+    start_run,
 )
 from .subspace import Selection, SweepEntry, holdout_rows, solve_subspace
 
@@ -152,11 +153,7 @@ def refine(
     sink = progress or NoProgress()
     timings: dict[str, float] = {}
     warnings: list[str] = []
-    dtype = TORCH_DTYPES[cfg.dtype]
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    dtype, device, gen = start_run(cfg.dtype, cfg.device, cfg.seed)
     with no_tf32():
         t0 = time.perf_counter()
         module = prepare_module(ckpt, dtype, device)

@@ -65,3 +65,11 @@ def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
+
+
+def start_run(dtype_name: str, device_spec: str, seed: int) -> tuple[torch.dtype, torch.device, torch.Generator]:
+    """Dtype, device (peak-memory counter reset on CUDA) and the run's seeded CPU generator."""
+    device = resolve_device(device_spec)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return TORCH_DTYPES[dtype_name], device, torch.Generator().manual_seed(seed)

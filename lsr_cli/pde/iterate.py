@@ -36,7 +36,7 @@ from lsr_cli.errors import CheckpointError, ConfigError, NumericalError
 from lsr_cli.linearization import JacobianOperator, ParameterSpace
 from lsr_cli.metrics import error_metrics
 from lsr_cli.refine import predict, prepare_module
-from lsr_cli.runtime import TORCH_DTYPES, NoProgress, ProgressSink, no_tf32, peak_memory_bytes, resolve_device
+from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, start_run
 
 from .problem import PdeProblem, resample
 from .refine_pde import block_losses, build_operators, check_blocks, check_points_fit, lsr_step
@@ -166,11 +166,7 @@ def iterate(
             "(linearized) checkpoint; pass the network that was refined"
         )
     sink = progress or NoProgress()
-    dtype = TORCH_DTYPES[cfg.dtype]
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    dtype, device, gen = start_run(cfg.dtype, cfg.device, cfg.seed)
     it_cfg = cfg.iterate
     timings = {"lsr": 0.0, "align": 0.0, "evaluate": 0.0}
     history: list[dict[str, Any]] = []

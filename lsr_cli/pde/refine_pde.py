@@ -25,7 +25,7 @@ from lsr_cli.linearization import JacobianOperator, ParameterSpace, StackedOpera
 from lsr_cli.linearized import LinearizedModel
 from lsr_cli.metrics import error_metrics
 from lsr_cli.refine import RefineResult, predict, prepare_module
-from lsr_cli.runtime import TORCH_DTYPES, NoProgress, ProgressSink, no_tf32, peak_memory_bytes, resolve_device
+from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, start_run
 from lsr_cli.subspace import Selection, SubspaceResult, holdout_rows, solve_subspace
 
 from .problem import PdeProblem
@@ -146,11 +146,7 @@ def refine_pde(
             "refine the original network, or use `lsr iterate`, which writes a plain network"
         )
     sink = progress or NoProgress()
-    dtype = TORCH_DTYPES[cfg.dtype]
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    dtype, device, gen = start_run(cfg.dtype, cfg.device, cfg.seed)
     timings: dict[str, float] = {}
     with no_tf32():
         t0 = time.perf_counter()
