@@ -180,7 +180,7 @@ def _save_refined(
 Option = typer.Option
 
 DataOpt = Annotated[Path | None, Option("--data", "-d", help="HDF5 data file (overrides data.path).")]
-ReportOpt = Annotated[Path | None, Option("--report", "-r", help="JSON report [default: OUT.report.json].")]
+ReportOpt = Annotated[Path | None, Option("--report", "-r", help="JSON report (default: OUT.report.json).")]
 RankOpt = Annotated[str | None, Option("--rank", help="'auto', N, or a sweep 'N1,N2,...' (overrides lsr.rank).")]
 DeviceOpt = Annotated[str | None, Option("--device", help="auto | cpu | cuda | cuda:N.")]
 DtypeOpt = Annotated[str | None, Option("--dtype", help="float64 (default) | float32 (fast).")]
@@ -197,7 +197,7 @@ def refine_cmd(
     data: DataOpt = None,
     config: Annotated[Path | None, Option("--config", "-c", help="YAML config file.")] = None,
     out: Annotated[
-        Path | None, Option("--out", "-o", help="Refined checkpoint [default: CHECKPOINT.refined.pt].")
+        Path | None, Option("--out", "-o", help="Refined checkpoint (default: CHECKPOINT.refined.pt).")
     ] = None,
     report: ReportOpt = None,
     rank: RankOpt = None,
@@ -374,11 +374,11 @@ def inspect_cmd(
 @app.command("iterate")
 def iterate_cmd(
     checkpoint: Annotated[
-        Path | None, typer.Argument(help="Network to start from [default: model.checkpoint of the config].")
+        Path | None, typer.Argument(help="Network to start from (default: model.checkpoint of the config).")
     ] = None,
     config: Annotated[Path | None, Option("--config", "-c", help="YAML config with a `pde:` section.")] = None,
     data: Annotated[Path | None, Option("--data", "-d", help="HDF5 file: collocation points, reference.")] = None,
-    out: Annotated[Path | None, Option("--out", "-o", help="Network [default: CHECKPOINT.iterated.pt].")] = None,
+    out: Annotated[Path | None, Option("--out", "-o", help="Network (default: CHECKPOINT.iterated.pt).")] = None,
     report: ReportOpt = None,
     iterations: Annotated[int | None, Option("--iterations", help="Outer iterations (iterate.iterations).")] = None,
     rank: Annotated[str | None, Option("--rank", help="LSR rank per iteration: 'auto', N or N1,N2,...")] = None,
