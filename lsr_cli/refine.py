@@ -141,6 +141,12 @@ def check_fit(module: nn.Module, split: Split, where: str, num_rows: int = 4) ->
     return split
 
 
+def _moved(split: Split, device: torch.device, dtype: torch.dtype) -> Split:
+    """The split on ``device``, floating arrays in ``dtype`` (integer inputs keep their dtype)."""
+    inputs = tuple(x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device) for x in split.inputs)
+    return Split(split.name, split.group, inputs, split.targets.to(device=device, dtype=dtype), split.input_names)
+
+
 def _finite_or_raise(t: Tensor, what: str) -> None:
     if not bool(torch.isfinite(t).all()):
         raise NumericalError(f"{what}: {int((~torch.isfinite(t)).sum())} non-finite value(s)")
@@ -158,17 +164,9 @@ def refine(
         t0 = time.perf_counter()
         module = prepare_module(ckpt, dtype, device)
         data = {
-            name: Split(
-                s.name,
-                s.group,
-                tuple(x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device) for x in s.inputs),
-                s.targets.to(device=device, dtype=dtype),
-                s.input_names,
-            )
+            name: check_fit(module, _moved(s, device, dtype), f"{ckpt.path} on split '{s.group}'")
             for name, s in splits.items()
         }
-        for name in list(data):
-            data[name] = check_fit(module, data[name], f"{ckpt.path} on split '{data[name].group}'")
 
         named = dict(module.named_parameters())
         space = ParameterSpace(
@@ -301,13 +299,7 @@ def evaluate(
         )
         out = {}
         for name, s in splits.items():
-            s = Split(
-                s.name,
-                s.group,
-                tuple(x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device) for x in s.inputs),
-                s.targets.to(device=device, dtype=dtype),
-                s.input_names,
-            )
+            s = _moved(s, device, dtype)
             s = check_fit(model, s, f"{ckpt.path} on split '{s.group}'")
             pred = predict(model, s.inputs, row_chunk).reshape(s.targets.shape)
             _finite_or_raise(pred, f"{ckpt.path}: model output on split '{s.group}'")
