@@ -84,6 +84,8 @@ class IterateConfig:
     history_size: int = 50
     save_dtype: str = "original"
     select: str = "distance"
+    gauss_newton_steps: int = 15
+    gauss_newton_rank: int = 600
 
 
 @dataclass
@@ -286,7 +288,9 @@ def parse_config(raw: Any) -> Config:
         lsr.parameters.fraction = frac
 
     it = _section("iterate", raw.get("iterate"), IterateConfig)
-    for key in ("iterations", "lbfgs_iterations", "history_size"):
+    if "gauss_newton_steps" in it:
+        cfg.iterate.gauss_newton_steps = _int("iterate.gauss_newton_steps", it["gauss_newton_steps"], lo=0)
+    for key in ("iterations", "lbfgs_iterations", "history_size", "gauss_newton_rank"):
         if key in it:
             setattr(cfg.iterate, key, _int(f"iterate.{key}", it[key], lo=1))
     if "patience" in it:
