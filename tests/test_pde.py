@@ -917,3 +917,21 @@ def test_refine_pde_lowers_reference_error_and_holdout_residual(tmp_path):
     ref = result.errors["reference"]
     assert ref["after"]["rel_l2"] < ref["before"]["rel_l2"]
     assert set(result.residual_blocks) == {"interior", "ends"}
+
+
+def test_region_draws_interior_points_in_a_sub_box():
+    raw = {
+        "equation": "poisson",
+        "variables": ["x", "y"],
+        "domain": {"x": [-1, 1], "y": [0, 2]},
+        "blocks": [{"name": "front", "points": {"sample": "sobol", "count": 64, "region": {"x": [-0.1, 0.1]}}}],
+    }
+    pts = parse_problem(raw, None, torch.Generator().manual_seed(0)).blocks[0].points
+    assert pts.shape == (64, 2)
+    assert bool((pts[:, 0].abs() <= 0.1).all()) and bool((pts[:, 1] >= 0).all() and (pts[:, 1] <= 2).all())
+    raw["blocks"][0]["points"]["region"] = {"x": [-2, 0]}
+    with pytest.raises(ConfigError, match=r"region.x: expected \[low, high\] inside the domain"):
+        parse_problem(raw, None, torch.Generator().manual_seed(0))
+    raw["blocks"][0]["points"]["region"] = {"z": [0, 1]}
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_problem(raw, None, torch.Generator().manual_seed(0))

@@ -55,7 +55,7 @@ _PDE_KEYS = (
     "reference",
 )
 _BLOCK_KEYS = ("name", "kind", "points", "weight", "value", "faces", "variable", "values")
-_POINT_KEYS = ("dataset", "sample", "count")
+_POINT_KEYS = ("dataset", "sample", "count", "region")
 
 
 def _unknown(path: str, key: str, valid: tuple[str, ...]) -> ConfigError:
@@ -343,7 +343,34 @@ class _Builder:
         if kind == "periodic":
             assert variable is not None
             return self.box.on_face(count, self.variables.index(variable), 0, method, self.gen), None
+        region = spec.get("region")
+        if region is not None:
+            return self._sub_box(f"config.{where}.region", region).interior(count, method, self.gen), None
         return self.box.interior(count, method, self.gen), None
+
+    def _sub_box(self, where: str, region: Any) -> Box:
+        """A sub-box of the domain for interior points (e.g. denser points near a front)."""
+        assert self.box is not None
+        if not isinstance(region, dict):
+            raise ConfigError(f"{where}: expected a mapping like {{x: [-0.1, 0.1]}}, got {region!r}")
+        lo, hi = self.box.lo.clone(), self.box.hi.clone()
+        for key, bounds in region.items():
+            if key not in self.variables:
+                raise _unknown(where.removeprefix("config."), str(key), tuple(self.variables))
+            i = self.variables.index(key)
+            ok = (
+                isinstance(bounds, list)
+                and len(bounds) == 2
+                and all(isinstance(t, (int, float)) for t in bounds)
+                and float(self.box.lo[i]) <= bounds[0] < bounds[1] <= float(self.box.hi[i])
+            )
+            if not ok:
+                raise ConfigError(
+                    f"{where}.{key}: expected [low, high] inside the domain "
+                    f"[{float(self.box.lo[i])}, {float(self.box.hi[i])}], got {bounds!r}"
+                )
+            lo[i], hi[i] = float(bounds[0]), float(bounds[1])
+        return Box(self.variables, lo, hi)
 
 
 def _field_model(model: ModelFn, variables: list[str], x: Tensor) -> Fields:
