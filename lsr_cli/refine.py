@@ -141,6 +141,18 @@ def check_fit(module: nn.Module, split: Split, where: str, num_rows: int = 4) ->
     return split
 
 
+def select_parameters(module: nn.Module, cfg: Config, gen: torch.Generator) -> ParameterSpace:
+    """The linearized parameters of ``module`` chosen by ``config.lsr.parameters`` (error if none)."""
+    named = {n: p.detach() for n, p in module.named_parameters()}
+    par = cfg.lsr.parameters
+    space = ParameterSpace(named, include=par.include, exclude=par.exclude, fraction=par.fraction, generator=gen)
+    if space.num == 0:
+        raise ConfigError(
+            f"config.lsr.parameters: no floating-point parameter is selected; parameter names are {list(named)[:8]}"
+        )
+    return space
+
+
 def _moved(split: Split, device: torch.device, dtype: torch.dtype) -> Split:
     """The split on ``device``, floating arrays in ``dtype`` (integer inputs keep their dtype)."""
     inputs = tuple(x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device) for x in split.inputs)
@@ -169,17 +181,7 @@ def refine(
         }
 
         named = dict(module.named_parameters())
-        space = ParameterSpace(
-            {n: p.detach() for n, p in named.items()},
-            include=cfg.lsr.parameters.include,
-            exclude=cfg.lsr.parameters.exclude,
-            fraction=cfg.lsr.parameters.fraction,
-            generator=gen,
-        )
-        if space.num == 0:
-            raise ConfigError(
-                f"config.lsr.parameters: no floating-point parameter is selected; parameter names are {list(named)[:8]}"
-            )
+        space = select_parameters(module, cfg, gen)
         prev_delta = {k: v.to(device=device, dtype=dtype) for k, v in (ckpt.delta or {}).items()}
         before_model = LinearizedModel(module, prev_delta) if prev_delta else module
 

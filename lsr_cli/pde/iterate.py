@@ -32,15 +32,15 @@ from torch import Tensor, nn
 
 from lsr_cli.checkpoint import LoadedCheckpoint
 from lsr_cli.config import Config
-from lsr_cli.errors import CheckpointError, ConfigError, NumericalError
+from lsr_cli.errors import CheckpointError
 from lsr_cli.linearization import JacobianOperator, ParameterSpace
 from lsr_cli.metrics import error_metrics
-from lsr_cli.refine import predict, prepare_module
+from lsr_cli.refine import predict, select_parameters
 from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, start_run
 from lsr_cli.sketch import RangeSketch
 
 from .problem import PdeProblem, resample
-from .refine_pde import block_losses, build_operators, check_blocks, check_points_fit, lsr_step
+from .refine_pde import block_losses, build_operators, lsr_step, prepare_pde_run
 
 
 @dataclass
@@ -227,19 +227,7 @@ def iterate(
     history: list[dict[str, Any]] = []
     warnings: list[str] = []
     with no_tf32():
-        module = prepare_module(ckpt, dtype, device)
-        problem.to(device, dtype)
-        check_points_fit(module, problem, str(ckpt.path))
-        check_blocks(module, problem)
-        named0 = {k: p.detach() for k, p in module.named_parameters()}
-        space0 = ParameterSpace(
-            named0, cfg.lsr.parameters.include, cfg.lsr.parameters.exclude, cfg.lsr.parameters.fraction, gen
-        )
-        if space0.num == 0:
-            raise ConfigError("config.lsr.parameters: no floating-point parameter is selected")
-        ops = build_operators(module, problem, space0, cfg.lsr.tangent_chunk)
-        if not bool(torch.isfinite(ops.f0).all()):
-            raise NumericalError(f"{ckpt.path}: the physics residual at the checkpoint has non-finite values")
+        module, space, ops = prepare_pde_run(ckpt, problem, cfg, dtype, device, gen)
         start_blocks = block_losses(ops.f0, problem)
         start_loss = float(torch.mean(ops.f0**2))
         start_ref = _reference_errors(module, problem)
@@ -254,11 +242,9 @@ def iterate(
             t0 = time.perf_counter()
             if it_cfg.resample and k > start_iteration:
                 resample(problem, gen, data_path, base_dir)
-            named = {n: p.detach() for n, p in module.named_parameters()}
-            space = ParameterSpace(
-                named, cfg.lsr.parameters.include, cfg.lsr.parameters.exclude, cfg.lsr.parameters.fraction, gen
-            )
-            ops = build_operators(module, problem, space, cfg.lsr.tangent_chunk)
+            if k > start_iteration:  # the first iteration uses the operators built at the start
+                space = select_parameters(module, cfg, gen)
+                ops = build_operators(module, problem, space, cfg.lsr.tangent_chunk)
             sub = lsr_step(module, problem, space, ops, cfg, gen, NoProgress())
             lin_loss_total = (
                 float(torch.mean((ops.f0 + ops.G.matvec(sub.dz)) ** 2))
@@ -299,13 +285,8 @@ def iterate(
                 module.load_state_dict(before_lbfgs)
             t2 = time.perf_counter()
             timings["align"] += t2 - t1
-            named = {n: p.detach() for n, p in module.named_parameters()}
-            f_net = torch.cat(
-                [
-                    op.forward(named).reshape(-1)
-                    for op in build_operators(module, problem, ParameterSpace(named), cfg.lsr.tangent_chunk).blocks
-                ]
-            )
+            with torch.no_grad():
+                f_net = torch.cat([b.residual(module, b.inputs).reshape(-1) for b in problem.blocks])
             net_loss = float(torch.mean(f_net**2))
             net_blocks = block_losses(f_net, problem)
             u_all = torch.cat([predict(module, (b.points,), 4096).reshape(-1) for b in problem.blocks])

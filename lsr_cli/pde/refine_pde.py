@@ -24,7 +24,7 @@ from lsr_cli.errors import CheckpointError, ConfigError, NumericalError
 from lsr_cli.linearization import JacobianOperator, ParameterSpace, StackedOperator
 from lsr_cli.linearized import LinearizedModel
 from lsr_cli.metrics import error_metrics
-from lsr_cli.refine import RefineResult, predict, prepare_module
+from lsr_cli.refine import RefineResult, predict, prepare_module, select_parameters
 from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, start_run
 from lsr_cli.subspace import Selection, SubspaceResult, holdout_rows, solve_subspace
 
@@ -136,6 +136,27 @@ def lsr_step(
     return solve_subspace(basis_op, ops.G, ops.f0, selection, lsr, gen, ops.f0.dtype, ops.f0.device, sink, label)
 
 
+def prepare_pde_run(
+    ckpt: LoadedCheckpoint,
+    problem: PdeProblem,
+    cfg: Config,
+    dtype: torch.dtype,
+    device: torch.device,
+    gen: torch.Generator,
+) -> tuple[nn.Module, ParameterSpace, ResidualOperators]:
+    """The network on the device, the problem checked against it, the linearized parameters and
+    the residual operators at the checkpoint (their residual must be finite)."""
+    module = prepare_module(ckpt, dtype, device)
+    problem.to(device, dtype)
+    check_points_fit(module, problem, str(ckpt.path))
+    check_blocks(module, problem)
+    space = select_parameters(module, cfg, gen)
+    ops = build_operators(module, problem, space, cfg.lsr.tangent_chunk)
+    if not bool(torch.isfinite(ops.f0).all()):
+        raise NumericalError(f"{ckpt.path}: the physics residual at the checkpoint has non-finite values")
+    return module, space, ops
+
+
 def refine_pde(
     ckpt: LoadedCheckpoint, problem: PdeProblem, cfg: Config, progress: ProgressSink | None = None
 ) -> RefineResult:
@@ -150,25 +171,8 @@ def refine_pde(
     timings: dict[str, float] = {}
     with no_tf32():
         t0 = time.perf_counter()
-        module = prepare_module(ckpt, dtype, device)
-        problem.to(device, dtype)
-        check_points_fit(module, problem, str(ckpt.path))
-        check_blocks(module, problem)
+        module, space, ops = prepare_pde_run(ckpt, problem, cfg, dtype, device, gen)
         named = dict(module.named_parameters())
-        space = ParameterSpace(
-            {k: p.detach() for k, p in named.items()},
-            cfg.lsr.parameters.include,
-            cfg.lsr.parameters.exclude,
-            cfg.lsr.parameters.fraction,
-            gen,
-        )
-        if space.num == 0:
-            raise ConfigError(
-                f"config.lsr.parameters: no floating-point parameter is selected; names: {list(named)[:8]}"
-            )
-        ops = build_operators(module, problem, space, cfg.lsr.tangent_chunk)
-        if not bool(torch.isfinite(ops.f0).all()):
-            raise NumericalError(f"{ckpt.path}: the physics residual at the checkpoint has non-finite values")
         timings["baseline"] = time.perf_counter() - t0
         sub = lsr_step(module, problem, space, ops, cfg, gen, sink)
         timings.update(sub.timings)
@@ -245,6 +249,7 @@ def refine_pde(
 
 
 __all__ = [
+    "prepare_pde_run",
     "ResidualOperators",
     "block_losses",
     "build_operators",
