@@ -138,6 +138,14 @@ def _problem_info(problem: PdeProblem) -> dict[str, Any]:
     }
 
 
+def _output_paths(
+    out: Path | None, report: Path | None, cfg: Config, base: Path | None, default: Path
+) -> tuple[Path, Path]:
+    """Output and report paths: flag, else config (relative to it), else beside the input."""
+    out_path = out or _relative(cfg.output.checkpoint, base) or default
+    return out_path, report or _relative(cfg.output.report, base) or out_path.with_name(out_path.stem + ".report.json")
+
+
 def _relative(value: str | None, base: Path | None) -> Path | None:
     if value is None:
         return None
@@ -218,10 +226,9 @@ def refine_cmd(
         pde_mode = cfg.pde is not None
         data_path = _optional_data_path(data, cfg, base) if pde_mode else _data_path(data, cfg, base)
         resolve_device(cfg.device)
-        out_path = (
-            out or _relative(cfg.output.checkpoint, base) or checkpoint.with_name(checkpoint.stem + ".refined.pt")
+        out_path, report_path = _output_paths(
+            out, report, cfg, base, checkpoint.with_name(checkpoint.stem + ".refined.pt")
         )
-        report_path = report or _relative(cfg.output.report, base) or out_path.with_name(out_path.stem + ".report.json")
         inputs = [checkpoint] + ([data_path] if data_path else []) + ([config] if config else [])
         check_output_path(out_path, inputs, force, "refined checkpoint")
         check_output_path(report_path, inputs + [out_path], force, "report")
@@ -408,8 +415,7 @@ def iterate_cmd(
             raise ConfigError("no checkpoint: pass CHECKPOINT or set model.checkpoint in the config")
         data_path = _optional_data_path(data, cfg, base)
         resolve_device(cfg.device)
-        out_path = out or _relative(cfg.output.checkpoint, base) or start.with_name(start.stem + ".iterated.pt")
-        report_path = report or _relative(cfg.output.report, base) or out_path.with_name(out_path.stem + ".report.json")
+        out_path, report_path = _output_paths(out, report, cfg, base, start.with_name(start.stem + ".iterated.pt"))
         previous: list[dict[str, Any]] = []
         source = start
         if resume:
