@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .models import BUILTIN_FACTORIES
+from .runtime import cast_tensor
 from .scripted import is_refined_script, unpack_refined_script
 from .usercode import import_callable, user_file
 
@@ -250,7 +251,7 @@ def save_refined_state_dict(
         "lsr_format": STATE_FORMAT,
         "model": ckpt.model_spec,
         "state_dict": ckpt.state_dict,
-        "delta": {k: v.detach().to("cpu", dtype) for k, v in delta.items()},
+        "delta": {k: cast_tensor(v.detach(), dtype, "cpu") for k, v in delta.items()},
         "dtype": str(dtype).replace("torch.", ""),
         "metadata": metadata,
     }

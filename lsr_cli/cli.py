@@ -22,8 +22,8 @@ from rich.markup import escape
 
 from . import __version__
 from .checkpoint import LoadedCheckpoint, load_checkpoint, save_refined_state_dict
-from .config import Config, load_config, parse_device, parse_dtype, parse_rank
-from .data import read_data
+from .config import Config, load_config, parse_device, parse_dtype, parse_memory, parse_rank
+from .data import LazyArray, read_data
 from .errors import EXIT_CODES, CheckpointError, ConfigError, LsrError, OutputError
 from .outputs import atomic_outputs, check_output_path
 from .pde import PdeProblem, parse_problem, refine_pde
@@ -39,7 +39,15 @@ from .report import (
     versions,
     write_json,
 )
-from .runtime import TORCH_DTYPES, resolve_device
+from .runtime import (
+    TORCH_DTYPES,
+    MemoryMeter,
+    cast_module,
+    cast_tensor,
+    resolve_device,
+    resolve_memory_budget,
+    warm_up_autodiff,
+)
 from .scripted import build_refined_script
 
 app = typer.Typer(
@@ -153,7 +161,15 @@ def _relative(value: str | None, base: Path | None) -> Path | None:
     return p if p.is_absolute() or base is None else base / p
 
 
-def _apply_overrides(cfg: Config, *, device: str | None, dtype: str | None, seed: int | None, rank: str | None) -> None:
+def _apply_overrides(
+    cfg: Config,
+    *,
+    device: str | None,
+    dtype: str | None,
+    seed: int | None,
+    rank: str | None,
+    max_memory: str | None = None,
+) -> None:
     if device is not None:
         cfg.device = parse_device("device (--device)", device)
     if dtype is not None:
@@ -164,10 +180,25 @@ def _apply_overrides(cfg: Config, *, device: str | None, dtype: str | None, seed
         cfg.seed = seed
     if rank is not None:
         cfg.lsr.rank = parse_rank("lsr.rank (--rank)", rank)
+    if max_memory is not None:
+        cfg.lsr.max_memory = parse_memory("lsr.max_memory (--max-memory)", max_memory)
 
 
 def _split_info(data: dict[str, Any]) -> dict[str, Any]:
-    return {name: {"group": s.group, "num_samples": s.num_samples, "inputs": s.input_names} for name, s in data.items()}
+    return {
+        name: {
+            "group": s.group,
+            "num_samples": s.num_samples,
+            "inputs": s.input_names,
+            **(
+                {"shared_inputs": [n for n, sh in zip(s.input_names, s.shared, strict=True) if sh]}
+                if any(s.shared)
+                else {}
+            ),
+            "streamed": any(isinstance(x, LazyArray) for x in s.inputs),
+        }
+        for name, s in data.items()
+    }
 
 
 def _save_refined(
@@ -191,6 +222,14 @@ DataOpt = Annotated[Path | None, Option("--data", "-d", help="HDF5 data file (ov
 ReportOpt = Annotated[Path | None, Option("--report", "-r", help="JSON report (default: OUT.report.json).")]
 RankOpt = Annotated[str | None, Option("--rank", help="'auto', N, or a sweep 'N1,N2,...' (overrides lsr.rank).")]
 DeviceOpt = Annotated[str | None, Option("--device", help="auto | cpu | cuda | cuda:N.")]
+MemoryOpt = Annotated[
+    str | None,
+    Option(
+        "--max-memory",
+        help="Memory budget, e.g. 2GB or 512MiB (overrides lsr.max_memory; default: half of the free memory). "
+        "Inputs larger than a quarter of it are streamed from the HDF5 file.",
+    ),
+]
 DtypeOpt = Annotated[str | None, Option("--dtype", help="float64 (default) | float32 (fast).")]
 SeedOpt = Annotated[int | None, Option("--seed", help="Seed of every random draw.")]
 ForceOpt = Annotated[bool, Option("--force", help="Overwrite existing outputs.")]
@@ -212,6 +251,7 @@ def refine_cmd(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     seed: SeedOpt = None,
+    max_memory: MemoryOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -222,7 +262,7 @@ def refine_cmd(
     t_start = time.perf_counter()
     with _guard(debug):
         cfg, base = _config(config)
-        _apply_overrides(cfg, device=device, dtype=dtype, seed=seed, rank=rank)
+        _apply_overrides(cfg, device=device, dtype=dtype, seed=seed, rank=rank, max_memory=max_memory)
         pde_mode = cfg.pde is not None
         data_path = _optional_data_path(data, cfg, base) if pde_mode else _data_path(data, cfg, base)
         resolve_device(cfg.device)
@@ -243,14 +283,20 @@ def refine_cmd(
             num_inputs = 1
         else:
             assert data_path is not None
-            splits = read_data(data_path, cfg.data, TORCH_DTYPES[cfg.dtype])
+            run_device = resolve_device(cfg.device)
+            budget = resolve_memory_budget(cfg.lsr.max_memory, run_device)
+            warm_up_autodiff(run_device)
+            meter = MemoryMeter(run_device)  # counts the data read below
+            splits = read_data(data_path, cfg.data, TORCH_DTYPES[cfg.dtype], lazy_above=budget // 4)
             data_info = {"path": str(data_path), "splits": _split_info(splits)}
             num_inputs = len(splits["train"].inputs)
         t_load = time.perf_counter() - t0
         _warn(ckpt.warnings, quiet or as_json)
         show = not (quiet or as_json)
         with RichProgress(_err, enabled=show) as progress:
-            result = refine_pde(ckpt, problem, cfg, progress) if pde_mode else refine(ckpt, splits, cfg, progress)
+            result = (
+                refine_pde(ckpt, problem, cfg, progress) if pde_mode else refine(ckpt, splits, cfg, progress, meter)
+            )
         _warn(result.warnings, quiet or as_json)
 
         t1 = time.perf_counter()
@@ -359,7 +405,14 @@ def inspect_cmd(
         }
         if ckpt.delta is not None:
             info["delta_norm"] = float(
-                torch.linalg.norm(torch.cat([d.double().reshape(-1) for d in ckpt.delta.values()]))
+                torch.linalg.norm(
+                    torch.cat(
+                        [
+                            (torch.view_as_real(d) if d.is_complex() else d).double().reshape(-1)
+                            for d in ckpt.delta.values()
+                        ]
+                    )
+                )
             )
         if as_json:
             sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
@@ -523,20 +576,18 @@ def _save_network(
     """The best network as a plain checkpoint in the input's format; returns the dtype written."""
     module = result.module.to("cpu")
     if save_dtype == "original":
-        first = next((d for d in original.values() if d.is_floating_point), torch.float64)
+        first = next((d for d in original.values() if d.is_floating_point), torch.float64)  # a real dtype
         target = first
     else:
         target = TORCH_DTYPES[save_dtype]
     if ckpt.format == "torchscript":
-        module.to(target).save(str(out))  # type: ignore[operator]
+        cast_module(module, target, torch.device("cpu")).save(str(out))  # type: ignore[operator]
     else:
         state = {
             k: (
-                v.to(original.get(k, target))
-                if save_dtype == "original" and v.is_floating_point()
-                else v.to(target)
-                if v.is_floating_point()
-                else v
+                v.to(original[k])
+                if save_dtype == "original" and k in original and (v.is_floating_point() or v.is_complex())
+                else cast_tensor(v, target)
             )
             for k, v in module.state_dict().items()
         }

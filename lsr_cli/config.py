@@ -69,6 +69,8 @@ class LsrConfig:
     parameters: ParametersConfig = field(default_factory=ParametersConfig)
     row_chunk: int | str = "auto"
     tangent_chunk: int = 32
+    max_memory: int | str = "auto"  # bytes, or "auto" (half of the free host / device memory)
+    sketch_rows: int | str = "auto"  # residual rows sketched for the basis (see refine.sketch_subset)
 
 
 @dataclass
@@ -276,6 +278,11 @@ def parse_config(raw: Any) -> Config:
     if "row_chunk" in s:
         v = s["row_chunk"]
         lsr.row_chunk = "auto" if v == "auto" else _int("lsr.row_chunk", v, lo=1)
+    if "max_memory" in s:
+        lsr.max_memory = parse_memory("lsr.max_memory", s["max_memory"])
+    if "sketch_rows" in s:
+        v = s["sketch_rows"]
+        lsr.sketch_rows = "auto" if v == "auto" else _int("lsr.sketch_rows", v, lo=1)
     p = _section("lsr.parameters", s.get("parameters"), ParametersConfig)
     if "include" in p:
         lsr.parameters.include = _str_list("lsr.parameters.include", p["include"])
@@ -339,6 +346,46 @@ def parse_dtype(path: str, value: Any) -> str:
     if value not in DTYPES:
         raise ConfigError(f"config.{path}: expected one of {', '.join(DTYPES)}, got {value!r}")
     return str(value)
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$")
+
+
+def parse_memory(path: str, value: Any) -> int | str:
+    """``"auto"``, a byte count, or a size such as ``"512MB"``, ``"2GiB"``, ``"1.5GB"``."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool):
+        raise ConfigError(f"config.{path}: expected 'auto' or a size such as 2GB, got {value!r}")
+    if isinstance(value, int | float):
+        num, unit = float(value), ""
+    else:
+        m = _SIZE_PATTERN.match(str(value).lower())
+        if m is None or m.group(2) not in _SIZE_UNITS:
+            raise ConfigError(
+                f"config.{path}: expected 'auto' or a size such as 512MB, 2GiB or a byte count, got {value!r}"
+            )
+        num, unit = float(m.group(1)), m.group(2)
+    size = int(num * _SIZE_UNITS[unit])
+    if size < 2**20:
+        raise ConfigError(f"config.{path}: must be at least 1 MiB, got {value!r} ({size} bytes)")
+    return size
 
 
 def parse_device(path: str, value: Any) -> str:

@@ -9,7 +9,10 @@ Layout (group and dataset names configurable through ``config.data``)::
 
 A group ``inputs`` holding several datasets is passed to the model positionally, in the order
 given by the group's ``order`` attribute (a list of dataset names) when present, else sorted by
-name. All arrays of a split share the leading sample dimension ``N``.
+name. All arrays of a split share the leading sample dimension ``N``, except a dataset with
+the attribute ``shared = True``: it has no sample dimension and is passed whole with every
+batch of samples (the Cartesian-product DeepONet layout: ``branch [N, m]`` per sample, ``trunk
+[P, d]`` shared, targets ``[N, P]``, model ``(branch [B, m], trunk [P, d]) → [B, P]``).
 """
 
 from __future__ import annotations
@@ -30,15 +33,70 @@ from .errors import DataError
 SPLITS = ("train", "val", "test")
 
 
+class LazyArray:
+    """A numeric HDF5 dataset read in row slices on demand (data larger than the memory budget).
+
+    Looks like a tensor to the row-chunked code: ``shape``, ``dtype``, ``x[s:e]`` / ``x[index]``
+    (sorted row indices) return tensors in ``dtype`` on ``device``. Keeps its file open.
+    """
+
+    def __init__(self, file: Path, name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        self.file = file
+        self.name = name
+        self._h5 = h5py.File(file, "r")
+        ds = self._h5[name]
+        self.shape = torch.Size(ds.shape)
+        self.kind = ds.dtype.kind
+        self.dtype = dtype if self.kind in "fb" else torch.int64
+        self.device = torch.device(device)
+        self.nbytes = int(np.prod(ds.shape)) * torch.empty(0, dtype=self.dtype).element_size()
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def is_complex(self) -> bool:
+        return False
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LazyArray:
+        out = LazyArray.__new__(LazyArray)
+        out.__dict__.update(self.__dict__)
+        if dtype is not None and self.kind in "fb":
+            out.dtype = dtype
+        if device is not None:
+            out.device = torch.device(device)
+        return out
+
+    def __getitem__(self, index: slice | Tensor) -> Tensor:
+        ds = self._h5[self.name]
+        if isinstance(index, Tensor):
+            arr = ds[np.asarray(index.cpu(), dtype=np.int64)]  # h5py: increasing indices
+        else:
+            arr = ds[index]
+        arr = np.asarray(arr)
+        if arr.dtype.kind == "f":
+            bad = int(np.count_nonzero(~np.isfinite(arr)))
+            if bad:
+                raise DataError(f"{self.file}:{self.name}: contains {bad} NaN or Inf value(s) in rows {index}")
+        t = torch.from_numpy(np.ascontiguousarray(arr if arr.dtype.kind != "u" else arr.astype(np.int64)))
+        return t.to(device=self.device, dtype=self.dtype)
+
+
+ArrayLike = Tensor | LazyArray
+
+
 @dataclass
 class Split:
     """One split: ``inputs`` (tensors ``[N, ...]``, model order) and ``targets`` ``[N, ...]``."""
 
     name: str
     group: str
-    inputs: tuple[Tensor, ...]
+    inputs: tuple[Tensor, ...]  # or LazyArray (streamed) when the split exceeds the memory budget
     targets: Tensor
     input_names: list[str]
+    shared: tuple[bool, ...] = ()
 
     @property
     def num_samples(self) -> int:
@@ -69,7 +127,24 @@ def _read_array(file: Path, ds: h5py.Dataset, dtype: torch.dtype) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.astype(np.int64)))
 
 
-def _read_split(file: Path, f: h5py.File, role: str, group: str, cfg: DataConfig, dtype: torch.dtype) -> Split:
+def _input_bytes(ds: h5py.Dataset, dtype: torch.dtype) -> int:
+    size = torch.empty(0, dtype=dtype if ds.dtype.kind in "fb" else torch.int64).element_size()
+    return int(np.prod(ds.shape)) * size
+
+
+def _read_input(file: Path, ds: h5py.Dataset, dtype: torch.dtype, lazy: bool) -> Tensor:
+    if not lazy:
+        return _read_array(file, ds, dtype)
+    if ds.dtype.kind not in "fiub":
+        raise DataError(f"{file}:{ds.name}: expected a numeric array, found dtype {ds.dtype}")
+    if ds.ndim == 0:
+        raise DataError(f"{file}:{ds.name}: expected an array with a leading sample dimension, found a scalar")
+    return LazyArray(file, ds.name, dtype)  # type: ignore[return-value]
+
+
+def _read_split(
+    file: Path, f: h5py.File, role: str, group: str, cfg: DataConfig, dtype: torch.dtype, lazy_above: int | None
+) -> Split:
     grp = f[group]
     if not isinstance(grp, h5py.Group):
         raise DataError(
@@ -94,11 +169,22 @@ def _read_split(file: Path, f: h5py.File, role: str, group: str, cfg: DataConfig
             order = sorted(k for k, v in inp.items() if isinstance(v, h5py.Dataset))
         if not order:
             raise DataError(f"{file}:{inp.name}: the inputs group holds no datasets")
-        inputs = tuple(_read_array(file, inp[name], dtype) for name in order)
+        shared = tuple(bool(np.all(inp[name].attrs.get("shared", False))) for name in order)
+        total = sum(_input_bytes(inp[name], dtype) for name in order if isinstance(inp[name], h5py.Dataset))
+        lazy = lazy_above is not None and total > lazy_above
+        inputs = tuple(
+            _read_input(file, inp[name], dtype, lazy and not sh) for name, sh in zip(order, shared, strict=True)
+        )
         names = [f"{inp.name}/{name}" for name in order]
+        if all(shared):
+            raise DataError(
+                f"{file}:{inp.name}: every input dataset is marked shared; at least one needs a sample dimension"
+            )
     else:
-        inputs = (_read_array(file, inp, dtype),)
+        lazy = lazy_above is not None and _input_bytes(inp, dtype) > lazy_above
+        inputs = (_read_input(file, inp, dtype, lazy),)
         names = [inp.name]
+        shared = (False,)
     tgt = grp[cfg.targets]
     if isinstance(tgt, h5py.Group):
         raise DataError(f"{file}:{tgt.name}: expected a dataset of targets, found a group")
@@ -106,15 +192,16 @@ def _read_split(file: Path, f: h5py.File, role: str, group: str, cfg: DataConfig
     if not targets.is_floating_point():
         targets = targets.to(dtype)
     n = targets.shape[0]
-    for name, x in zip(names, inputs, strict=True):
-        if x.shape[0] != n:
+    for name, x, is_shared in zip(names, inputs, shared, strict=True):
+        if not is_shared and x.shape[0] != n:
             raise DataError(
                 f"{file}:{name}: has {x.shape[0]} samples but {tgt.name} has {n}; "
-                "all arrays of a split need the same leading dimension"
+                "all arrays of a split need the same leading dimension (or mark an array without one "
+                "with the attribute shared=True)"
             )
     if n == 0:
         raise DataError(f"{file}:{tgt.name}: the split has no samples")
-    return Split(role, group, inputs, targets, names)
+    return Split(role, group, inputs, targets, names, shared)
 
 
 @contextmanager
@@ -134,10 +221,13 @@ def _open(path: str | Path) -> Iterator[tuple[Path, h5py.File]]:
         raise DataError(f"{file}: cannot read HDF5 file: {exc}") from None
 
 
-def read_data(path: str | Path, cfg: DataConfig, dtype: torch.dtype) -> dict[str, Split]:
+def read_data(path: str | Path, cfg: DataConfig, dtype: torch.dtype, lazy_above: int | None = None) -> dict[str, Split]:
     """Read the configured splits (``train`` required, ``val`` and ``test`` when present).
 
-    Floating arrays are converted to ``dtype``; integer arrays stay ``int64``.
+    Floating arrays are converted to ``dtype``; integer arrays stay ``int64``. A split whose
+    inputs would take more than ``lazy_above`` bytes keeps them in the file
+    (:class:`LazyArray`, read in row chunks); targets are always read (they are the size of
+    the residual vector).
     """
     out: dict[str, Split] = {}
     with _open(path) as (file, f):
@@ -152,7 +242,7 @@ def read_data(path: str | Path, cfg: DataConfig, dtype: torch.dtype) -> dict[str
                         f"{file}:/{group}: training split not found (config.data.train); the file holds: {_listing(f)}"
                     )
                 continue
-            out[role] = _read_split(file, f, role, group, cfg, dtype)
+            out[role] = _read_split(file, f, role, group, cfg, dtype, lazy_above)
     return out
 
 

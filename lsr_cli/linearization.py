@@ -15,7 +15,7 @@ interpreter) and restored afterwards.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,12 +69,37 @@ def make_functional(module: nn.Module) -> Callable[[dict[str, Tensor], Inputs], 
     return call_script
 
 
+def take_rows(inputs: Inputs, s: int, e: int, shared: Sequence[bool] = ()) -> Inputs:
+    """Rows ``s:e`` of each input; inputs flagged in ``shared`` (no sample dimension, e.g. a
+    DeepONet trunk grid ``[P, d]`` used by every sample) are passed whole."""
+    return tuple(x if (i < len(shared) and shared[i]) else x[s:e] for i, x in enumerate(inputs))
+
+
+def num_rows(inputs: Inputs, shared: Sequence[bool] = ()) -> int:
+    """The sample count ``N``: the leading dimension of the first input not flagged shared."""
+    for i, x in enumerate(inputs):
+        if not (i < len(shared) and shared[i]):
+            return int(x.shape[0])
+    raise ValueError("every input is shared: no sample dimension")
+
+
+def is_trainable_dtype(t: Tensor) -> bool:
+    """Real floating or complex: the parameters lsr can linearize."""
+    return t.is_floating_point() or t.is_complex()
+
+
+def real_numel(t: Tensor) -> int:
+    """Number of real scalars in ``t`` (a complex entry counts as two: real and imaginary part)."""
+    return t.numel() * (2 if t.is_complex() else 1)
+
+
 @dataclass(frozen=True)
 class _Entry:
     name: str
     shape: torch.Size
-    index: Tensor | None  # flat indices of linearized entries, None = all
-    size: int  # number of linearized entries
+    index: Tensor | None  # flat indices of linearized real entries, None = all
+    size: int  # number of linearized real entries
+    is_complex: bool = False  # linearized as [real, imag] pairs (torch.view_as_real order)
 
 
 class ParameterSpace:
@@ -82,7 +107,10 @@ class ParameterSpace:
 
     Selection: parameters whose name matches one of ``include`` (fnmatch patterns; default
     all) and none of ``exclude``; then, if ``fraction < 1``, a random subset of their scalar
-    entries drawn with ``generator``. Non-floating parameters are never linearized.
+    entries drawn with ``generator``. Integer and boolean parameters are never linearized.
+    A complex parameter (e.g. an FNO's spectral weights) is linearized as two real parameters,
+    its real and imaginary parts: its block of the flat vector is ``view_as_real(p).flatten()``
+    (entries interleaved re, im), so ``J`` stays a real matrix.
     """
 
     def __init__(
@@ -95,23 +123,24 @@ class ParameterSpace:
     ) -> None:
         entries: list[_Entry] = []
         for name, p in params.items():
-            if not p.is_floating_point():
+            if not is_trainable_dtype(p):
                 continue
             if include and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
                 continue
             if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
                 continue
-            numel = p.numel()
+            numel = real_numel(p)
+            cplx = p.is_complex()
             if fraction < 1.0:
                 keep = torch.rand(numel, generator=generator) < fraction
                 index = torch.nonzero(keep).flatten()
                 if index.numel() == 0:
                     continue
-                entries.append(_Entry(name, p.shape, index.to(p.device), int(index.numel())))
+                entries.append(_Entry(name, p.shape, index.to(p.device), int(index.numel()), cplx))
             else:
-                entries.append(_Entry(name, p.shape, None, numel))
+                entries.append(_Entry(name, p.shape, None, numel, cplx))
         self.entries = entries
-        self.num_total = sum(p.numel() for p in params.values() if p.is_floating_point())
+        self.num_total = sum(real_numel(p) for p in params.values() if is_trainable_dtype(p))
         self.num = sum(e.size for e in entries)
 
     @property
@@ -119,19 +148,22 @@ class ParameterSpace:
         return [e.name for e in self.entries]
 
     def unflatten(self, V: Tensor) -> dict[str, Tensor]:
-        """``V``: ``[m, k]`` → ``{name: [k, *shape]}`` (frozen entries zero)."""
+        """``V``: ``[m, k]`` (real) → ``{name: [k, *shape]}`` (frozen entries zero; complex
+        parameters get complex tangents)."""
         k = V.shape[1]
         out: dict[str, Tensor] = {}
         offset = 0
         for e in self.entries:
             block = V[offset : offset + e.size].T  # [k, size]
             offset += e.size
-            if e.index is None:
-                out[e.name] = block.reshape(k, *e.shape)
-            else:
-                full = V.new_zeros(k, int(torch.Size(e.shape).numel()))
+            if e.index is not None:
+                full = V.new_zeros(k, int(torch.Size(e.shape).numel()) * (2 if e.is_complex else 1))
                 full[:, e.index] = block
-                out[e.name] = full.reshape(k, *e.shape)
+                block = full
+            if e.is_complex:
+                out[e.name] = torch.view_as_complex(block.reshape(k, *e.shape, 2).contiguous())
+            else:
+                out[e.name] = block.reshape(k, *e.shape)
         return out
 
     def flatten(self, tensors: dict[str, Tensor]) -> Tensor:
@@ -139,6 +171,8 @@ class ParameterSpace:
         blocks = []
         for e in self.entries:
             t = tensors[e.name]
+            if e.is_complex:
+                t = torch.view_as_real(t.resolve_conj())
             t = t.reshape(t.shape[0], -1)
             if e.index is not None:
                 t = t[:, e.index]
@@ -147,14 +181,15 @@ class ParameterSpace:
 
     def unflatten_vector(self, v: Tensor) -> dict[str, Tensor]:
         """``v``: ``[m]`` → ``{name: tensor of the parameter's shape}``."""
-        return {n: t[0] for n, t in self.unflatten(v[:, None]).items()}
+        return {n: t[0].clone() for n, t in self.unflatten(v[:, None]).items()}  # own storage
 
 
 class JacobianOperator:
     """``J``: ``n × m`` Jacobian of ``vec q(θ, X)`` at ``θ0`` w.r.t. a :class:`ParameterSpace`.
 
-    ``inputs``: tensors with a common leading sample dimension ``N``; rows are ordered
-    sample-major (``n = N · prod(output.shape[1:])``). ``row_chunk`` samples and
+    ``inputs``: tensors with a common leading sample dimension ``N``, except those flagged in
+    ``shared`` (passed whole with every row chunk); rows are ordered sample-major
+    (``n = N · prod(output.shape[1:])``). ``row_chunk`` samples and
     ``tangent_chunk`` columns are processed at a time. With ``residual``, the rows are those
     of ``residual(model, rows_of_inputs)`` instead of the network output (a physics residual:
     the Jacobian is then ``G``).
@@ -168,12 +203,14 @@ class JacobianOperator:
         row_chunk: int = 2048,
         tangent_chunk: int = 32,
         residual: ResidualFn | None = None,
+        shared: Sequence[bool] = (),
     ) -> None:
         self.module = module
         self.residual = residual
         self.space = space
         self.inputs = inputs
-        self.num_samples = int(inputs[0].shape[0])
+        self.shared = tuple(shared)
+        self.num_samples = num_rows(inputs, self.shared)
         self.row_chunk = max(1, int(row_chunk))
         self.tangent_chunk = max(1, int(tangent_chunk))
         self._call = make_functional(module)
@@ -181,7 +218,7 @@ class JacobianOperator:
         self._primals = {n: named[n].detach() for n in space.names}
         # parameters outside the space enter as detached constants: no autograd graph on them
         self._frozen = {n: p.detach() for n, p in named.items() if n not in self._primals}
-        probe = self._forward_chunk(tuple(x[:1] for x in inputs))
+        probe = self._forward_chunk(take_rows(inputs, 0, 1, self.shared))
         self.output_shape = tuple(probe.shape[1:])
         self.out_numel = int(probe[0].numel())
         self.dtype = probe.dtype
@@ -196,7 +233,7 @@ class JacobianOperator:
         return [(s, min(s + self.row_chunk, n)) for s in range(0, n, self.row_chunk)]
 
     def _rows(self, s: int, e: int) -> Inputs:
-        return tuple(x[s:e] for x in self.inputs)
+        return take_rows(self.inputs, s, e, self.shared)
 
     def _apply(self, params: dict[str, Tensor], rows: Inputs) -> Tensor:
         full = {**self._frozen, **params}
@@ -213,29 +250,41 @@ class JacobianOperator:
         outs = [self._forward_chunk(self._rows(s, e), params).reshape(-1) for s, e in self._chunks()]
         return torch.cat(outs)
 
+    def iter_matmat(self, V: Tensor, progress: ProgressFn | None = None) -> Iterator[tuple[int, Tensor]]:
+        """``J V`` by row blocks: yields ``(first_row, block [rows, k])`` in row order.
+
+        Only one row chunk of inputs and of ``J V`` exists at a time (the streaming path)."""
+        k = V.shape[1]
+        primals = self._primals
+        tangents = [
+            (c0, min(c0 + self.tangent_chunk, k), self.space.unflatten(V[:, c0 : min(c0 + self.tangent_chunk, k)]))
+            for c0 in range(0, k, self.tangent_chunk)
+        ]
+        N = self.num_samples
+        for s, e in self._chunks():
+            rows = self._rows(s, e)
+
+            def f(p: dict[str, Tensor], rows: Inputs = rows) -> Tensor:
+                return self._apply(p, rows)
+
+            def one(t: dict[str, Tensor], f=f) -> Tensor:
+                return torch.func.jvp(f, (primals,), (t,))[1]
+
+            block = V.new_empty((e - s) * self.out_numel, k)
+            for c0, c1, tan in tangents:
+                with torch.no_grad():
+                    jv = torch.func.vmap(one)(tan)  # [kc, rows, *out]
+                block[:, c0:c1] = jv.reshape(c1 - c0, -1).T
+            if progress is not None:
+                progress(round(k * e / N) - round(k * s / N))
+            yield s * self.out_numel, block
+
     def matmat(self, V: Tensor, progress: ProgressFn | None = None) -> Tensor:
         """``J V``: ``V`` ``[m, k]`` → ``[n, k]`` by batched forward-mode JVPs."""
         n, _ = self.shape
-        k = V.shape[1]
-        out = V.new_empty(n, k)
-        primals = self._primals
-        for c0 in range(0, k, self.tangent_chunk):
-            c1 = min(c0 + self.tangent_chunk, k)
-            tangents = self.space.unflatten(V[:, c0:c1])
-            for s, e in self._chunks():
-                rows = self._rows(s, e)
-
-                def f(p: dict[str, Tensor], rows: Inputs = rows) -> Tensor:
-                    return self._apply(p, rows)
-
-                def one(t: dict[str, Tensor], f=f) -> Tensor:
-                    return torch.func.jvp(f, (primals,), (t,))[1]
-
-                with torch.no_grad():
-                    jv = torch.func.vmap(one)(tangents)  # [kc, rows, *out]
-                out[s * self.out_numel : e * self.out_numel, c0:c1] = jv.reshape(c1 - c0, -1).T
-            if progress is not None:
-                progress(c1 - c0)
+        out = V.new_empty(n, V.shape[1])
+        for start, block in self.iter_matmat(V, progress):
+            out[start : start + block.shape[0]] = block
         return out
 
     def matvec(self, v: Tensor) -> Tensor:
@@ -282,6 +331,14 @@ class StackedOperator:
 
     def forward(self) -> Tensor:
         return torch.cat([op.forward().reshape(-1) for op in self.ops])
+
+    def iter_matmat(self, V: Tensor, progress: ProgressFn | None = None) -> Iterator[tuple[int, Tensor]]:
+        """Row blocks of ``[G_1; G_2; …] V`` as ``(first_row, block)``, operator after operator."""
+        offset = 0
+        for i, (op, count) in enumerate(zip(self.ops, self.row_counts, strict=True)):
+            for start, block in op.iter_matmat(V, _share(progress, len(self.ops), i)):
+                yield offset + start, block
+            offset += count
 
     def matmat(self, V: Tensor, progress: ProgressFn | None = None) -> Tensor:
         return torch.cat([op.matmat(V, _share(progress, len(self.ops), i)) for i, op in enumerate(self.ops)])

@@ -14,6 +14,17 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .linearization import make_functional
+from .runtime import cast_module, cast_tensor
+
+
+def real_dtype(tensors: list[Tensor]) -> torch.dtype:
+    """The real floating dtype of the first floating or complex tensor (``complex128`` → ``float64``)."""
+    for t in tensors:
+        if t.is_complex():
+            return t.real.dtype
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float64
 
 
 class LinearizedModel(nn.Module):
@@ -29,14 +40,14 @@ class LinearizedModel(nn.Module):
         self.deltas = nn.ParameterList(
             [nn.Parameter(delta[n].detach().clone(), requires_grad=False) for n in self.delta_names]
         )
-        self.dtype = self.deltas[0].dtype if len(self.deltas) else torch.float64
+        self.dtype = real_dtype([d for d in self.deltas])
         self._call = make_functional(base)
 
     def network_at(self, scale: float = 1.0) -> dict[str, Tensor]:
         """Parameters ``θ0 + scale · δ`` (for the plain network at the refined weights)."""
         named = dict(self.base.named_parameters())
         return {
-            n: named[n].detach() + scale * d.to(named[n].dtype)
+            n: named[n].detach() + scale * cast_tensor(d, real_dtype([named[n]]))
             for n, d in zip(self.delta_names, self.deltas, strict=True)
         }
 
@@ -68,7 +79,7 @@ def load_refined(
         raise CheckpointError(
             f"{path}: not a refined checkpoint (format {ckpt.format}); use torch.load / torch.jit.load"
         )
-    dtype = next(iter(ckpt.delta.values())).dtype
-    base = ckpt.module.to(device=device, dtype=dtype)
+    dtype = real_dtype(list(ckpt.delta.values()))
+    base = cast_module(ckpt.module, dtype, torch.device(device))
     delta = {k: v.to(device) for k, v in ckpt.delta.items()}
     return LinearizedModel(base, delta).eval()

@@ -20,22 +20,27 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import LoadedCheckpoint
-from .config import Config
-from .data import Split
+from .config import Config, LsrConfig
+from .data import LazyArray, Split
 from .errors import CheckpointError, ConfigError, NumericalError
-from .linearization import JacobianOperator, ParameterSpace, make_functional
+from .linearization import JacobianOperator, ParameterSpace, make_functional, num_rows, real_numel, take_rows
 from .linearized import LinearizedModel
 from .metrics import error_metrics
 from .runtime import (
     TORCH_DTYPES,
+    MemoryMeter,
     NoProgress,
     ProgressSink,
+    cast_module,
+    cast_tensor,
     no_tf32,
     peak_memory_bytes,
     resolve_device,
+    resolve_memory_budget,
     start_run,
+    warm_up_autodiff,
 )
-from .subspace import Selection, SweepEntry, holdout_rows, solve_subspace
+from .subspace import Selection, SweepEntry, fold_rows, holdout_rows, solve_subspace
 
 __all__ = ["TORCH_DTYPES", "ProgressSink", "RefineResult", "evaluate", "refine", "resolve_device"]
 
@@ -70,6 +75,7 @@ class RefineResult:
     stop_reason: str = ""
     residual_blocks: dict[str, dict[str, float]] | None = None  # PDE: mean square per block
     residual_loss: dict[str, float] | None = None  # PDE: weighted total before/after
+    memory: dict[str, Any] | None = None  # budget, peak above start, what was streamed
 
 
 def _chunk_rows(out_numel: int, cfg_row_chunk: int | str) -> int:
@@ -81,7 +87,7 @@ def _chunk_rows(out_numel: int, cfg_row_chunk: int | str) -> int:
 def prepare_module(ckpt: LoadedCheckpoint, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """The base network in the refinement dtype on the device, eval mode (floating buffers cast too)."""
     try:
-        module = ckpt.module.to(device=device, dtype=dtype)
+        module = cast_module(ckpt.module, dtype, device)
     except Exception as exc:  # exotic modules
         raise CheckpointError(f"{ckpt.path}: cannot move the model to {device}/{dtype}: {exc}") from None
     module.eval()
@@ -89,15 +95,21 @@ def prepare_module(ckpt: LoadedCheckpoint, dtype: torch.dtype, device: torch.dev
 
 
 def predict(
-    module: nn.Module, inputs: tuple[Tensor, ...], row_chunk: int, params: dict[str, Tensor] | None = None
+    module: nn.Module,
+    inputs: tuple[Tensor, ...],
+    row_chunk: int,
+    params: dict[str, Tensor] | None = None,
+    shared: tuple[bool, ...] = (),
 ) -> Tensor:
-    """Model output ``[N, ...]`` in row chunks without autograd (optionally with replaced parameters)."""
+    """Model output ``[N, ...]`` in row chunks without autograd (optionally with replaced parameters).
+
+    Inputs flagged in ``shared`` have no sample dimension and are passed whole."""
     call = make_functional(module) if params is not None else None
     outs = []
-    n = inputs[0].shape[0]
+    n = num_rows(inputs, shared)
     with torch.no_grad():
         for s in range(0, n, row_chunk):
-            rows = tuple(x[s : s + row_chunk] for x in inputs)
+            rows = take_rows(inputs, s, s + row_chunk, shared)
             out = call(params, rows) if call is not None and params is not None else module(*rows)
             outs.append(out.detach())
     return torch.cat(outs)
@@ -109,22 +121,28 @@ def check_fit(module: nn.Module, split: Split, where: str, num_rows: int = 4) ->
     Returns the split with targets reshaped to the output shape when only the layout differs
     (e.g. targets ``[N]`` for outputs ``[N, 1]``).
     """
-    rows = tuple(x[:num_rows] for x in split.inputs)
+    rows = take_rows(split.inputs, 0, num_rows, split.shared)
+    batch = min(num_rows, split.num_samples)
     try:
         with torch.no_grad():
             out = module(*rows)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        shapes = ", ".join(f"{n} {tuple(x.shape[1:])}" for n, x in zip(split.input_names, split.inputs, strict=True))
+        shapes = ", ".join(
+            f"{n} {tuple(x.shape) if sh else tuple(x.shape[1:])}{' (shared)' if sh else ''}"
+            for n, x, sh in zip(
+                split.input_names, split.inputs, split.shared or (False,) * len(split.inputs), strict=True
+            )
+        )
         raise CheckpointError(
             f"{where}: the model does not accept the inputs ({shapes} per sample, "
             f"{len(split.inputs)} positional input(s)): {first[:200]}"
         ) from None
     if not isinstance(out, Tensor):
         raise CheckpointError(f"{where}: the model returned {type(out).__name__}; lsr needs a single tensor output")
-    if out.shape[0] != rows[0].shape[0]:
+    if out.dim() == 0 or out.shape[0] != batch:
         raise CheckpointError(
-            f"{where}: the model output's leading dimension {out.shape[0]} is not the batch size {rows[0].shape[0]}"
+            f"{where}: the model output's leading dimension {tuple(out.shape)[:1]} is not the batch size {batch}"
         )
     t_shape = tuple(split.targets.shape[1:])
     o_shape = tuple(out.shape[1:])
@@ -137,6 +155,7 @@ def check_fit(module: nn.Module, split: Split, where: str, num_rows: int = 4) ->
             split.inputs,
             split.targets.reshape(split.targets.shape[0], *o_shape),
             split.input_names,
+            split.shared,
         )
     return split
 
@@ -153,10 +172,36 @@ def select_parameters(module: nn.Module, cfg: Config, gen: torch.Generator) -> P
     return space
 
 
+def _shared(split: Split) -> tuple[bool, ...]:
+    return split.shared or (False,) * len(split.inputs)
+
+
 def _moved(split: Split, device: torch.device, dtype: torch.dtype) -> Split:
     """The split on ``device``, floating arrays in ``dtype`` (integer inputs keep their dtype)."""
-    inputs = tuple(x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device) for x in split.inputs)
-    return Split(split.name, split.group, inputs, split.targets.to(device=device, dtype=dtype), split.input_names)
+    inputs = tuple(cast_tensor(x, dtype, device) for x in split.inputs)
+    return Split(
+        split.name, split.group, inputs, split.targets.to(device=device, dtype=dtype), split.input_names, split.shared
+    )
+
+
+SKETCH_ROWS_MIN = 8192
+"""``lsr.sketch_rows: auto`` sketches every residual row up to ``max(SKETCH_ROWS_MIN, 16 k)``."""
+
+
+def sketch_samples(lsr: LsrConfig, num_samples: int, out_numel: int) -> int:
+    """How many samples the basis sketch uses (all, or a random subset for very large data).
+
+    ``auto``: every sample while the residual rows are at most ``max(8192, 16 k)`` with ``k``
+    the largest sketch size (largest rank + oversampling); beyond that a seeded random subset
+    of that many rows (whole samples). The rule does not depend on the memory budget, so a
+    streamed run gives the in-memory run's result.
+    """
+    if lsr.sketch_rows == "auto":
+        top = max(lsr.rank) if isinstance(lsr.rank, list) else (lsr.max_rank if lsr.rank == "auto" else int(lsr.rank))
+        rows = max(SKETCH_ROWS_MIN, 16 * (top + lsr.oversampling))
+    else:
+        rows = int(lsr.sketch_rows)
+    return min(num_samples, max(1, rows // max(1, out_numel)))
 
 
 def _finite_or_raise(t: Tensor, what: str) -> None:
@@ -165,13 +210,24 @@ def _finite_or_raise(t: Tensor, what: str) -> None:
 
 
 def refine(
-    ckpt: LoadedCheckpoint, splits: dict[str, Split], cfg: Config, progress: ProgressSink | None = None
+    ckpt: LoadedCheckpoint,
+    splits: dict[str, Split],
+    cfg: Config,
+    progress: ProgressSink | None = None,
+    meter: MemoryMeter | None = None,
 ) -> RefineResult:
-    """Run one-shot LSR on ``ckpt`` with the training split of ``splits`` (see module doc)."""
+    """Run one-shot LSR on ``ckpt`` with the training split of ``splits`` (see module doc).
+
+    ``meter`` measures the peak memory of the run (default: one started here, after a warm-up
+    of the autodiff machinery); pass one started before reading the data to count it too."""
     sink = progress or NoProgress()
     timings: dict[str, float] = {}
     warnings: list[str] = []
     dtype, device, gen = start_run(cfg.dtype, cfg.device, cfg.seed)
+    if meter is None:
+        warm_up_autodiff(device)
+        meter = MemoryMeter(device)
+    budget = resolve_memory_budget(cfg.lsr.max_memory, device)
     with no_tf32():
         t0 = time.perf_counter()
         module = prepare_module(ckpt, dtype, device)
@@ -182,24 +238,41 @@ def refine(
 
         named = dict(module.named_parameters())
         space = select_parameters(module, cfg, gen)
-        prev_delta = {k: v.to(device=device, dtype=dtype) for k, v in (ckpt.delta or {}).items()}
+        prev_delta = {k: cast_tensor(v, dtype, device) for k, v in (ckpt.delta or {}).items()}
         before_model = LinearizedModel(module, prev_delta) if prev_delta else module
 
         train = data["train"]
         out_numel = math.prod(train.targets.shape[1:])
         row_chunk = _chunk_rows(out_numel, cfg.lsr.row_chunk)
         ops = {
-            name: JacobianOperator(module, space, s.inputs, row_chunk, cfg.lsr.tangent_chunk)
+            name: JacobianOperator(module, space, s.inputs, row_chunk, cfg.lsr.tangent_chunk, shared=s.shared)
             for name, s in data.items()
         }
-        before = {name: predict(before_model, s.inputs, row_chunk).reshape(s.targets.shape) for name, s in data.items()}
+        before = {
+            name: predict(before_model, s.inputs, row_chunk, shared=s.shared).reshape(s.targets.shape)
+            for name, s in data.items()
+        }
         for name, pred in before.items():
             _finite_or_raise(pred, f"{ckpt.path}: model output on split '{data[name].group}'")
         f0 = {name: (before[name] - s.targets).reshape(-1) for name, s in data.items()}
         timings["baseline"] = time.perf_counter() - t0
+        stage_peaks = {"baseline": meter.peak_above_start()}
 
         n, m = ops["train"].shape
         lsr = cfg.lsr
+        basis_op = ops["train"]
+        num_sketch = sketch_samples(lsr, train.num_samples, out_numel)
+        if num_sketch < train.num_samples:
+            idx = torch.sort(torch.randperm(train.num_samples, generator=gen)[:num_sketch]).values
+            rows = tuple(x if sh else x[idx] for x, sh in zip(train.inputs, _shared(train), strict=True))
+            basis_op = JacobianOperator(module, space, rows, row_chunk, lsr.tangent_chunk, shared=train.shared)
+        k_max = min(n, m, num_sketch * out_numel)
+        sketch_bytes = 8 * 6 * (num_sketch * out_numel + m) * k_max  # Y, Q, B and QR work copies
+        if sketch_bytes > budget:
+            warnings.append(
+                f"the basis sketch may need up to {sketch_bytes / 1e9:.2f} GB ({num_sketch * out_numel} rows x up to "
+                f"{k_max} columns), above lsr.max_memory = {budget / 1e9:.2f} GB; lower lsr.sketch_rows or lsr.max_rank"
+            )
         has_val = "val" in data
         if has_val:
             selection = Selection("val_loss", op=ops["val"], f0=f0["val"])
@@ -210,8 +283,11 @@ def refine(
                 if split_rows is not None
                 else Selection("train_loss")
             )
-        sub = solve_subspace(ops["train"], ops["train"], f0["train"], selection, lsr, gen, dtype, device, sink)
+        sub = solve_subspace(
+            basis_op, ops["train"], f0["train"], selection, lsr, gen, dtype, device, sink, memory_budget=budget
+        )
         timings.update(sub.timings)
+        stage_peaks["sketch_project_solve"] = meter.peak_above_start()
         metric_name = selection.kind
         if sub.rank == 0 and sub.stop_reason.startswith("the Jacobian sketch has no direction"):
             warnings.append(sub.stop_reason)
@@ -231,7 +307,7 @@ def refine(
             if dz is not None:
                 after = before[name] + ops[name].matvec(dz).reshape(s.targets.shape)
             net_params = {k: named[k].detach() + v for k, v in delta.items()}
-            net = predict(module, s.inputs, row_chunk, net_params).reshape(s.targets.shape)
+            net = predict(module, s.inputs, row_chunk, net_params, s.shared).reshape(s.targets.shape)
             errors[name] = {
                 "before": error_metrics(before[name], s.targets),
                 "after": error_metrics(after, s.targets),
@@ -257,6 +333,18 @@ def refine(
         status = "improved"
         message = f"rank {sub.rank} (chosen on {chosen_on}) lowered the {split} relative L2 error {ratio:.3g}x"
     peak, kind = peak_memory_bytes(device)
+    streamed = [s.name for s in splits.values() if any(isinstance(x, LazyArray) for x in s.inputs)]
+    memory = {
+        "budget_bytes": budget,
+        "budget_source": "lsr.max_memory" if lsr.max_memory != "auto" else "auto: half of the free memory",
+        "peak_above_start_bytes": meter.peak_above_start(),
+        "peak_above_start_by_stage": {**stage_peaks, "evaluate": meter.peak_above_start()},
+        "peak_kind": meter.kind,
+        "streamed_splits": streamed,
+        "sketch_samples": num_sketch,
+        "row_chunk_samples": row_chunk,
+        "qr_fold_rows": fold_rows(sub.rank or 1, budget),
+    }
     return RefineResult(
         status=status,
         message=message,
@@ -269,7 +357,7 @@ def refine(
         errors=errors,
         timings=timings,
         singular_values=sub.singular_values,
-        num_parameters=sum(p.numel() for p in named.values()),
+        num_parameters=sum(real_numel(p) for p in named.values()),
         num_linearized_parameters=space.num,
         num_residuals=n,
         device=str(device),
@@ -279,6 +367,7 @@ def refine(
         warnings=warnings,
         rounds=sub.rounds,
         stop_reason=sub.stop_reason,
+        memory=memory,
     )
 
 
@@ -295,7 +384,7 @@ def evaluate(
     with no_tf32():
         module = prepare_module(ckpt, dtype, device)
         model = (
-            LinearizedModel(module, {k: v.to(device=device, dtype=dtype) for k, v in ckpt.delta.items()})
+            LinearizedModel(module, {k: cast_tensor(v, dtype, device) for k, v in ckpt.delta.items()})
             if ckpt.delta
             else module
         )
@@ -303,7 +392,7 @@ def evaluate(
         for name, s in splits.items():
             s = _moved(s, device, dtype)
             s = check_fit(model, s, f"{ckpt.path} on split '{s.group}'")
-            pred = predict(model, s.inputs, row_chunk).reshape(s.targets.shape)
+            pred = predict(model, s.inputs, row_chunk, shared=s.shared).reshape(s.targets.shape)
             _finite_or_raise(pred, f"{ckpt.path}: model output on split '{s.group}'")
             out[name] = error_metrics(pred, s.targets)
     return out

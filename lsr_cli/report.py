@@ -86,6 +86,7 @@ def refine_report(
             "timings": timings,
             "peak_memory_bytes": result.peak_memory_bytes,
             "peak_memory_kind": result.peak_memory_kind,
+            **({"memory": result.memory} if result.memory is not None else {}),
             "device": result.device,
             "dtype": result.dtype,
             "seed": seed,

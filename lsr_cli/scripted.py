@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .linearization import is_trainable_dtype
+
 SCRIPT_FORMAT = "lsr-refined-torchscript/1"
 
 _TEMPLATE = """
@@ -61,13 +63,18 @@ class RefinedScript(nn.Module):
         self.deltas = nn.ParameterList([nn.Parameter(d, requires_grad=False) for d in deltas])
         self.lsr_format = lsr_format
         self.lsr_metadata = lsr_metadata
+        real = [d for d in deltas if d.is_floating_point()]
+        ref = real[0] if len(real) else deltas[0].real
+        self.register_buffer("input_dtype", torch.zeros(0, dtype=ref.dtype, device=ref.device))
 
     def _params(self) -> List[Tensor]:
-        return [{params}]
+        ps: List[Tensor] = []
+{params}
+        return ps
 
     def _cast(self, x: Tensor) -> Tensor:
         if x.is_floating_point():
-            return x.to(self.deltas[0].dtype)
+            return x.to(self.input_dtype.dtype)
         return x
 
     def forward(self, {args}) -> Tensor:
@@ -100,22 +107,25 @@ def build_refined_script(
     """Compile ``q(θ0, ·) + J(·) δ`` around ``base``.
 
     ``delta`` maps parameter names of ``base`` to tensors of their shapes (missing names:
-    zero); it is stored in the dtype of ``base``'s first floating parameter.
+    zero); each is stored in its parameter's dtype (complex parameters get complex ``δ``).
     """
-    names = [n for n, p in base.named_parameters() if p.is_floating_point()]
+    names = [n for n, p in base.named_parameters() if is_trainable_dtype(p)]
     if not names:
         raise ValueError("the model has no floating-point parameters")
     named = dict(base.named_parameters())
-    dtype = named[names[0]].dtype
     deltas = [
-        delta[n].detach().to(device=named[n].device, dtype=dtype)
-        if n in delta
-        else torch.zeros_like(named[n], dtype=dtype)
+        delta[n].detach().to(device=named[n].device, dtype=named[n].dtype) if n in delta else torch.zeros_like(named[n])
         for n in names
     ]
     args = ", ".join(f"x{i}: Tensor" for i in range(num_inputs))
     cast_args = ", ".join(f"self._cast(x{i})" for i in range(num_inputs))
-    source = _TEMPLATE.format(params=", ".join(_accessor(n) for n in names), args=args, cast_args=cast_args)
+    # one statement per parameter; the assert narrows attributes TorchScript types as
+    # Optional[Tensor] (e.g. the bias of Conv layers)
+    params = "\n".join(
+        f"        p{i} = {_accessor(n)}\n        assert p{i} is not None\n        ps.append(p{i})"
+        for i, n in enumerate(names)
+    )
+    source = _TEMPLATE.format(params=params, args=args, cast_args=cast_args)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lsr_refined_wrapper.py"
         path.write_text(source, encoding="utf-8")
@@ -141,7 +151,7 @@ def unpack_refined_script(
 ) -> tuple[torch.jit.ScriptModule, dict[str, Tensor], dict[str, Any]]:
     """``(base, δ by parameter name, metadata)`` of a module made by :func:`build_refined_script`."""
     base = module.base
-    names = [n for n, p in base.named_parameters() if p.is_floating_point()]
+    names = [n for n, p in base.named_parameters() if is_trainable_dtype(p)]
     stored = dict(module.deltas.named_parameters())
     deltas = [stored[str(i)].detach() for i in range(len(stored))]
     metadata = json.loads(module.lsr_metadata) if module.lsr_metadata else {}

@@ -1,11 +1,17 @@
 """The small dense least-squares problem ``min_z ‖A z + f0‖² + λ²‖z‖²`` and its rank sweep.
 
 ``A = G P`` is ``n × r`` (residual Jacobian times basis), always solved in float64 by a
-direct method: one thin QR ``A = Q_A R``, then for a leading-column rank ``r'`` the SVD of
-``R[:r', :r']`` (``A[:, :r']`` = ``Q_A[:, :r'] R[:r', :r']``, so every rank of the sweep
-reuses the one QR). Regularization is explicit: singular values below
-``rcond · s_max`` are truncated (default ``rcond = eps · max(n, r')``, scipy's rule) and an
-optional Tikhonov ``λ`` damps the rest. Nothing here prints.
+direct method: a QR of the augmented matrix ``[A | f0] = Q [[R, c], [0, ρ]]``, then for a
+leading-column rank ``r'`` the SVD of ``R[:r', :r']`` (``A[:, :r']`` = ``Q[:, :r'] R[:r', :r']``,
+so every rank of the sweep reuses the one QR). The QR is accumulated over row blocks
+(:class:`QRAccumulator`: for each block ``qr([R_aug; [A_b | f_b]])``), so ``A`` is never held
+whole: this is the streaming QR of METHOD.md §2, and the in-memory case is the same code
+with fewer blocks. Losses at any ``z`` follow from ``R_aug`` alone:
+``‖A[:, :r'] z + f0‖² = ‖R[:r', :r'] z + c[:r']‖² + ‖c[r':]‖² + ρ²`` (no cancellation).
+
+Regularization is explicit: singular values below ``rcond · s_max`` are truncated (default
+``rcond = eps · max(n, r')``, scipy's rule) and an optional Tikhonov ``λ`` damps the rest.
+Nothing here prints.
 """
 
 from __future__ import annotations
@@ -32,17 +38,82 @@ class ReducedSolution:
     cond: float  # s_max / s_min of the kept singular values
 
 
-class ReducedProblem:
-    """Least squares ``min ‖A z + f0‖`` over the leading columns of ``A`` (``[n, r]``)."""
+class QRAccumulator:
+    """Streaming QR of ``[A | f0]`` (``n × (r + 1)``) over row blocks, in float64.
 
-    def __init__(self, A: Tensor, f0: Tensor) -> None:
-        self.A = A.to(torch.float64)
-        self.f0 = f0.to(torch.float64)
-        self.n, self.r = self.A.shape
-        Q, R = torch.linalg.qr(self.A, mode="reduced")
-        self.R = R
-        self.c = Q.T @ self.f0
+    Holds only the ``(r + 1) × (r + 1)`` triangle ``R_aug`` and the row count. Blocks may
+    arrive in any order and accumulators of disjoint rows merge (:meth:`merge`); the result
+    equals the QR of all rows up to the signs of ``R_aug``'s rows.
+    """
+
+    def __init__(self, r: int, device: torch.device | str = "cpu") -> None:
+        self.r = int(r)
+        self.n = 0
+        self.R_aug = torch.zeros(0, self.r + 1, dtype=torch.float64, device=device)
+
+    def add(self, A_block: Tensor, f_block: Tensor) -> None:
+        """Append rows: ``A_block`` ``[b, r]`` and ``f_block`` ``[b]``."""
+        if A_block.shape[0] == 0:
+            return
+        block = torch.cat([A_block.to(torch.float64), f_block.to(torch.float64).reshape(-1, 1)], dim=1)
+        self._fold(block)
+        self.n += int(A_block.shape[0])
+
+    def merge(self, other: QRAccumulator) -> QRAccumulator:
+        """A new accumulator of the union of both row sets."""
+        out = QRAccumulator(self.r, self.R_aug.device)
+        out.R_aug = self.R_aug
+        out._fold(other.R_aug)
+        out.n = self.n + other.n
+        return out
+
+    def _fold(self, rows: Tensor) -> None:
+        stacked = torch.cat([self.R_aug, rows], dim=0)
+        R = torch.linalg.qr(stacked, mode="r").R
+        self.R_aug = R[: self.r + 1]
+
+    def parts(self) -> tuple[Tensor, Tensor, float]:
+        """``(R [r, r], c [r], ρ)`` with zero padding when fewer than ``r + 1`` rows arrived."""
+        R_aug = self.R_aug
+        if R_aug.shape[0] < self.r + 1:
+            pad = R_aug.new_zeros(self.r + 1 - R_aug.shape[0], self.r + 1)
+            R_aug = torch.cat([R_aug, pad], dim=0)
+        return R_aug[: self.r, : self.r], R_aug[: self.r, self.r], float(R_aug[self.r, self.r].abs())
+
+    def loss_sum(self, z: Tensor) -> float:
+        """``‖A[:, :len(z)] z + f0‖²`` over the accumulated rows (``z`` padded with zeros)."""
+        R, c, rho = self.parts()
+        k = z.shape[0]
+        v = R[:, :k] @ z.to(torch.float64) + c
+        return float(v @ v) + rho * rho
+
+
+class ReducedProblem:
+    """Least squares ``min ‖A z + f0‖`` over the leading columns of ``A`` (``[n, r]``).
+
+    Built from ``A`` and ``f0`` directly, or from a :class:`QRAccumulator` (:meth:`from_qr`,
+    streaming: :meth:`residual` is then unavailable, :meth:`loss_sum` works).
+    """
+
+    def __init__(self, A: Tensor | None, f0: Tensor | None, qr: QRAccumulator | None = None) -> None:
+        if qr is None:
+            assert A is not None and f0 is not None
+            qr = QRAccumulator(A.shape[1], A.device)
+            qr.add(A, f0)
+        self.A = A.to(torch.float64) if A is not None else None
+        self.f0 = f0.to(torch.float64) if f0 is not None else None
+        self.qr = qr
+        self.n, self.r = qr.n, qr.r
+        self.R, self.c, self.rho = qr.parts()
         self._svd: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+
+    @classmethod
+    def from_qr(cls, qr: QRAccumulator) -> ReducedProblem:
+        return cls(None, None, qr)
+
+    def loss_sum(self, sol: ReducedSolution) -> float:
+        """``‖A[:, :rank] z + f0‖²`` from the triangle (see module doc)."""
+        return self.qr.loss_sum(sol.z)
 
     def _svd_of(self, rank: int) -> tuple[Tensor, Tensor, Tensor]:
         if rank not in self._svd:
@@ -76,5 +147,7 @@ class ReducedProblem:
         )
 
     def residual(self, sol: ReducedSolution) -> Tensor:
-        """``A[:, :rank] z + f0`` ``[n]`` (computed directly, no cancellation)."""
+        """``A[:, :rank] z + f0`` ``[n]`` (computed directly; only when built from ``A``)."""
+        if self.A is None or self.f0 is None:
+            raise ValueError("residual() needs A and f0; a streamed problem has only loss_sum()")
         return self.A[:, : sol.rank] @ sol.z + self.f0

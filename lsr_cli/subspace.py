@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,9 @@ from .config import LsrConfig
 from .errors import ConfigError, NumericalError
 from .runtime import ProgressSink
 from .sketch import LinearOperator, RangeSketch
-from .solve import DEFAULT_TIKHONOV_GRID, ReducedProblem
+from .solve import DEFAULT_TIKHONOV_GRID, QRAccumulator, ReducedProblem
+
+ProgressFn = Callable[[int], None]
 
 RESIDUAL_FLOOR = 1e-13
 """Relative linearized training residual below which growing the rank cannot help (float64)."""
@@ -97,26 +100,24 @@ def tikhonov_grid(lsr: LsrConfig, selecting: bool) -> tuple[float, ...]:
 
 def _sweep(
     problem: ReducedProblem,
-    sel_A: Tensor | None,
-    sel_f: Tensor | None,
+    sel: QRAccumulator | None,
     candidates: list[int],
     grid: tuple[float, ...],
     rcond: float | None,
     norm_f0: float,
 ) -> tuple[list[SweepEntry], tuple[float, SweepEntry] | None]:
-    """Solve every (rank, λ); keep the best λ per rank; return those entries and the best overall."""
+    """Solve every (rank, λ); keep the best λ per rank; return those entries and the best overall.
+
+    Losses come from the QR triangles: ``problem`` (fitted rows) and ``sel`` (selection rows)."""
     entries: list[SweepEntry] = []
     best: tuple[float, SweepEntry] | None = None
     for r in candidates:
         rank_best: tuple[float, SweepEntry] | None = None
         for lam in grid:
             sol = problem.solve(r, lam, rcond)
-            res = problem.residual(sol)
-            train_loss = float(torch.mean(res * res))
-            sel_loss = None
-            if sel_A is not None and sel_f is not None:
-                rv = sel_A[:, :r].to(torch.float64) @ sol.z + sel_f.to(torch.float64)
-                sel_loss = float(torch.mean(rv * rv))
+            res_sq = problem.loss_sum(sol)
+            train_loss = res_sq / max(problem.n, 1)
+            sel_loss = sel.loss_sum(sol.z) / max(sel.n, 1) if sel is not None else None
             metric = sel_loss if sel_loss is not None else train_loss
             if not math.isfinite(metric):
                 continue
@@ -124,7 +125,7 @@ def _sweep(
                 r,
                 train_loss,
                 sel_loss,
-                float(torch.linalg.norm(res)) / max(norm_f0, 1e-300),
+                math.sqrt(max(res_sq, 0.0)) / max(norm_f0, 1e-300),
                 lam,
                 sol.num_truncated,
                 sol.cond,
@@ -136,6 +137,76 @@ def _sweep(
             if best is None or rank_best[0] < best[0]:
                 best = rank_best
     return entries, best
+
+
+def row_blocks(op: LinearOperator, V: Tensor, progress: ProgressFn | None = None) -> Iterator[tuple[int, Tensor]]:
+    """``(first_row, block)`` of ``op V``: streamed when the operator can, else one block."""
+    it = getattr(op, "iter_matmat", None)
+    if it is not None:
+        yield from it(V, progress)
+    else:
+        yield 0, op.matmat(V, progress)
+
+
+class _Folder:
+    """Feeds row blocks to a :class:`QRAccumulator` in batches of at least ``min_rows`` rows
+    (each fold costs ``O((r + b) r²)``, so small blocks are batched first)."""
+
+    def __init__(self, acc: QRAccumulator, min_rows: int) -> None:
+        self.acc = acc
+        self.min_rows = max(1, min_rows)
+        self.A: list[Tensor] = []
+        self.f: list[Tensor] = []
+        self.rows = 0
+
+    def add(self, A: Tensor, f: Tensor) -> None:
+        if A.shape[0] == 0:
+            return
+        self.A.append(A)
+        self.f.append(f)
+        self.rows += int(A.shape[0])
+        if self.rows >= self.min_rows:
+            self.flush()
+
+    def flush(self) -> QRAccumulator:
+        if self.A:
+            self.acc.add(torch.cat(self.A), torch.cat(self.f))
+            self.A, self.f, self.rows = [], [], 0
+        return self.acc
+
+
+def fold_rows(r: int, memory_budget: int | None) -> int:
+    """Rows batched per QR fold: ``2r + 64`` (amortizes the fold), fewer under a tight budget."""
+    rows = 2 * r + 64
+    if memory_budget is not None:
+        rows = min(rows, max(64, memory_budget // (4 * 8 * (r + 1)) - r))
+    return rows
+
+
+def project_and_accumulate(
+    op: LinearOperator,
+    P: Tensor,
+    f0: Tensor,
+    hold_mask: Tensor | None = None,
+    progress: ProgressFn | None = None,
+    memory_budget: int | None = None,
+) -> tuple[QRAccumulator, QRAccumulator | None]:
+    """Streaming QR of ``[G P | f0]`` over ``op``'s row blocks; ``hold_mask`` ``[n]`` (bool)
+    sends rows to a second accumulator (held out). Never holds ``G P`` whole."""
+    r = P.shape[1]
+    batch = fold_rows(r, memory_budget)
+    fit = _Folder(QRAccumulator(r, P.device), batch)
+    hold = _Folder(QRAccumulator(r, P.device), batch) if hold_mask is not None else None
+    for start, block in row_blocks(op, P, progress):
+        f = f0[start : start + block.shape[0]]
+        if hold is None or hold_mask is None:
+            fit.add(block, f)
+            continue
+        mask = hold_mask[start : start + block.shape[0]]
+        fit.add(block[~mask], f[~mask])
+        hold.add(block[mask], f[mask])
+        del block
+    return fit.flush(), (hold.flush() if hold is not None else None)
 
 
 def _plan_ranks(lsr: LsrConfig, limit: int, n: int, m: int) -> tuple[list[int], int]:
@@ -163,6 +234,7 @@ def solve_subspace(
     device: torch.device,
     sink: ProgressSink,
     label: str = "J",
+    memory_budget: int | None = None,
 ) -> SubspaceResult:
     """One-shot LSR: ``min_z ‖f0 + G P z‖`` over ranks/λ, ``P`` from a sketch of ``basis_op``.
 
@@ -177,6 +249,11 @@ def solve_subspace(
     timings = {"sketch": 0.0, "project": 0.0, "solve": 0.0}
 
     fit_f = f0 if selection.fit_rows is None else f0[selection.fit_rows]
+    norm_fit = float(torch.linalg.norm(fit_f))
+    hold_mask: Tensor | None = None
+    if selection.hold_rows is not None:
+        hold_mask = torch.zeros(n, dtype=torch.bool, device=f0.device)
+        hold_mask[selection.hold_rows.to(f0.device)] = True
     sel_f = (
         selection.f0
         if selection.op is not None
@@ -212,17 +289,15 @@ def solve_subspace(
         t2 = time.perf_counter()
         P, _ = sketch.basis(r_eff)
         advance = sink.begin(f"project A = G P (r={r_eff})", r_eff * (2 if selection.op is not None else 1))
-        A = train_op.matmat(P, advance)
-        A_sel = selection.op.matmat(P, advance) if selection.op is not None else None
+        fit_qr, hold_qr = project_and_accumulate(train_op, P, f0, hold_mask, advance, memory_budget)
+        sel_qr = hold_qr
+        if selection.op is not None and selection.f0 is not None:
+            sel_qr, _ = project_and_accumulate(selection.op, P, selection.f0, None, advance, memory_budget)
         sink.end()
         timings["project"] += time.perf_counter() - t2
         t3 = time.perf_counter()
-        if selection.fit_rows is None:
-            problem = ReducedProblem(A, f0)
-        else:
-            problem = ReducedProblem(A[selection.fit_rows], fit_f)
-            A_sel = A[selection.hold_rows]
-        entries, round_best = _sweep(problem, A_sel, sel_f, candidates, grid, rcond, float(torch.linalg.norm(fit_f)))
+        problem = ReducedProblem.from_qr(fit_qr)
+        entries, round_best = _sweep(problem, sel_qr, candidates, grid, rcond, norm_fit)
         sweep.extend(entries)
         if round_best is None:
             raise NumericalError("the reduced least-squares problem produced no finite solution")
@@ -241,7 +316,7 @@ def solve_subspace(
         if metric < best_metric:
             best_metric = metric
             # the chosen (rank, λ) is solved on all rows (held-out rows included)
-            full = problem if selection.fit_rows is None else ReducedProblem(A, f0)
+            full = problem if hold_qr is None else ReducedProblem.from_qr(fit_qr.merge(hold_qr))
             z = full.solve(entry.rank, entry.tikhonov, rcond).z
             best = {"rank": entry.rank, "dz": P[:, : entry.rank] @ z.to(P.dtype), "entry": entry}
         timings["solve"] += time.perf_counter() - t3
@@ -262,7 +337,7 @@ def solve_subspace(
         if stop_reason:
             break
         rank = min(int(math.ceil(rank * lsr.growth)), lsr.max_rank, limit)
-        del A, A_sel, problem
+        del fit_qr, hold_qr, sel_qr, problem
 
     chosen = best["entry"]
     S = sketch.singular_values() if sketch.num_columns else torch.zeros(0)
