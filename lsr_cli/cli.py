@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,15 +25,18 @@ from . import __version__
 from .checkpoint import LoadedCheckpoint, load_checkpoint, save_refined_state_dict
 from .config import Config, load_config, parse_device, parse_dtype, parse_memory, parse_rank
 from .data import LazyArray, read_data
-from .errors import EXIT_CODES, CheckpointError, ConfigError, LsrError, OutputError
+from .errors import EXIT_CODES, CheckpointError, ConfigError, DataError, LsrError, OutputError
 from .outputs import atomic_outputs, check_output_path
 from .pde import PdeProblem, parse_problem, refine_pde
+from .pde.instances import fingerprint, parse_instances, run_instances
 from .pde.iterate import IterateResult, iterate
 from .refine import RefineResult, evaluate, refine
 from .report import (
     RichProgress,
     clean_json,
     errors_table,
+    instances_report,
+    instances_table,
     iterate_table,
     refine_report,
     refine_table,
@@ -429,6 +433,98 @@ def inspect_cmd(
         for n, s, d in params:
             table.add_row(n, str(list(s)), d)
         con.print(table)
+
+
+@app.command("instances")
+def instances_cmd(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Operator network (default: model.checkpoint of the config).")
+    ] = None,
+    config: Annotated[
+        Path | None, Option("--config", "-c", help="YAML config with `pde:` and `instances:` sections.")
+    ] = None,
+    data: DataOpt = None,
+    out: Annotated[
+        Path | None, Option("--out", "-o", help="HDF5 predictions (default: CHECKPOINT.instances.h5).")
+    ] = None,
+    report: ReportOpt = None,
+    count: Annotated[int | None, Option("--count", help="Only the first N instances (instances.count).")] = None,
+    rank: RankOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    seed: SeedOpt = None,
+    force: Annotated[
+        bool, Option("--force", help="Overwrite outputs and discard an interrupted run's finished instances.")
+    ] = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Per-instance physics-informed LSR of an operator network: one-shot LSR on each
+    instance's physics residual; an interrupted run continues where it stopped."""
+    t_start = time.perf_counter()
+    with _guard(debug):
+        cfg, base = _config(config)
+        if cfg.pde is None:
+            raise ConfigError("lsr instances needs a config with `pde:` and `instances:` sections (--config FILE)")
+        _apply_overrides(cfg, device=device, dtype=dtype, seed=seed, rank=rank)
+        if count is not None:
+            if count < 1:
+                raise ConfigError(f"--count: must be at least 1, got {count}")
+            cfg.instances = {**(cfg.instances or {}), "count": count}
+        start = checkpoint or _relative(cfg.model.checkpoint, base)
+        if start is None:
+            raise ConfigError("no checkpoint: pass CHECKPOINT or set model.checkpoint in the config")
+        data_path = _data_path(data, cfg, base)
+        resolve_device(cfg.device)
+        out_path, report_path = _output_paths(out, report, cfg, base, start.with_name(start.stem + ".instances.h5"))
+        inputs = [start, data_path] + ([config] if config else [])
+        check_output_path(out_path, inputs, force, "predictions file")
+        check_output_path(report_path, inputs + [out_path], force, "report")
+        if not start.is_file():
+            raise CheckpointError(f"{start}: checkpoint file not found")
+        if not data_path.is_file():
+            raise DataError(f"{data_path}: data file not found")
+        spec, num = parse_instances(cfg.instances, data_path)
+        partial = out_path.with_name(out_path.name + ".partial")
+        check_output_path(partial, inputs, True, "partial predictions file")
+        ckpt = load_checkpoint(start, cfg.model, base)
+        if ckpt.delta is not None:
+            raise CheckpointError(f"{start}: a refined checkpoint; per-instance LSR starts from the plain network")
+        _warn(ckpt.warnings, quiet or as_json)
+        # one instance's problem, parsed up front: config errors surface before any work
+        parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base, (spec.group, 0))
+        show = not (quiet or as_json)
+        try:
+            with RichProgress(_err, enabled=show) as progress:
+                result = run_instances(
+                    ckpt, cfg, spec, num, data_path, partial, fingerprint(cfg, start, data_path), base, force, progress
+                )
+        except KeyboardInterrupt:
+            raise _fail(
+                f"interrupted; finished instances are kept in {partial}: run the same command again to continue",
+                130,
+            ) from None
+        _warn(result.warnings, quiet or as_json)
+        timings = {**result.timings, "total": time.perf_counter() - t_start}
+        with atomic_outputs(out_path, report_path) as (tmp_out, tmp_report):
+            shutil.copyfile(partial, tmp_out)
+            payload = instances_report(
+                result,
+                input={"checkpoint": str(start), "format": ckpt.format},
+                output={"predictions": str(out_path), "report": str(report_path)},
+                data={"path": str(data_path), "group": spec.group, "inputs": spec.inputs, "layout": spec.layout},
+                config=cfg.to_dict(),
+                timings=timings,
+                seed=cfg.seed,
+            )
+            write_json(tmp_report, payload)
+        partial.unlink(missing_ok=True)
+        if as_json:
+            sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        elif not quiet:
+            Console().print(instances_table(payload))
+            Console().print(escape(f"{result.message}\nwrote {out_path} and {report_path}"), highlight=False)
 
 
 @app.command("iterate")

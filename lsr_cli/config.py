@@ -103,6 +103,7 @@ class Config:
     lsr: LsrConfig = field(default_factory=LsrConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     pde: dict[str, Any] | None = None
+    instances: dict[str, Any] | None = None  # `lsr instances` (validated by lsr_cli.pde.instances)
     iterate: IterateConfig = field(default_factory=IterateConfig)
     dtype: str = "float64"
     device: str = "auto"
@@ -327,6 +328,10 @@ def parse_config(raw: Any) -> Config:
         if not isinstance(raw["pde"], dict):
             raise _fail("pde", "a mapping", raw["pde"])
         cfg.pde = dict(raw["pde"])
+    if raw.get("instances") is not None:
+        if not isinstance(raw["instances"], dict):
+            raise _fail("instances", "a mapping", raw["instances"])
+        cfg.instances = dict(raw["instances"])
 
     o = _section("output", raw.get("output"), OutputConfig)
     for key in ("checkpoint", "report"):

@@ -268,3 +268,24 @@ def read_datasets(path: str | Path, names: list[str], dtype: torch.dtype, option
             arr = _read_array(file, obj, dtype)
             out[name] = arr if arr.is_floating_point() else arr.to(dtype)
     return out
+
+
+def read_row(path: str | Path, name: str, row: int, dtype: torch.dtype) -> Tensor:
+    """Row ``row`` of the dataset ``name`` (``[N, ...]`` → ``[...]``), e.g. one instance's values."""
+    key = "/" + name.strip("/")
+    with _open(path) as (file, f):
+        obj = f.get(key)
+        if not isinstance(obj, h5py.Dataset):
+            parent = f.get(key.rsplit("/", 1)[0] or "/")
+            holds = _listing(parent) if isinstance(parent, h5py.Group) else "nothing"
+            raise DataError(
+                f"{file}:{key}: expected a dataset, found {'a group' if obj is not None else 'nothing'}; holds: {holds}"
+            )
+        if obj.ndim == 0 or not (0 <= row < obj.shape[0]):
+            raise DataError(f"{file}:{key}: has no row {row} (shape {tuple(obj.shape)})")
+        if obj.dtype.kind not in "fiub":
+            raise DataError(f"{file}:{key}: expected a numeric array, found dtype {obj.dtype}")
+        arr = np.asarray(obj[row])
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise DataError(f"{file}:{key}: row {row} contains NaN or Inf")
+    return torch.from_numpy(np.ascontiguousarray(arr).astype(np.float64)).to(dtype)

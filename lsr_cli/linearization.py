@@ -46,9 +46,10 @@ def make_functional(module: nn.Module) -> Callable[[dict[str, Tensor], Inputs], 
 
     ``params`` maps parameter names (as in ``named_parameters``) to tensors; names not given
     keep their current values. Works under ``torch.func`` transforms for plain and
-    TorchScript modules alike.
+    TorchScript modules alike (and for plain wrappers whose parameters all live in TorchScript
+    submodules, marked by the attribute ``lsr_setattr_params = True``).
     """
-    if not is_torchscript(module):
+    if not (is_torchscript(module) or getattr(module, "lsr_setattr_params", False)):
 
         def call_plain(params: dict[str, Tensor], inputs: Inputs) -> Tensor:
             return torch.func.functional_call(module, params, inputs, strict=False)

@@ -186,3 +186,47 @@ def iterate_table(report: dict[str, Any]) -> Table:
             f"{e['seconds']['total']:.1f}",
         )
     return table
+
+
+def instances_table(report: dict[str, Any]) -> Table:
+    """Mean ± std over instances of the errors (when references exist), residuals and ranks."""
+    s = report["summary"]
+    table = Table(title=f"lsr instances — {s['num_instances']} instances ({report['num_resumed']} resumed)")
+    for col in ("", "mean", "std", "median", "min", "max"):
+        table.add_column(col, justify="right", no_wrap=True)
+    rows = [
+        ("rel L2 before", "rel_l2_before"),
+        ("rel L2 after", "rel_l2_after"),
+        ("residual before", "residual_before"),
+        ("residual after", "residual_after"),
+        ("rank", "rank"),
+        ("seconds", "seconds_per_instance"),
+    ]
+    for label, key in rows:
+        if key in s:
+            st = s[key]
+            table.add_row(label, *(_fmt(st[k]) for k in ("mean", "std", "median", "min", "max")))
+    return table
+
+
+def instances_report(result: Any, **info: Any) -> dict[str, Any]:
+    """The JSON report of ``lsr instances`` (``info``: input, output, data, config, timings, seed)."""
+    return clean_json(
+        {
+            "command": "instances",
+            "status": result.status,
+            "message": result.message,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **info,
+            "summary": result.summary,
+            "num_resumed": result.num_resumed,
+            "per_instance": result.per_instance,
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "peak_memory_kind": result.peak_memory_kind,
+            "device": result.device,
+            "num_parameters": result.num_parameters,
+            "num_linearized_parameters": result.num_linearized_parameters,
+            "versions": versions(),
+            "warnings": result.warnings,
+        }
+    )

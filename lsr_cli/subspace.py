@@ -89,6 +89,29 @@ def holdout_rows(
     return rows(perm[num_hold:]), rows(perm[:num_hold])
 
 
+def stratified_holdout_rows(
+    counts: list[int], fraction: float, gen: torch.Generator, min_rows: int = 20
+) -> tuple[Tensor, Tensor] | None:
+    """(fit, hold) row indices holding out ``fraction`` of each block of consecutive rows.
+
+    Blocks with fewer than ``min_rows`` rows are never held out: a boundary block of a few
+    points may be the only thing fixing a constant, and holding it out would reject every rank.
+    """
+    fit, hold = [], []
+    start = 0
+    for c in counts:
+        rows = torch.arange(start, start + c)
+        k = int(round(fraction * c)) if c >= min_rows else 0
+        perm = rows[torch.randperm(c, generator=gen)] if k else rows
+        hold.append(torch.sort(perm[:k]).values)
+        fit.append(torch.sort(perm[k:]).values)
+        start += c
+    hold_t = torch.cat(hold) if hold else torch.zeros(0, dtype=torch.long)
+    if fraction <= 0 or hold_t.numel() < 2:
+        return None
+    return torch.cat(fit), hold_t
+
+
 def tikhonov_grid(lsr: LsrConfig, selecting: bool) -> tuple[float, ...]:
     t = lsr.tikhonov
     if t == "auto":

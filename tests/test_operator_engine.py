@@ -352,5 +352,7 @@ def test_streamed_refinement_equals_in_memory(tmp_path):
 
 def test_max_memory_rejects_a_bad_size(tmp_path, regression_files):
     files = regression_files
-    result = run("refine", files["state_dict"], "--config", files["config"], "--data", files["data"], "--max-memory", "lots")
+    result = run(
+        "refine", files["state_dict"], "--config", files["config"], "--data", files["data"], "--max-memory", "lots"
+    )
     assert_clean_failure(result, 2, ["--max-memory", "lots"])

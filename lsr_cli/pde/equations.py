@@ -12,6 +12,7 @@ right-hand side ``f``.
 | ``helmholtz`` | ``Δu + k² u = f`` |
 | ``heat`` (alias ``diffusion``) | ``u_t − κ Δu = f`` |
 | ``advection`` | ``u_t + c · ∇u = f`` |
+| ``transport`` | ``c · ∇u = f`` (steady; in 1-D with ``c = 1``: ``u' = f``, the antiderivative) |
 | ``burgers`` | ``u_t + u Σ_i ∂u/∂x_i − ν Δu = f`` (the usual form in 1-D) |
 | ``allen_cahn`` | ``u_t − ε Δu − γ (u − u³) = f`` |
 | ``diffusion_reaction`` | ``u_t − D Δu − k u² = f`` |
@@ -58,6 +59,10 @@ def _advection(F: Fields, c: dict[str, Tensor]) -> Tensor:
     return F.d("t") + (c["velocity"] * F.spatial_gradient()).sum(-1) - c["source"]
 
 
+def _transport(F: Fields, c: dict[str, Tensor]) -> Tensor:
+    return (c["velocity"] * F.spatial_gradient()).sum(-1) - c["source"]
+
+
 def _burgers(F: Fields, c: dict[str, Tensor]) -> Tensor:
     return F.d("t") + F.u * F.spatial_gradient().sum(-1) - c["nu"] * F.laplacian() - c["source"]
 
@@ -81,6 +86,7 @@ EQUATIONS: dict[str, Equation] = {
         Equation(
             "advection", _advection, {"velocity": 1.0, "source": 0.0}, True, ("velocity",), summary="u_t + c·∇u = f"
         ),
+        Equation("transport", _transport, {"velocity": 1.0, "source": 0.0}, False, ("velocity",), summary="c·∇u = f"),
         Equation("burgers", _burgers, {"nu": 0.01, "source": 0.0}, True, summary="u_t + u Σ∂u/∂x_i - ν Δu = f"),
         Equation(
             "allen_cahn",

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lsr_cli.data import read_datasets
+from lsr_cli.data import read_datasets, read_row
 from lsr_cli.errors import ConfigError, DataError
 from lsr_cli.linearization import ModelFn
 from lsr_cli.usercode import import_callable
@@ -236,10 +236,13 @@ def _equation(raw: Any, base_dir: Path | None) -> Equation:
 class _Builder:
     """Turns validated config pieces into tensors (points, coefficient arrays)."""
 
-    def __init__(self, raw: dict[str, Any], data_path: Path | None, gen: torch.Generator) -> None:
+    def __init__(
+        self, raw: dict[str, Any], data_path: Path | None, gen: torch.Generator, instance: tuple[str, int] | None = None
+    ) -> None:
         self.raw = raw
         self.data_path = data_path
         self.gen = gen
+        self.instance = instance  # (HDF5 group, row) for {instance: NAME} values (lsr instances)
         variables = raw.get("variables")
         if variables is None:
             raise ConfigError("config.pde.variables: required, e.g. [x, y] or [x, t]")
@@ -280,9 +283,12 @@ class _Builder:
         return Box(self.variables, torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64))
 
     def formula(self, where: str, spec: Any, points: Tensor) -> Tensor:
-        """A number, formula or ``{dataset: /path}`` evaluated at ``points`` → ``[N]``."""
+        """A number, formula, ``{dataset: /path}`` or ``{instance: NAME}`` (row ``i`` of
+        ``<instances.group>/NAME`` for instance ``i``, ``lsr instances``) at ``points`` → ``[N]``."""
         if isinstance(spec, dict):
-            _mapping(where.removeprefix("config."), spec, ("dataset",))
+            _mapping(where.removeprefix("config."), spec, ("dataset", "instance"))
+            if "instance" in spec:
+                return self.instance_values(where, spec["instance"], points)
             arr = self.dataset(where, spec.get("dataset"))
             if arr.shape[0] != points.shape[0]:
                 raise DataError(
@@ -293,6 +299,21 @@ class _Builder:
         expr = compile_expression(spec, self.variables, where, self.constants)
         env = {v: points[:, i] for i, v in enumerate(self.variables)}
         return expr(env).expand(points.shape[0]).to(torch.float64)
+
+    def instance_values(self, where: str, name: Any, points: Tensor) -> Tensor:
+        if self.instance is None:
+            raise ConfigError(f"{where}: {{instance: {name}}} values exist only in `lsr instances` runs")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}.instance: expected a dataset name in the instances group, got {name!r}")
+        assert self.data_path is not None
+        group, row = self.instance
+        key = f"{group.rstrip('/')}/{name}"
+        arr = read_row(self.data_path, key, row, torch.float64).reshape(-1)
+        if arr.shape[0] != points.shape[0]:
+            raise DataError(
+                f"{self.data_path}:{key}: instance {row} has {arr.shape[0]} values, the block has {points.shape[0]} points"
+            )
+        return arr
 
     def dataset(self, where: str, name: Any) -> Tensor:
         if not isinstance(name, str):
@@ -470,11 +491,18 @@ def _make_block(i: int, raw: Any, eq: Equation, b: _Builder, coeff_specs: dict[s
     return Block(str(name), kind, float(weight), pts, tuple(inputs), spec, residual_fn=fn)
 
 
-def parse_problem(raw: Any, data_path: Path | None, gen: torch.Generator, base_dir: Path | None = None) -> PdeProblem:
-    """Validate the ``pde:`` section and build every block's points and coefficients."""
+def parse_problem(
+    raw: Any,
+    data_path: Path | None,
+    gen: torch.Generator,
+    base_dir: Path | None = None,
+    instance: tuple[str, int] | None = None,
+) -> PdeProblem:
+    """Validate the ``pde:`` section and build every block's points and coefficients
+    (``instance``: the HDF5 group and row that ``{instance: NAME}`` values read)."""
     raw = _mapping("pde", raw, _PDE_KEYS)
     eq = _equation(raw.get("equation"), base_dir)
-    b = _Builder(raw, data_path, gen)
+    b = _Builder(raw, data_path, gen, instance)
     if eq.needs_time and TIME not in b.variables:
         raise ConfigError(f"config.pde.variables: equation {eq.name!r} needs the time variable 't', got {b.variables}")
     coeffs = raw.get("coefficients") or {}

@@ -26,7 +26,7 @@ from lsr_cli.linearized import LinearizedModel
 from lsr_cli.metrics import error_metrics
 from lsr_cli.refine import RefineResult, predict, prepare_module, select_parameters
 from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, start_run
-from lsr_cli.subspace import Selection, SubspaceResult, holdout_rows, solve_subspace
+from lsr_cli.subspace import Selection, SubspaceResult, solve_subspace, stratified_holdout_rows
 
 from .problem import PdeProblem
 
@@ -115,8 +115,7 @@ def lsr_step(
 ) -> SubspaceResult:
     """One-shot LSR of the stacked physics residual at the module's current weights."""
     lsr = cfg.lsr
-    n = ops.G.shape[0]
-    split = holdout_rows(n, 1, lsr.holdout, gen)
+    split = stratified_holdout_rows([op.shape[0] for op in ops.blocks], lsr.holdout, gen)
     selection = (
         Selection("holdout_loss", fit_rows=split[0], hold_rows=split[1], holdout_fraction=lsr.holdout)
         if split is not None

@@ -1,0 +1,408 @@
+"""Per-instance physics-informed fine-tuning of an operator network (``lsr instances``).
+
+A physics-informed operator network (e.g. a PI-DeepONet) maps an input function ``s_i`` to a
+solution ``u_i = G(s_i)``. For each of the ``N`` instances stored in the HDF5 file, the
+network with that instance's inputs held fixed, ``x ↦ q(θ, s_i, x)``, is a PINN for that
+instance's equation; one-shot LSR on its physics residual alone (no solution labels) gives a
+refined predictor ``q(θ0, s_i, x) + J_i(x) δ_i`` for that instance (the paper's
+PI-DeepONet experiments, METHOD.md §4).
+
+Config (``instances:`` next to ``pde:``; ``{instance: NAME}`` in ``pde.coefficients`` or a
+block's ``value`` reads row ``i`` of ``<group>/NAME``)::
+
+    instances:
+      group: /instances       # HDF5 group holding the per-instance arrays, [N, ...] each
+      inputs: [branch]        # per-instance model inputs, passed before the coordinates
+      layout: paired          # paired: net(branch_i repeated [P, m], x [P, d]) -> [P, 1]
+                              # cartesian: net(branch_i [1, m], x [P, d]) -> [1, P]
+      reference: reference    # optional: [N, Q] exact values at /reference/inputs
+      predict_at: /reference/inputs   # where predictions are written (default: that, if present)
+      count: all              # or the first K instances
+      save_delta: false       # also write every instance's δ (flat, [N, m])
+
+Outputs: an HDF5 file with ``/predictions/before`` and ``/predictions/after`` (``[N, Q]``),
+``/instances/{rank, rel_l2_before, rel_l2_after, residual_before, residual_after, seconds,
+done}`` (``[N]``) and optionally ``/delta`` (``[N, m]``, parameter names in its attributes);
+and a JSON report with mean ± std over instances. Instances are independent; each finished one
+is written to ``OUT.partial`` at once, so an interrupted run started again with the same
+command and config skips the finished instances (``--force`` starts over).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lsr_cli.checkpoint import LoadedCheckpoint
+from lsr_cli.config import Config
+from lsr_cli.data import read_datasets, read_row
+from lsr_cli.errors import ConfigError, DataError, OutputError
+from lsr_cli.linearization import is_torchscript
+from lsr_cli.refine import predict
+from lsr_cli.runtime import NoProgress, ProgressSink, cast_module, peak_memory_bytes, resolve_device
+
+from .problem import parse_problem
+from .refine_pde import refine_pde
+
+INSTANCE_KEYS = ("group", "inputs", "layout", "reference", "predict_at", "count", "save_delta")
+LAYOUTS = ("paired", "cartesian")
+
+
+@dataclass
+class InstancesSpec:
+    group: str
+    inputs: list[str]
+    layout: str
+    reference: str | None
+    predict_at: str | None
+    count: int | None
+    save_delta: bool
+
+
+class InstanceModel(nn.Module):
+    """``x ↦ net(*fixed, x)``: an operator network with one instance's inputs held fixed.
+
+    ``fixed``: one row per per-instance input (``[m]`` for a branch input). ``paired`` repeats
+    each row for every point; ``cartesian`` passes it as a batch of one. The output is
+    ``[P, k]`` for ``P`` points. The parameters are those of ``net`` (names ``net.…``).
+    """
+
+    def __init__(self, net: nn.Module, fixed: tuple[Tensor, ...], layout: str) -> None:
+        super().__init__()
+        self.net = net
+        self.layout = layout
+        self.num_fixed = len(fixed)
+        for j, t in enumerate(fixed):
+            self.register_buffer(f"fixed{j}", t)
+        # parameters live in a TorchScript submodule: swap them by attribute (see make_functional)
+        self.lsr_setattr_params = is_torchscript(net)
+
+    def forward(self, x: Tensor) -> Tensor:
+        fixed = [getattr(self, f"fixed{j}") for j in range(self.num_fixed)]
+        if self.layout == "paired":
+            args = [f.expand(x.shape[0], *f.shape) for f in fixed]
+        else:
+            args = [f.unsqueeze(0) for f in fixed]
+        out = self.net(*args, x)
+        return out.reshape(x.shape[0], -1)
+
+
+def parse_instances(raw: dict[str, Any] | None, data_path: Path | None) -> tuple[InstancesSpec, int]:
+    """Validate ``config.instances`` against the data file; returns the spec and ``N``."""
+    if raw is None:
+        raise ConfigError("lsr instances needs an `instances:` section in the config (group, inputs, layout)")
+    unknown = [k for k in raw if k not in INSTANCE_KEYS]
+    if unknown:
+        raise ConfigError(f"config.instances.{unknown[0]}: unknown key; expected one of {', '.join(INSTANCE_KEYS)}")
+    if data_path is None:
+        raise ConfigError("lsr instances needs a data file (--data or data.path) holding the instances")
+    group = raw.get("group", "/instances")
+    if not isinstance(group, str) or not group:
+        raise ConfigError(f"config.instances.group: expected an HDF5 group path, got {group!r}")
+    inputs = raw.get("inputs")
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(v, str) and v for v in inputs):
+        raise ConfigError(f"config.instances.inputs: expected a list of dataset names in {group}, got {inputs!r}")
+    layout = raw.get("layout", "paired")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"config.instances.layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    reference = raw.get("reference")
+    if reference is not None and (not isinstance(reference, str) or not reference):
+        raise ConfigError(f"config.instances.reference: expected a dataset name in {group}, got {reference!r}")
+    predict_at = raw.get("predict_at")
+    if predict_at is not None and (not isinstance(predict_at, str) or not predict_at):
+        raise ConfigError(f"config.instances.predict_at: expected an HDF5 dataset path, got {predict_at!r}")
+    count = raw.get("count", "all")
+    if count != "all" and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ConfigError(f"config.instances.count: expected 'all' or a positive integer, got {count!r}")
+    save_delta = raw.get("save_delta", False)
+    if not isinstance(save_delta, bool):
+        raise ConfigError(f"config.instances.save_delta: expected true or false, got {save_delta!r}")
+    spec = InstancesSpec(
+        group.rstrip("/") or "/",
+        list(inputs),
+        layout,
+        reference,
+        predict_at,
+        None if count == "all" else count,
+        save_delta,
+    )
+    sizes: dict[str, int] = {}
+    with h5py.File(data_path, "r") as f:
+        g = f.get(spec.group)
+        if not isinstance(g, h5py.Group):
+            raise DataError(f"{data_path}:{spec.group}: expected the instances group (config.instances.group)")
+        for name in spec.inputs + ([spec.reference] if spec.reference else []):
+            ds = g.get(name)
+            if not isinstance(ds, h5py.Dataset) or ds.ndim == 0:
+                holds = ", ".join(g.keys()) or "nothing"
+                raise DataError(
+                    f"{data_path}:{spec.group}/{name}: expected a dataset [N, ...]; the group holds: {holds}"
+                )
+            sizes[name] = int(ds.shape[0])
+    if len(set(sizes.values())) != 1:
+        raise DataError(f"{data_path}:{spec.group}: the per-instance arrays disagree on N: {sizes}")
+    n = next(iter(sizes.values()))
+    return spec, min(n, spec.count) if spec.count is not None else n
+
+
+def fingerprint(cfg: Config, checkpoint: Path, data_path: Path) -> str:
+    """What must match for a partial run to be resumed: config, checkpoint and data files."""
+    parts: dict[str, Any] = {"config": cfg.to_dict()}
+    for name, p in (("checkpoint", checkpoint), ("data", data_path)):
+        st = p.stat()
+        parts[name] = [str(p.resolve()), st.st_size, st.st_mtime_ns]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class InstancesResult:
+    status: str
+    message: str
+    summary: dict[str, Any]
+    per_instance: list[dict[str, Any]]
+    num_resumed: int
+    timings: dict[str, float]
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    device: str
+    num_parameters: int
+    num_linearized_parameters: int
+    warnings: list[str]
+
+
+def _stats(values: Sequence[float | None]) -> dict[str, float | None]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"mean": None, "std": None, "median": None, "min": None, "max": None}
+    arr = np.asarray(finite)
+    return {
+        "mean": float(arr.mean()),
+        "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
+        "median": float(np.median(arr)),
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+    }
+
+
+def _create_partial(path: Path, n: int, q: int, m: int | None, print_: str, names: list[str]) -> None:
+    with h5py.File(path, "w") as f:
+        f.attrs["lsr_format"] = "lsr-instances/1"
+        f.attrs["fingerprint"] = print_
+        f.attrs["num_instances"] = n
+        p = f.create_group("predictions")
+        p.create_dataset("before", shape=(n, q), dtype="f8", fillvalue=np.nan)
+        p.create_dataset("after", shape=(n, q), dtype="f8", fillvalue=np.nan)
+        g = f.create_group("instances")
+        for key in ("rel_l2_before", "rel_l2_after", "residual_before", "residual_after", "seconds"):
+            g.create_dataset(key, shape=(n,), dtype="f8", fillvalue=np.nan)
+        g.create_dataset("rank", shape=(n,), dtype="i8", fillvalue=-1)
+        g.create_dataset("done", shape=(n,), dtype="bool", fillvalue=False)
+        if m is not None:
+            d = f.create_dataset("delta", shape=(n, m), dtype="f8", fillvalue=np.nan)
+            d.attrs["parameters"] = json.dumps(names)
+
+
+def _open_partial(path: Path, print_: str, n: int, force: bool) -> int:
+    """Number of finished instances in an earlier partial run (0 when starting afresh)."""
+    if not path.exists():
+        return -1
+    if force:
+        path.unlink()
+        return -1
+    try:
+        with h5py.File(path, "r") as f:
+            same = f.attrs.get("fingerprint") == print_ and int(f.attrs.get("num_instances", -1)) == n
+            done = int(np.count_nonzero(f["instances/done"][()])) if same else 0
+    except (OSError, KeyError) as exc:
+        raise OutputError(
+            f"{path}: an interrupted run's file is unreadable ({exc}); pass --force to start over"
+        ) from None
+    if not same:
+        raise OutputError(
+            f"{path}: an interrupted run with a different config, checkpoint or data left this file; "
+            "pass --force to start over"
+        )
+    return done
+
+
+def run_instances(
+    ckpt: LoadedCheckpoint,
+    cfg: Config,
+    spec: InstancesSpec,
+    num: int,
+    data_path: Path,
+    partial: Path,
+    print_: str,
+    base_dir: Path | None,
+    force: bool = False,
+    progress: ProgressSink | None = None,
+    on_instance: Callable[[int, dict[str, Any]], None] | None = None,
+) -> InstancesResult:
+    """Refine every instance (skipping those finished in ``partial``); returns the summary.
+
+    ``partial`` (an HDF5 file, see module doc) is complete when this returns; the caller moves
+    it to the final output."""
+    sink = progress or NoProgress()
+    device = resolve_device(cfg.device)
+    t_start = time.perf_counter()
+    net = ckpt.module
+    x_pred = None
+    where_pred = spec.predict_at or "/reference/inputs"
+    found = read_datasets(data_path, [where_pred], torch.float64, optional=spec.predict_at is None)
+    if where_pred in found:
+        x_pred = found[where_pred]
+        if x_pred.ndim == 1:
+            x_pred = x_pred[:, None]
+    ref_x = read_datasets(data_path, ["/reference/inputs"], torch.float64, optional=True).get("/reference/inputs")
+    if spec.reference is not None and ref_x is None:
+        raise DataError(f"{data_path}:/reference/inputs: needed for config.instances.reference ({spec.reference})")
+    if x_pred is None:
+        first = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base_dir, (spec.group, 0))
+        x_pred = first.blocks[0].points
+    q = int(x_pred.shape[0])
+    names = [n for n, p in net.named_parameters() if p.is_floating_point() or p.is_complex()]
+    done_before = _open_partial(partial, print_, num, force)
+    if done_before < 0:
+        _create_partial(partial, num, q, None, print_, names)
+        done_before = 0
+    with h5py.File(partial, "r") as f:
+        done = f["instances/done"][()].astype(bool)
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    cast_module(net, dtype, device)
+    advance = sink.begin(f"instances ({num}, {done_before} done before)", num)
+    advance(int(done.sum()))
+    num_lin = 0
+    warnings: list[str] = []
+    for i in range(num):
+        if done[i]:
+            continue
+        t0 = time.perf_counter()
+        problem = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base_dir, (spec.group, i))
+        if spec.reference is not None and ref_x is not None:
+            values = read_row(data_path, f"{spec.group}/{spec.reference}", i, torch.float64).reshape(-1, 1)
+            if values.shape[0] != ref_x.shape[0]:
+                raise DataError(
+                    f"{data_path}:{spec.group}/{spec.reference}: instance {i} has {values.shape[0]} values for "
+                    f"{ref_x.shape[0]} points in /reference/inputs"
+                )
+            problem.reference = (ref_x, values)
+        else:
+            problem.reference = None
+        fixed = tuple(read_row(data_path, f"{spec.group}/{name}", i, dtype).to(device) for name in spec.inputs)
+        module = InstanceModel(net, fixed, spec.layout)
+        inst = LoadedCheckpoint(ckpt.path, "instance", module)
+        res = refine_pde(inst, problem, cfg)
+        num_lin = res.num_linearized_parameters
+        xp = x_pred.to(device=device, dtype=dtype)
+        before = predict(module, (xp,), 4096).reshape(-1)
+        after = predict(res.model, (xp,), 4096).reshape(-1)
+        ref = res.errors.get("reference", {})
+        row = {
+            "index": i,
+            "rank": res.rank,
+            "rel_l2_before": ref.get("before", {}).get("rel_l2"),
+            "rel_l2_after": ref.get("after", {}).get("rel_l2"),
+            "residual_before": (res.residual_loss or {}).get("before"),
+            "residual_after": (res.residual_loss or {}).get("after"),
+            "seconds": time.perf_counter() - t0,
+        }
+        with h5py.File(partial, "a") as f:
+            f["predictions/before"][i] = before.detach().cpu().double().numpy()
+            f["predictions/after"][i] = after.detach().cpu().double().numpy()
+            g = f["instances"]
+            for key in ("rel_l2_before", "rel_l2_after", "residual_before", "residual_after", "seconds"):
+                g[key][i] = np.nan if row[key] is None else row[key]
+            g["rank"][i] = res.rank
+            if spec.save_delta:
+                flat = torch.cat(
+                    [
+                        (torch.view_as_real(d) if d.is_complex() else d).reshape(-1).double().cpu()
+                        if (d := res.delta.get(f"net.{n}")) is not None
+                        else torch.zeros(int(dict(net.named_parameters())[n].numel()), dtype=torch.float64)
+                        for n in names
+                    ]
+                ).numpy()
+                if "delta" not in f:
+                    ds = f.create_dataset("delta", shape=(num, flat.size), dtype="f8", fillvalue=np.nan)
+                    ds.attrs["parameters"] = json.dumps(names)
+                f["delta"][i] = flat
+            g["done"][i] = True
+            f.flush()
+        if on_instance is not None:
+            on_instance(i, row)
+        advance(1)
+    sink.end()
+
+    with h5py.File(partial, "r") as f:
+        g = f["instances"]
+        table = {
+            k: g[k][()]
+            for k in ("rel_l2_before", "rel_l2_after", "residual_before", "residual_after", "seconds", "rank")
+        }
+    per_instance: list[dict[str, Any]] = [
+        {
+            k: (int(v[i]) if k == "rank" else (None if not math.isfinite(float(v[i])) else float(v[i])))
+            for k, v in table.items()
+        }
+        | {"index": i}
+        for i in range(num)
+    ]
+    before_err: list[float | None] = [r["rel_l2_before"] for r in per_instance]
+    after_err: list[float | None] = [r["rel_l2_after"] for r in per_instance]
+    have_ref = any(v is not None for v in after_err)
+    ratios = [b / a for b, a in zip(before_err, after_err, strict=True) if b is not None and a is not None and a > 0]
+    summary: dict[str, Any] = {
+        "num_instances": num,
+        "rank": _stats([float(r["rank"]) if r["rank"] >= 0 else None for r in per_instance]),
+        "residual_before": _stats([r["residual_before"] for r in per_instance]),
+        "residual_after": _stats([r["residual_after"] for r in per_instance]),
+        "seconds_per_instance": _stats([r["seconds"] for r in per_instance]),
+    }
+    if have_ref:
+        summary["rel_l2_before"] = _stats(before_err)
+        summary["rel_l2_after"] = _stats(after_err)
+        summary["improvement_of_mean"] = (summary["rel_l2_before"]["mean"] or 0.0) / max(
+            summary["rel_l2_after"]["mean"] or 0.0, 1e-300
+        )
+        summary["improvement_per_instance"] = _stats(ratios)
+        summary["num_improved"] = sum(1 for r in ratios if r > 1.0)
+        summary["num_worse"] = sum(1 for r in ratios if r < 1.0)
+    if have_ref:
+        message = (
+            f"{num} instances: mean relative L2 error {summary['rel_l2_before']['mean']:.3e} -> "
+            f"{summary['rel_l2_after']['mean']:.3e} ({summary['improvement_of_mean']:.3g}x)"
+        )
+    else:
+        message = (
+            f"{num} instances: mean weighted residual {summary['residual_before']['mean']:.3e} -> "
+            f"{summary['residual_after']['mean']:.3e} (no references to compare with)"
+        )
+    peak, kind = peak_memory_bytes(device)
+    return InstancesResult(
+        status="done",
+        message=message,
+        summary=summary,
+        per_instance=per_instance,
+        num_resumed=done_before,
+        timings={"total": time.perf_counter() - t_start},
+        peak_memory_bytes=peak,
+        peak_memory_kind=kind,
+        device=str(device),
+        num_parameters=sum(p.numel() for p in net.parameters()),
+        num_linearized_parameters=num_lin,
+        warnings=warnings,
+    )
+
+
+__all__ = ["InstanceModel", "InstancesResult", "InstancesSpec", "fingerprint", "parse_instances", "run_instances"]
