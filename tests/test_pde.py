@@ -251,6 +251,18 @@ CASES = [
         lambda X: {"velocity": torch.stack([full(X, C1), full(X, C2)], dim=1), "source": full(X, 0.0)},
     ),
     Case(
+        "transport-2d",  # c·∇u = f with u = sin(x)·exp(y), c = (C1, C2)
+        "transport",
+        ("x", "y"),
+        (-1.0, -1.0),
+        (1.0, 1.0),
+        lambda X: torch.sin(X[:, 0]) * torch.exp(X[:, 1]),
+        lambda X: {
+            "velocity": torch.stack([full(X, C1), full(X, C2)], dim=1),
+            "source": (C1 * torch.cos(X[:, 0]) + C2 * torch.sin(X[:, 0])) * torch.exp(X[:, 1]),
+        },
+    ),
+    Case(
         "burgers-stationary-shock",  # u = −tanh(x / 2ν): u u_x = ν u_xx
         "burgers",
         ("x", "t"),
