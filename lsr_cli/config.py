@@ -70,7 +70,8 @@ class LsrConfig:
     row_chunk: int | str = "auto"
     tangent_chunk: int = 32
     max_memory: int | str = "auto"  # bytes, or "auto" (half of the free host / device memory)
-    sketch_rows: int | str = "auto"  # residual rows sketched for the basis (see refine.sketch_subset)
+    sketch_rows: int | str = "auto"  # residual rows sketched for the basis (see refine.sketch_samples)
+    jacobian: str = "auto"  # auto | dense | matrix_free
 
 
 @dataclass
@@ -281,6 +282,10 @@ def parse_config(raw: Any) -> Config:
         lsr.row_chunk = "auto" if v == "auto" else _int("lsr.row_chunk", v, lo=1)
     if "max_memory" in s:
         lsr.max_memory = parse_memory("lsr.max_memory", s["max_memory"])
+    if "jacobian" in s:
+        if s["jacobian"] not in ("auto", "dense", "matrix_free"):
+            raise ConfigError(f"config.lsr.jacobian: expected auto, dense or matrix_free, got {s['jacobian']!r}")
+        lsr.jacobian = s["jacobian"]
     if "sketch_rows" in s:
         v = s["sketch_rows"]
         lsr.sketch_rows = "auto" if v == "auto" else _int("lsr.sketch_rows", v, lo=1)

@@ -318,6 +318,104 @@ class JacobianOperator:
                 progress(round(k * e / N) - round(k * s / N))
         return out
 
+    def jacobian_rows(self, s: int, e: int) -> Tensor:
+        """Rows of ``J`` for samples ``s:e``, materialized: ``[(e − s) · out, m]``.
+
+        One reverse-mode Jacobian per sample, vmapped over the samples: valid when a sample's
+        rows depend on that sample alone (pointwise residuals; :func:`materialize` checks it)."""
+        rows = self._rows(s, e)
+        shared = [i < len(self.shared) and self.shared[i] for i in range(len(rows))]
+
+        def single(p: dict[str, Tensor], *row: Tensor) -> Tensor:
+            batch = tuple(x if sh else x.unsqueeze(0) for x, sh in zip(row, shared, strict=True))
+            return self._apply(p, batch).reshape(-1)
+
+        in_dims = (None, *[None if sh else 0 for sh in shared])
+        jac = torch.func.vmap(torch.func.jacrev(single), in_dims=in_dims)(self._primals, *rows)
+        k = (e - s) * self.out_numel
+        flat = self.space.flatten({n: t.reshape(k, *t.shape[2:]) for n, t in jac.items()})  # [m, k]
+        return flat.T.detach()
+
+
+class DenseOperator:
+    """``J`` (``n × m``) held in memory, built from a :class:`JacobianOperator` block by block;
+    the same interface (``matmat``, ``rmatmat``, ``iter_matmat``, ``forward``) as BLAS-3 products."""
+
+    def __init__(self, op: JacobianOperator, J: Tensor) -> None:
+        self.op = op
+        self.J = J
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.J.shape[0]), int(self.J.shape[1]))
+
+    def forward(self, params: dict[str, Tensor] | None = None) -> Tensor:
+        return self.op.forward(params)
+
+    def matmat(self, V: Tensor, progress: ProgressFn | None = None) -> Tensor:
+        out = self.J @ V
+        if progress is not None:
+            progress(V.shape[1])
+        return out
+
+    def iter_matmat(self, V: Tensor, progress: ProgressFn | None = None) -> Iterator[tuple[int, Tensor]]:
+        n = self.J.shape[0]
+        step = max(1, 8192)
+        for s in range(0, n, step):
+            yield s, self.J[s : s + step] @ V
+        if progress is not None:
+            progress(V.shape[1])
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.J @ v
+
+    def rmatmat(self, U: Tensor, progress: ProgressFn | None = None) -> Tensor:
+        out = self.J.T @ U
+        if progress is not None:
+            progress(U.shape[1])
+        return out
+
+
+PATH_CHECK_RTOL = 1e-8
+"""Relative mismatch between the materialized rows and JVPs above which a residual is not pointwise."""
+
+
+def materialize(
+    op: JacobianOperator, max_bytes: int, gen: torch.Generator, progress: ProgressFn | None = None
+) -> tuple[DenseOperator | None, str]:
+    """``J`` of ``op`` in memory when it fits ``max_bytes`` and is pointwise; else ``(None, why)``.
+
+    The first block is checked against JVPs with a random vector: a model that mixes samples
+    (batch statistics, attention over the batch) fails the check and stays matrix-free."""
+    n, m = op.shape
+    need = n * m * torch.empty(0, dtype=op.dtype).element_size()
+    if need > max_bytes:
+        return (
+            None,
+            f"the dense Jacobian ({n} x {m}, {need / 1e6:.0f} MB) exceeds its memory share ({max_bytes / 1e6:.0f} MB)",
+        )
+    J = torch.empty(n, m, dtype=op.dtype, device=op.device)
+    per_sample = op.out_numel * m * 8
+    step = max(1, min(op.num_samples, (64 * 2**20) // max(1, per_sample)))
+    try:
+        for s in range(0, op.num_samples, step):
+            e = min(op.num_samples, s + step)
+            J[s * op.out_numel : e * op.out_numel] = op.jacobian_rows(s, e)
+            if s == 0:
+                v = torch.randn(m, 1, generator=gen, dtype=op.dtype).to(op.device)
+                e0 = min(e, max(1, min(op.num_samples, 64)))
+                ref = op.matmat(v)[: e0 * op.out_numel]  # JVPs over all rows; cheap (one column)
+                got = J[: e0 * op.out_numel] @ v
+                scale = float(ref.abs().max()) or 1.0
+                if float((got - ref).abs().max()) > PATH_CHECK_RTOL * scale:
+                    return None, "the rows of one sample depend on other samples (not pointwise)"
+            if progress is not None:
+                progress(e - s)
+    except Exception as exc:  # a model that vmap over samples cannot handle
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, f"materializing per-sample Jacobians failed ({type(exc).__name__}: {first[:120]})"
+    return DenseOperator(op, J), f"the dense Jacobian ({n} x {m}, {need / 1e6:.0f} MB) fits the memory budget"
+
 
 class StackedOperator:
     """Rows of several operators with the same columns, stacked: ``[G_1; G_2; …]``."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,16 @@ from .checkpoint import LoadedCheckpoint
 from .config import Config, LsrConfig
 from .data import LazyArray, Split
 from .errors import CheckpointError, ConfigError, NumericalError
-from .linearization import JacobianOperator, ParameterSpace, make_functional, num_rows, real_numel, take_rows
+from .linearization import (
+    DenseOperator,
+    JacobianOperator,
+    ParameterSpace,
+    make_functional,
+    materialize,
+    num_rows,
+    real_numel,
+    take_rows,
+)
 from .linearized import LinearizedModel
 from .metrics import error_metrics
 from .runtime import (
@@ -76,6 +86,7 @@ class RefineResult:
     residual_blocks: dict[str, dict[str, float]] | None = None  # PDE: mean square per block
     residual_loss: dict[str, float] | None = None  # PDE: weighted total before/after
     memory: dict[str, Any] | None = None  # budget, peak above start, what was streamed
+    jacobian: dict[str, str] | None = None  # which Jacobian path ran (dense / matrix_free) and why
 
 
 def _chunk_rows(out_numel: int, cfg_row_chunk: int | str) -> int:
@@ -204,6 +215,30 @@ def sketch_samples(lsr: LsrConfig, num_samples: int, out_numel: int) -> int:
     return min(num_samples, max(1, rows // max(1, out_numel)))
 
 
+def choose_dense(
+    ops: dict[str, JacobianOperator], max_bytes: int, progress: Callable[[int], None] | None = None
+) -> tuple[dict[str, DenseOperator] | None, str]:
+    """Materialize every operator when together they fit ``max_bytes`` and are pointwise
+    (:func:`~.linearization.materialize`); else ``(None, why)``. The check vector comes from a
+    fixed private generator, so the run's random stream is the same on either path."""
+    total = sum(op.shape[0] * op.shape[1] for op in ops.values()) * 8
+    if total > max_bytes:
+        n = sum(op.shape[0] for op in ops.values())
+        m = next(iter(ops.values())).shape[1]
+        return (
+            None,
+            f"the dense Jacobian ({n} x {m}, {total / 1e6:.0f} MB) exceeds half of the memory budget ({max_bytes / 1e6:.0f} MB)",
+        )
+    out: dict[str, DenseOperator] = {}
+    why = ""
+    for name, op in ops.items():
+        dense, why = materialize(op, max_bytes, torch.Generator().manual_seed(0), progress)
+        if dense is None:
+            return None, why
+        out[name] = dense
+    return out, why
+
+
 def _finite_or_raise(t: Tensor, what: str) -> None:
     if not bool(torch.isfinite(t).all()):
         raise NumericalError(f"{what}: {int((~torch.isfinite(t)).sum())} non-finite value(s)")
@@ -244,7 +279,7 @@ def refine(
         train = data["train"]
         out_numel = math.prod(train.targets.shape[1:])
         row_chunk = _chunk_rows(out_numel, cfg.lsr.row_chunk)
-        ops = {
+        ops: dict[str, Any] = {
             name: JacobianOperator(module, space, s.inputs, row_chunk, cfg.lsr.tangent_chunk, shared=s.shared)
             for name, s in data.items()
         }
@@ -260,12 +295,34 @@ def refine(
 
         n, m = ops["train"].shape
         lsr = cfg.lsr
-        basis_op = ops["train"]
+        basis_op: Any = ops["train"]
         num_sketch = sketch_samples(lsr, train.num_samples, out_numel)
         if num_sketch < train.num_samples:
             idx = torch.sort(torch.randperm(train.num_samples, generator=gen)[:num_sketch]).values
             rows = tuple(x if sh else x[idx] for x, sh in zip(train.inputs, _shared(train), strict=True))
             basis_op = JacobianOperator(module, space, rows, row_chunk, lsr.tangent_chunk, shared=train.shared)
+        jac_info = {"path": "matrix_free", "reason": "lsr.jacobian: matrix_free"}
+        streamed_data = any(isinstance(x, LazyArray) for sp in data.values() for x in sp.inputs)
+        if lsr.jacobian != "matrix_free":
+            t_mat = time.perf_counter()
+            names = ["train"] + (["val"] if "val" in data else [])
+            if streamed_data:
+                jac_info["reason"] = "the data are streamed from the file (larger than the memory budget)"
+            else:
+                advance = sink.begin("materialize J", sum(data[nm].num_samples for nm in names))
+                dense, why = choose_dense({nm: ops[nm] for nm in names}, budget // 2, advance)
+                sink.end()
+                jac_info = {"path": "dense" if dense else "matrix_free", "reason": why}
+                if dense:
+                    ops.update(dense)
+                    if num_sketch < train.num_samples:
+                        rows_idx = (idx[:, None] * out_numel + torch.arange(out_numel)).reshape(-1).to(device)
+                        basis_op = DenseOperator(dense["train"].op, dense["train"].J[rows_idx])
+                    else:
+                        basis_op = ops["train"]
+                elif lsr.jacobian == "dense":
+                    warnings.append(f"lsr.jacobian: dense was asked for but {why}; the matrix-free path ran")
+            timings["materialize"] = time.perf_counter() - t_mat
         k_max = min(n, m, num_sketch * out_numel)
         sketch_bytes = 8 * 6 * (num_sketch * out_numel + m) * k_max  # Y, Q, B and QR work copies
         if sketch_bytes > budget:
@@ -368,6 +425,7 @@ def refine(
         rounds=sub.rounds,
         stop_reason=sub.stop_reason,
         memory=memory,
+        jacobian=jac_info,
     )
 
 

@@ -87,6 +87,7 @@ def refine_report(
             "peak_memory_bytes": result.peak_memory_bytes,
             "peak_memory_kind": result.peak_memory_kind,
             **({"memory": result.memory} if result.memory is not None else {}),
+            **({"jacobian": result.jacobian} if result.jacobian is not None else {}),
             "device": result.device,
             "dtype": result.dtype,
             "seed": seed,

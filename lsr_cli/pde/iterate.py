@@ -244,7 +244,7 @@ def iterate(
                 resample(problem, gen, data_path, base_dir)
             if k > start_iteration:  # the first iteration uses the operators built at the start
                 space = select_parameters(module, cfg, gen)
-                ops = build_operators(module, problem, space, cfg.lsr.tangent_chunk)
+                ops = build_operators(module, problem, space, cfg)
             sub = lsr_step(module, problem, space, ops, cfg, gen, NoProgress())
             lin_loss_total = (
                 float(torch.mean((ops.f0 + ops.G.matvec(sub.dz)) ** 2))
