@@ -222,10 +222,88 @@ def _save_refined(
 
 Option = typer.Option
 
+
+def _write_plots(plots: Path, payload: dict[str, Any], fields: list[Any] | None = None) -> Path:
+    """PNGs and ``index.html`` for a report into ``plots``; returns the HTML path."""
+    from .plots import write_html, write_plots
+
+    images = write_plots(payload, plots, fields)
+    html = plots / "index.html"
+    write_html(payload, html, images)
+    return html
+
+
+def _check_plots(plots: Path | None, inputs: list[Path]) -> None:
+    """Before any work: matplotlib is importable and the folder can be made."""
+    if plots is None:
+        return
+    from .plots import require_matplotlib
+
+    require_matplotlib()
+    if plots.exists() and not plots.is_dir():
+        raise OutputError(f"{plots}: --plots needs a folder, found a file")
+    for src in inputs:
+        if plots.resolve() == src.resolve():
+            raise OutputError(f"{plots}: --plots would overwrite the input {src}")
+
+
+def _reference_fields(model: Any, problem: PdeProblem) -> list[Any]:
+    """Pointwise errors vs ``/reference`` for 1-D/2-D problems (error-field plots)."""
+    import numpy as np
+
+    from .plots import FieldData
+
+    if problem.reference is None or problem.reference[0].shape[1] not in (1, 2):
+        return []
+    x, u = problem.reference
+    with torch.no_grad():
+        x = x.to(model.dtype)
+        before = model.base(x).reshape(-1)
+        after = model(x).reshape(-1)
+    y = u.to(model.dtype).reshape(-1)
+    return [
+        FieldData(
+            "reference",
+            x.double().cpu().numpy(),
+            np.abs((before - y).double().cpu().numpy()),
+            np.abs((after - y).double().cpu().numpy()),
+        )
+    ]
+
+
+def _error_fields(model: Any, splits: dict[str, Any], names: tuple[str, ...] = ("test", "val", "train")) -> list[Any]:
+    """Pointwise errors before/after for the first split (test, else val, else train) with one
+    1-D or 2-D input: the data for the error-field plots."""
+    import numpy as np
+
+    from .plots import FieldData
+
+    for name in names:
+        s = splits.get(name)
+        if s is None or len(s.inputs) != 1 or not isinstance(s.inputs[0], torch.Tensor):
+            continue
+        x = s.inputs[0]
+        if x.ndim != 2 or x.shape[1] not in (1, 2) or not x.is_floating_point():
+            continue
+        with torch.no_grad():
+            dtype = model.dtype
+            before = model.base(x.to(dtype)).reshape(x.shape[0], -1)
+            after = model(x).reshape(x.shape[0], -1)
+        y = s.targets.to(dtype).reshape(x.shape[0], -1)
+        e_before = torch.linalg.norm(before - y, dim=1).double().cpu().numpy()
+        e_after = torch.linalg.norm(after - y, dim=1).double().cpu().numpy()
+        return [FieldData(name, np.asarray(x.double().cpu().numpy()), e_before, e_after)]
+    return []
+
+
 DataOpt = Annotated[Path | None, Option("--data", "-d", help="HDF5 data file (overrides data.path).")]
 ReportOpt = Annotated[Path | None, Option("--report", "-r", help="JSON report (default: OUT.report.json).")]
 RankOpt = Annotated[str | None, Option("--rank", help="'auto', N, or a sweep 'N1,N2,...' (overrides lsr.rank).")]
 DeviceOpt = Annotated[str | None, Option("--device", help="auto | cpu | cuda | cuda:N.")]
+PlotsOpt = Annotated[
+    Path | None,
+    Option("--plots", help="Write PNG plots and an HTML page (index.html) into this folder (needs matplotlib)."),
+]
 MemoryOpt = Annotated[
     str | None,
     Option(
@@ -256,6 +334,7 @@ def refine_cmd(
     dtype: DtypeOpt = None,
     seed: SeedOpt = None,
     max_memory: MemoryOpt = None,
+    plots: PlotsOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -278,6 +357,7 @@ def refine_cmd(
         check_output_path(report_path, inputs + [out_path], force, "report")
         if not checkpoint.is_file():
             raise CheckpointError(f"{checkpoint}: checkpoint file not found")
+        _check_plots(plots, inputs)
 
         t0 = time.perf_counter()
         ckpt = load_checkpoint(checkpoint, cfg.model, base)
@@ -337,11 +417,20 @@ def refine_cmd(
                 seed=cfg.seed,
             )
             write_json(tmp_report, payload)
+        html = None
+        if plots is not None:
+            if pde_mode:
+                fields = _reference_fields(result.model, problem)
+            else:
+                fields = _error_fields(result.model, splits)
+            html = _write_plots(plots, payload, fields)
         if as_json:
             sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         elif not quiet:
             Console().print(refine_table(payload))
             Console().print(escape(f"{result.message}\nwrote {out_path} and {report_path}"), highlight=False)
+            if html is not None:
+                Console().print(escape(f"plots: {html}"), highlight=False)
 
 
 @app.command("evaluate")
@@ -435,6 +524,34 @@ def inspect_cmd(
         con.print(table)
 
 
+@app.command("report")
+def report_cmd(
+    report: Annotated[Path, typer.Argument(help="A JSON report of lsr refine, iterate or instances.")],
+    html: Annotated[Path, Option("--html", help="HTML page to write (PNGs go in a folder beside it).")],
+    force: ForceOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Plots and an HTML page from an existing report (needs matplotlib)."""
+    with _guard(debug):
+        from .plots import write_html, write_plots
+
+        check_output_path(html, [report], force, "HTML page")
+        _check_plots(html.with_suffix(""), [report])
+        if not report.is_file():
+            raise ConfigError(f"{report}: report file not found")
+        try:
+            payload = json.loads(report.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError(f"{report}: not a JSON report ({exc})") from None
+        if not isinstance(payload, dict) or "command" not in payload:
+            raise ConfigError(f"{report}: not an lsr report (no 'command' field)")
+        folder = html.with_name(html.stem + "_files")
+        images = write_plots(payload, folder)
+        with atomic_outputs(html) as (tmp_html,):
+            write_html(payload, tmp_html, images)
+        Console().print(escape(f"wrote {html} ({len(images)} plots in {folder})"), highlight=False)
+
+
 @app.command("instances")
 def instances_cmd(
     checkpoint: Annotated[
@@ -453,6 +570,7 @@ def instances_cmd(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     seed: SeedOpt = None,
+    plots: PlotsOpt = None,
     force: Annotated[
         bool, Option("--force", help="Overwrite outputs and discard an interrupted run's finished instances.")
     ] = False,
@@ -488,6 +606,7 @@ def instances_cmd(
         spec, num = parse_instances(cfg.instances, data_path)
         partial = out_path.with_name(out_path.name + ".partial")
         check_output_path(partial, inputs, True, "partial predictions file")
+        _check_plots(plots, inputs)
         ckpt = load_checkpoint(start, cfg.model, base)
         if ckpt.delta is not None:
             raise CheckpointError(f"{start}: a refined checkpoint; per-instance LSR starts from the plain network")
@@ -520,11 +639,14 @@ def instances_cmd(
             )
             write_json(tmp_report, payload)
         partial.unlink(missing_ok=True)
+        html = _write_plots(plots, payload) if plots is not None else None
         if as_json:
             sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         elif not quiet:
             Console().print(instances_table(payload))
             Console().print(escape(f"{result.message}\nwrote {out_path} and {report_path}"), highlight=False)
+            if html is not None:
+                Console().print(escape(f"plots: {html}"), highlight=False)
 
 
 @app.command("iterate")
@@ -542,6 +664,7 @@ def iterate_cmd(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     seed: SeedOpt = None,
+    plots: PlotsOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -580,6 +703,7 @@ def iterate_cmd(
         inputs = [start] + ([data_path] if data_path else []) + ([config] if config else [])
         check_output_path(out_path, inputs, force or resume, "network")
         check_output_path(report_path, inputs + [out_path], force or resume, "report")
+        _check_plots(plots, inputs)
         if not source.is_file():
             raise CheckpointError(f"{source}: checkpoint file not found")
 
@@ -645,11 +769,14 @@ def iterate_cmd(
                 "warnings": result.warnings,
             }
             write_json(tmp_report, clean_json(payload))
+        html = _write_plots(plots, clean_json(payload)) if plots is not None else None
         if as_json:
             sys.stdout.write(json.dumps(clean_json(payload), indent=2) + "\n")
         elif not quiet:
             Console().print(iterate_table(payload))
             Console().print(escape(f"{result.message}\nwrote {out_path} and {report_path}"), highlight=False)
+            if html is not None:
+                Console().print(escape(f"plots: {html}"), highlight=False)
 
 
 def _iteration_line(e: dict[str, Any]) -> str:

@@ -230,13 +230,17 @@ def choose_dense(
             f"the dense Jacobian ({n} x {m}, {total / 1e6:.0f} MB) exceeds half of the memory budget ({max_bytes / 1e6:.0f} MB)",
         )
     out: dict[str, DenseOperator] = {}
-    why = ""
     for name, op in ops.items():
         dense, why = materialize(op, max_bytes, torch.Generator().manual_seed(0), progress)
         if dense is None:
             return None, why
         out[name] = dense
-    return out, why
+    n = sum(op.shape[0] for op in ops.values())
+    m = next(iter(ops.values())).shape[1]
+    return out, (
+        f"the dense Jacobian ({n} x {m}, {total / 1e6:.0f} MB) fits half of the memory budget "
+        f"({max_bytes / 1e6:.0f} MB) and the residual is pointwise"
+    )
 
 
 def _finite_or_raise(t: Tensor, what: str) -> None:
