@@ -73,8 +73,21 @@ def main() -> None:
         cfg = root / "cfg.yaml"
         cfg.write_text(f"model: {{factory: mlp, kwargs: {{in_features: {args.features}, hidden: [16]}}}}\n")
         input_mb = args.samples * args.features * 8 / 1e6
-        print(f"training inputs {input_mb:.0f} MB ({args.samples} x {args.features} float64), written in {time.perf_counter() - t0:.1f} s")
-        common = ["refine", str(root / "model.pt"), "--config", str(cfg), "--data", str(data), "--rank", args.ranks, "--json", "--force"]
+        print(
+            f"training inputs {input_mb:.0f} MB ({args.samples} x {args.features} float64), written in {time.perf_counter() - t0:.1f} s"
+        )
+        common = [
+            "refine",
+            str(root / "model.pt"),
+            "--config",
+            str(cfg),
+            "--data",
+            str(data),
+            "--rank",
+            args.ranks,
+            "--json",
+            "--force",
+        ]
         in_mem, t_mem = run([*common, "--out", str(root / "memory.pt")])
         streamed, t_str = run([*common, "--out", str(root / "streamed.pt"), "--max-memory", args.budget])
         d_mem = torch.load(root / "memory.pt", weights_only=True)["delta"]
@@ -82,7 +95,9 @@ def main() -> None:
         diff = max(float((d_mem[k] - d_str[k]).abs().max() / d_mem[k].abs().max().clamp_min(1e-300)) for k in d_mem)
 
     budget = streamed["memory"]["budget_bytes"]
-    print(f"{'run':<10} {'streamed':<9} {'rank':>5} {'test before':>12} {'test after':>12} {'peak above start':>17} {'time':>7}")
+    print(
+        f"{'run':<10} {'streamed':<9} {'rank':>5} {'test before':>12} {'test after':>12} {'peak above start':>17} {'time':>7}"
+    )
     for name, rep, t in (("in memory", in_mem, t_mem), ("streamed", streamed, t_str)):
         test = rep["splits"]["test"]
         print(
@@ -95,7 +110,9 @@ def main() -> None:
         stages = rep["memory"]["peak_above_start_by_stage"]
         print(f"  {name:<10} " + "  ".join(f"{k} {v / 1e6:.1f}" for k, v in stages.items()))
     peak = streamed["memory"]["peak_above_start_bytes"]
-    print(f"budget {budget / 1e6:.1f} MB; streamed peak {peak / 1e6:.1f} MB ({'under' if peak < budget else 'OVER'} the budget)")
+    print(
+        f"budget {budget / 1e6:.1f} MB; streamed peak {peak / 1e6:.1f} MB ({'under' if peak < budget else 'OVER'} the budget)"
+    )
     print(f"max relative difference of delta, streamed vs in memory: {diff:.2e}")
     rel = abs(streamed["splits"]["test"]["after"]["rel_l2"] / in_mem["splits"]["test"]["after"]["rel_l2"] - 1)
     print(f"relative difference of the refined test error: {rel:.2e}")

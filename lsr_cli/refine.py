@@ -215,6 +215,19 @@ def sketch_samples(lsr: LsrConfig, num_samples: int, out_numel: int) -> int:
     return min(num_samples, max(1, rows // max(1, out_numel)))
 
 
+DENSE_MIN_COLUMNS = 128
+"""Below this many sketch columns, ``lsr.jacobian: auto`` stays matrix-free (materializing J costs
+about as much as 100 JVP columns; measured in benchmarks/throughput.py)."""
+
+
+def planned_columns(lsr: LsrConfig) -> int:
+    """Sketch columns the first round will use: the (largest) fixed rank, or ``start_rank``, plus oversampling."""
+    if lsr.rank == "auto":
+        return min(lsr.start_rank, lsr.max_rank) + lsr.oversampling
+    top = max(lsr.rank) if isinstance(lsr.rank, list) else int(lsr.rank)
+    return top + lsr.oversampling
+
+
 def choose_dense(
     ops: dict[str, JacobianOperator], max_bytes: int, progress: Callable[[int], None] | None = None
 ) -> tuple[dict[str, DenseOperator] | None, str]:
@@ -312,6 +325,11 @@ def refine(
             names = ["train"] + (["val"] if "val" in data else [])
             if streamed_data:
                 jac_info["reason"] = "the data are streamed from the file (larger than the memory budget)"
+            elif lsr.jacobian == "auto" and planned_columns(lsr) < DENSE_MIN_COLUMNS:
+                jac_info["reason"] = (
+                    f"only {planned_columns(lsr)} sketch columns planned: JVPs are cheaper than materializing J "
+                    f"(dense pays off from about {DENSE_MIN_COLUMNS}, benchmarks/throughput.py)"
+                )
             else:
                 advance = sink.begin("materialize J", sum(data[nm].num_samples for nm in names))
                 dense, why = choose_dense({nm: ops[nm] for nm in names}, budget // 2, advance)

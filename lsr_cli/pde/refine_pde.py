@@ -25,7 +25,15 @@ from lsr_cli.errors import CheckpointError, ConfigError, NumericalError
 from lsr_cli.linearization import JacobianOperator, ParameterSpace, StackedOperator
 from lsr_cli.linearized import LinearizedModel
 from lsr_cli.metrics import error_metrics
-from lsr_cli.refine import RefineResult, choose_dense, predict, prepare_module, select_parameters
+from lsr_cli.refine import (
+    DENSE_MIN_COLUMNS,
+    RefineResult,
+    choose_dense,
+    planned_columns,
+    predict,
+    prepare_module,
+    select_parameters,
+)
 from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, resolve_memory_budget, start_run
 from lsr_cli.subspace import Selection, SubspaceResult, solve_subspace, stratified_holdout_rows
 
@@ -102,7 +110,9 @@ def build_operators(
         for b in problem.blocks
     ]
     info = {"path": "matrix_free", "reason": "lsr.jacobian: matrix_free"}
-    if lsr.jacobian != "matrix_free":
+    if lsr.jacobian == "auto" and planned_columns(lsr) < DENSE_MIN_COLUMNS:
+        info["reason"] = f"only {planned_columns(lsr)} sketch columns planned: JVPs are cheaper than materializing G"
+    elif lsr.jacobian != "matrix_free":
         device = ops[0].device
         budget = resolve_memory_budget(lsr.max_memory, device)
         dense, why = choose_dense({b.name: op for b, op in zip(problem.blocks, ops, strict=True)}, budget // 2)
