@@ -258,3 +258,24 @@ def test_iterate_needs_pde_and_checkpoint(pinn):
     assert_clean_failure(result, ConfigError.exit_code, ["no checkpoint"], [])
     result = run("iterate", pinn["torchscript"], "--config", pinn["config"], "--resume", "--out", pinn["dir"] / "x.pt")
     assert_clean_failure(result, 6, ["--resume"], [pinn["dir"] / "x.pt"])
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "state_dict"])
+def test_pde_refine_dense_equals_matrix_free(pinn, kind):
+    reports = {}
+    for path in ("dense", "matrix_free"):
+        cfg = write_config(pinn["dir"] / f"{path}.yaml", {"lsr": {"rank": [16, 48, 96], "jacobian": path}})
+        out, report = pinn["dir"] / f"{path}.pt", pinn["dir"] / f"{path}.json"
+        result = run("refine", pinn[kind], "--config", cfg, "--out", out, "--report", report)
+        assert result.exit_code == 0, result.output
+        reports[path] = json.loads(report.read_text())
+    dense, free = reports["dense"], reports["matrix_free"]
+    assert dense["jacobian"]["path"] == "dense" and free["jacobian"]["path"] == "matrix_free"
+    assert dense["rank"] == free["rank"]
+    for key in ("before", "after", "after_linearized"):
+        assert dense["residual_loss"][key] == pytest.approx(free["residual_loss"][key], rel=1e-6)
+    assert dense["splits"]["reference"]["after"]["rel_l2"] == pytest.approx(
+        free["splits"]["reference"]["after"]["rel_l2"], rel=1e-6
+    )
+    # Poisson is linear: the refined predictor's own residual is the linearized one
+    assert dense["residual_loss"]["after"] == pytest.approx(dense["residual_loss"]["after_linearized"], rel=1e-6)

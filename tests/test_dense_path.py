@@ -1,0 +1,103 @@
+"""The dense Jacobian path: materialized per-sample Jacobians equal the matrix-free products,
+refinement gives the same result on either path, and batch-mixing models stay matrix-free."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lsr_cli.linearization import JacobianOperator, ParameterSpace, materialize
+from lsr_cli.models import MLP
+from tests.test_cli import assert_ok, refine_args, run
+
+PRODUCT_RTOL = 1e-12
+
+
+class BatchMixing(nn.Module):
+    """Subtracts the batch mean: a sample's output depends on the other samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return h - h.mean(0, keepdim=True)
+
+
+def _space(net: nn.Module) -> ParameterSpace:
+    return ParameterSpace({k: v.detach() for k, v in net.named_parameters()})
+
+
+@pytest.mark.parametrize("script", [False, True])
+def test_materialized_jacobian_equals_jvps(script):
+    torch.manual_seed(0)
+    net: nn.Module = MLP(2, 3, hidden=[6, 5]).double()
+    if script:
+        net = torch.jit.script(net)
+    x = torch.rand(23, 2, dtype=torch.float64)
+    op = JacobianOperator(net, _space(net), (x,), row_chunk=5, tangent_chunk=4)
+    dense, why = materialize(op, 2**30, torch.Generator().manual_seed(0))
+    assert dense is not None, why
+    n, m = op.shape
+    gen = torch.Generator().manual_seed(1)
+    V = torch.randn(m, 7, generator=gen, dtype=torch.float64)
+    U = torch.randn(n, 7, generator=gen, dtype=torch.float64)
+    ref_f, ref_b = op.matmat(V), op.rmatmat(U)
+    torch.testing.assert_close(dense.matmat(V), ref_f, rtol=0, atol=PRODUCT_RTOL * float(ref_f.abs().max()))
+    torch.testing.assert_close(dense.rmatmat(U), ref_b, rtol=0, atol=PRODUCT_RTOL * float(ref_b.abs().max()))
+    blocks = torch.cat([b for _, b in dense.iter_matmat(V)])
+    torch.testing.assert_close(blocks, ref_f, rtol=0, atol=PRODUCT_RTOL * float(ref_f.abs().max()))
+
+
+def test_batch_mixing_model_stays_matrix_free():
+    torch.manual_seed(0)
+    net = BatchMixing().double()
+    x = torch.rand(30, 2, dtype=torch.float64)
+    op = JacobianOperator(net, _space(net), (x,), row_chunk=8)
+    dense, why = materialize(op, 2**30, torch.Generator().manual_seed(0))
+    assert dense is None
+    assert "not pointwise" in why
+
+
+def test_too_large_for_the_share_stays_matrix_free():
+    net = MLP(2, 1, hidden=[8]).double()
+    op = JacobianOperator(net, _space(net), (torch.rand(50, 2, dtype=torch.float64),))
+    dense, why = materialize(op, 1000, torch.Generator().manual_seed(0))
+    assert dense is None and "exceeds" in why
+
+
+@pytest.mark.parametrize("kind", ["state_dict", "torchscript"])
+def test_refine_dense_equals_matrix_free(regression_files, kind):
+    files = regression_files
+    reports = {}
+    for path in ("dense", "matrix_free"):
+        cfg = files["dir"] / f"{path}.yaml"
+        cfg.write_text(f"model:\n  factory: mlp\n  kwargs: {{hidden: [16, 16]}}\nlsr:\n  jacobian: {path}\n")
+        out, rep = files["dir"] / f"{path}.pt", files["dir"] / f"{path}.json"
+        result = run(*refine_args(files[kind], files, out, rep, "--json", rank="40,80,160", config=cfg))
+        assert_ok(result)
+        reports[path] = json.loads(result.stdout)
+    dense, free = reports["dense"], reports["matrix_free"]
+    assert dense["jacobian"]["path"] == "dense" and free["jacobian"]["path"] == "matrix_free"
+    assert dense["rank"] == free["rank"]
+    for split in ("train", "val", "test"):
+        assert dense["splits"][split]["after"]["rel_l2"] == pytest.approx(
+            free["splits"][split]["after"]["rel_l2"], rel=1e-6
+        )
+
+
+def test_auto_path_reports_its_choice(regression_files):
+    files = regression_files
+    out, rep = files["dir"] / "a.pt", files["dir"] / "a.json"
+    result = run(*refine_args(files["state_dict"], files, out, rep, "--json", rank="20"))
+    assert_ok(result)
+    few = json.loads(result.stdout)["jacobian"]
+    assert few["path"] == "matrix_free" and "sketch columns" in few["reason"]
+    result = run(*refine_args(files["state_dict"], files, out, rep, "--json", "--force", rank="200"))
+    assert_ok(result)
+    many = json.loads(result.stdout)["jacobian"]
+    assert many["path"] == "dense" and "fits" in many["reason"]
