@@ -1,0 +1,437 @@
+"""From the same checkpoint, same data, float64, TF32 off: LSR against what else a user can do.
+
+Methods, per task:
+
+- ``lsr``: one-shot LSR as ``lsr refine`` runs it (library call, default settings of the config);
+- ``adam`` / ``lbfgs``: continued training of the checkpoint on the same loss (Adam, lr 1e-4;
+  ``torch.optim.LBFGS`` with strong Wolfe line search) for the same wall time as ``lsr``, then
+  for 3× that time;
+- ``gauss_newton``: one full Gauss–Newton step with the dense Jacobian (``lstsq`` with the
+  truncation ``eps · max(n, m)``), where ``J`` fits in memory;
+- ``random_subspace``: the LSR reduced problem in a random Gaussian subspace of the rank LSR
+  chose (ablation of the sketch);
+- ``last_layer``: least squares in the last layer's parameters only (the classical "refit the
+  head" baseline; exact, because the output is linear in them).
+
+Tasks: the shipped samples (regression, Poisson 2-D PINN, Burgers PINN, DeepONet Burgers operator
+when present) and a harder regression whose Adam residual sits in the tail of the spectrum
+(``sin(πx) sin(πy) + 0.3 cos(4πxy)``, a tanh MLP 64×4 trained here). Errors: relative L2 on the
+test split, or against ``/reference`` for PINNs, of the refined predictor (linearized methods)
+or of the network (Adam, L-BFGS).
+
+    OMP_NUM_THREADS=1 python benchmarks/methods.py --out docs/benchmarks     # ~20-30 min on 2 cores
+    OMP_NUM_THREADS=1 python benchmarks/methods.py --tasks regression poisson2d --out /tmp/b
+
+Writes ``methods.md`` (tables), ``methods.json`` and PNGs (error vs wall time per task, LSR's
+rank sweep, the sketch's singular spectrum) into ``--out``. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lsr_cli import load_checkpoint, load_config, read_data
+from lsr_cli.config import Config
+from lsr_cli.linearization import JacobianOperator, ParameterSpace, materialize
+from lsr_cli.linearized import LinearizedModel
+from lsr_cli.models import MLP
+from lsr_cli.pde import parse_problem, refine_pde
+from lsr_cli.pde.refine_pde import build_operators
+from lsr_cli.refine import predict, refine
+from lsr_cli.runtime import cast_module, no_tf32
+from lsr_cli.solve import QRAccumulator, ReducedProblem
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = torch.device("cpu")
+DENSE_LIMIT = 3 * 2**30  # bytes of J for the Gauss-Newton step
+
+
+@dataclass
+class Task:
+    name: str
+    config: Config
+    base: Path
+    checkpoint: Path
+    module: nn.Module  # float64 network at θ0
+    loss: Callable[[nn.Module], Tensor]  # training loss (mean square of the weighted residual)
+    error: Callable[[nn.Module], float]  # relative L2 on test / reference of a predictor module
+    jacobian: Callable[[nn.Module, ParameterSpace], tuple[Any, Tensor]]  # (G operator, f0)
+    run_lsr: Callable[[], Any]
+    last_layer: list[str] = field(default_factory=list)
+
+
+def _rel(pred: Tensor, y: Tensor) -> float:
+    return float(torch.linalg.norm(pred.reshape(y.shape) - y) / torch.linalg.norm(y))
+
+
+def _last_layer(module: nn.Module) -> list[str]:
+    names = [n for n, p in module.named_parameters() if p.is_floating_point()]
+    prefix = names[-1].rsplit(".", 1)[0]
+    return [n for n in names if n.rsplit(".", 1)[0] == prefix]
+
+
+def supervised_task(name: str, config_path: Path) -> Task:
+    cfg = load_config(config_path)
+    base = config_path.parent
+    ckpt_path = (base / cfg.model.checkpoint).resolve() if cfg.model.checkpoint else None
+    assert ckpt_path is not None, f"{config_path}: model.checkpoint needed"
+    data_path = (base / str(cfg.data.path)).resolve()
+    splits = read_data(data_path, cfg.data, torch.float64)
+    module = cast_module(load_checkpoint(ckpt_path, cfg.model, base).module, torch.float64, DEVICE).eval()
+    train, test = splits["train"], splits.get("test") or splits.get("val") or splits["train"]
+
+    def out(m: nn.Module, s: Any) -> Tensor:
+        return predict(m, s.inputs, 1024, shared=s.shared)
+
+    def loss(m: nn.Module) -> Tensor:
+        pred = m(*train.inputs)
+        return torch.mean((pred.reshape(train.targets.shape) - train.targets) ** 2)
+
+    def error(m: nn.Module) -> float:
+        return _rel(out(m, test), test.targets)
+
+    def jac(m: nn.Module, space: ParameterSpace) -> tuple[Any, Tensor]:
+        op = JacobianOperator(m, space, train.inputs, 512, 32, shared=train.shared)
+        f0 = (out(m, train).reshape(train.targets.shape) - train.targets).reshape(-1)
+        return op, f0
+
+    def run_lsr() -> Any:
+        ckpt = load_checkpoint(ckpt_path, cfg.model, base)
+        return refine(ckpt, splits, cfg)
+
+    return Task(name, cfg, base, ckpt_path, module, loss, error, jac, run_lsr, _last_layer(module))
+
+
+def pde_task(name: str, config_path: Path) -> Task:
+    cfg = load_config(config_path)
+    base = config_path.parent
+    ckpt_path = (base / str(cfg.model.checkpoint)).resolve()
+    data_path = (base / str(cfg.data.path)).resolve() if cfg.data.path else None
+    problem = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base)
+    problem.to(DEVICE, torch.float64)
+    module = cast_module(load_checkpoint(ckpt_path, cfg.model, base).module, torch.float64, DEVICE).eval()
+    assert problem.reference is not None
+    x_ref, u_ref = problem.reference
+
+    def loss(m: nn.Module) -> Tensor:
+        total, rows = 0.0, 0
+        for b in problem.blocks:
+            r = b.residual(m, b.inputs)
+            total = total + (r * r).sum()
+            rows += r.shape[0]
+        return total / rows  # type: ignore[return-value]
+
+    def error(m: nn.Module) -> float:
+        return _rel(predict(m, (x_ref,), 4096), u_ref)
+
+    def jac(m: nn.Module, space: ParameterSpace) -> tuple[Any, Tensor]:
+        ops = build_operators(m, problem, space, cfg)
+        return ops.G, ops.f0
+
+    def run_lsr() -> Any:
+        ckpt = load_checkpoint(ckpt_path, cfg.model, base)
+        fresh = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base)
+        return refine_pde(ckpt, fresh, cfg)
+
+    return Task(name, cfg, base, ckpt_path, module, loss, error, jac, run_lsr, _last_layer(module))
+
+
+def hard_regression_task(workdir: Path, steps: int) -> Task:
+    """sin(πx)sin(πy) + 0.3 cos(4πxy) on [-1, 1]², tanh MLP 64×4 trained by Adam here."""
+    rng = np.random.default_rng(0)
+    data = workdir / "hard.h5"
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        return np.sin(np.pi * x[:, :1]) * np.sin(np.pi * x[:, 1:2]) + 0.3 * np.cos(4 * np.pi * x[:, :1] * x[:, 1:2])
+
+    with h5py.File(data, "w") as f:
+        for split, n in (("train", 4000), ("val", 1000), ("test", 2500)):
+            x = rng.uniform(-1, 1, size=(n, 2))
+            f[f"{split}/inputs"] = x
+            f[f"{split}/targets"] = fn(x)
+    torch.manual_seed(0)
+    model = MLP(2, 1, hidden=[64] * 4)
+    with h5py.File(data) as f:
+        x = torch.tensor(f["train/inputs"][()], dtype=torch.float32)
+        y = torch.tensor(f["train/targets"][()], dtype=torch.float32)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=2e-5)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.mean((model(x) - y) ** 2)
+        loss.backward()
+        opt.step()
+        sched.step()
+    torch.jit.script(model.eval()).save(str(workdir / "hard.pt"))
+    cfg = workdir / "hard.yaml"
+    cfg.write_text("model: {checkpoint: hard.pt}\ndata: {path: hard.h5}\nlsr: {rank: auto}\nseed: 0\n")
+    return supervised_task("regression_hard", cfg)
+
+
+# ------------------------------------------------------------------------------------------
+# methods
+# ------------------------------------------------------------------------------------------
+
+
+def continued(task: Task, method: str, budget: float, marks: list[float]) -> list[tuple[float, float]]:
+    module = cast_module(load_checkpoint(task.checkpoint, task.config.model, task.base).module, torch.float64, DEVICE)
+    module.train(False)
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(True)
+    opt: torch.optim.Optimizer
+    if method == "adam":
+        opt = torch.optim.Adam(params, lr=1e-4)
+    else:
+        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=20, history_size=50, line_search_fn="strong_wolfe")
+    curve = [(0.0, task.error(module))]
+    marks = sorted(marks)
+    timer = 0.0
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = task.loss(module)
+        loss.backward()
+        return loss
+
+    while timer < budget:
+        t0 = time.perf_counter()
+        opt.step(closure)
+        timer += time.perf_counter() - t0  # error evaluations are not charged
+        if marks and timer >= marks[0]:
+            curve.append((timer, task.error(module)))
+            while marks and timer >= marks[0]:
+                marks.pop(0)
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            break
+    curve.append((timer, task.error(module)))
+    return curve
+
+
+def linear_step(task: Task, names: list[str] | None, subspace: str, rank: int) -> dict[str, Any]:
+    """``δ`` from ``min ‖G δ + f0‖`` in: all parameters densely (``gauss_newton``), the last layer
+    densely (``last_layer``), or a random subspace of ``rank`` columns (``random``)."""
+    t0 = time.perf_counter()
+    module = task.module
+    named = {k: v.detach() for k, v in module.named_parameters()}
+    space = ParameterSpace(named, include=names or ())
+    op, f0 = task.jacobian(module, space)
+    n, m = op.shape
+    if subspace == "random":
+        gen = torch.Generator().manual_seed(0)
+        P = torch.randn(m, rank, generator=gen, dtype=torch.float64)
+        P = torch.linalg.qr(P).Q
+        qr = QRAccumulator(rank)
+        A = op.matmat(P)
+        qr.add(A, f0)
+        sol = ReducedProblem.from_qr(qr).solve(rank)
+        dz = P @ sol.z
+    else:
+        if n * m * 8 > DENSE_LIMIT:
+            return {"skipped": f"J is {n} x {m} ({n * m * 8 / 1e9:.1f} GB), above {DENSE_LIMIT / 1e9:.0f} GB"}
+        J = getattr(op, "J", None)
+        if J is None:
+            if hasattr(op, "ops"):  # a stack of residual blocks
+                J = torch.cat([getattr(o, "J", None) if hasattr(o, "J") else _dense(o) for o in op.ops])
+            else:
+                J = _dense(op)
+        rcond = torch.finfo(torch.float64).eps * max(n, m)
+        U, S, Vh = torch.linalg.svd(J, full_matrices=False)
+        keep = S > rcond * S[0]
+        dz = -(Vh[keep].T @ ((U[:, keep].T @ f0) / S[keep]))
+    seconds = time.perf_counter() - t0
+    delta = space.unflatten_vector(dz)
+    err = task.error(LinearizedModel(module, delta))
+    return {"error": err, "seconds": seconds, "n": n, "m": m, "rank": rank if subspace == "random" else None}
+
+
+def _dense(op: JacobianOperator) -> Tensor:
+    dense, why = materialize(op, DENSE_LIMIT, torch.Generator().manual_seed(0))
+    if dense is None:
+        raise RuntimeError(why)
+    return dense.J
+
+
+def run_task(task: Task) -> dict[str, Any]:
+    print(f"\n== {task.name}", flush=True)
+    before = task.error(task.module)
+    with no_tf32():
+        t0 = time.perf_counter()
+        result = task.run_lsr()
+        t_lsr = time.perf_counter() - t0
+    after = task.error(result.model)
+    print(f"lsr: {before:.3e} -> {after:.3e} at rank {result.rank} in {t_lsr:.1f} s ({result.jacobian})", flush=True)
+    out: dict[str, Any] = {
+        "before": before,
+        "lsr": {
+            "error": after,
+            "seconds": t_lsr,
+            "rank": result.rank,
+            "jacobian": result.jacobian,
+            "rank_sweep": [e.to_dict() for e in result.rank_sweep],
+            "singular_values": result.singular_values,
+            "peak_memory_bytes": result.peak_memory_bytes,
+        },
+    }
+    for method in ("adam", "lbfgs"):
+        curve = continued(task, method, 3 * t_lsr, [t_lsr * f for f in (0.25, 0.5, 1.0, 2.0)])
+        at_equal = min((e for t, e in curve if t >= t_lsr), default=curve[-1][1])
+        at_equal = next((e for t, e in curve if t >= t_lsr), curve[-1][1])
+        out[method] = {"curve": curve, "error_at_lsr_time": at_equal, "error_at_3x": curve[-1][1]}
+        print(f"{method}: at lsr time {at_equal:.3e}, at 3x {curve[-1][1]:.3e}", flush=True)
+    for name, names, sub in (
+        ("gauss_newton", None, "dense"),
+        ("random_subspace", None, "random"),
+        ("last_layer", task.last_layer, "dense"),
+    ):
+        try:
+            with no_tf32():
+                res = linear_step(task, names, sub, max(1, result.rank))
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            res = {"skipped": str(exc)[:200]}
+        out[name] = res
+        msg = res.get("skipped") or f"{res['error']:.3e} in {res['seconds']:.1f} s"
+        print(f"{name}: {msg}", flush=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# output
+# ------------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.2e}"
+
+
+def write_markdown(results: dict[str, Any], path: Path, machine: str) -> None:
+    lines = [
+        "# Methods from the same checkpoint",
+        "",
+        f"Machine: {machine}. Regenerate with `OMP_NUM_THREADS=1 python benchmarks/methods.py --out docs/benchmarks`.",
+        "Relative L2 error on the test split (regression, operator) or against the reference solution (PINNs);",
+        "`adam`/`lbfgs` continue training the checkpoint for the same wall time as LSR (and 3×).",
+        "",
+        "| task | before | LSR | LSR time | rank | Adam @ LSR time | L-BFGS @ LSR time | Adam @ 3× | L-BFGS @ 3× | Gauss–Newton (dense) | random subspace | last layer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        gn, rs, ll = r["gauss_newton"], r["random_subspace"], r["last_layer"]
+
+        def cell(x: dict[str, Any]) -> str:
+            return "skipped" if "skipped" in x else f"{_fmt(x['error'])} ({x['seconds']:.1f} s)"
+
+        lines.append(
+            f"| {name} | {_fmt(r['before'])} | {_fmt(r['lsr']['error'])} | {r['lsr']['seconds']:.1f} s | {r['lsr']['rank']} "
+            f"| {_fmt(r['adam']['error_at_lsr_time'])} | {_fmt(r['lbfgs']['error_at_lsr_time'])} "
+            f"| {_fmt(r['adam']['error_at_3x'])} | {_fmt(r['lbfgs']['error_at_3x'])} | {cell(gn)} | {cell(rs)} | {cell(ll)} |"
+        )
+    lines += ["", "LSR's advantage at equal wall time (best of Adam / L-BFGS divided by LSR):", ""]
+    for name, r in results.items():
+        best = min(r["adam"]["error_at_lsr_time"], r["lbfgs"]["error_at_lsr_time"])
+        lines.append(f"- {name}: {best / max(r['lsr']['error'], 1e-300):.3g}×")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
+    from matplotlib.figure import Figure
+
+    paths = []
+    for name, r in results.items():
+        fig = Figure(figsize=(6.4, 4.2), dpi=110, layout="constrained")
+        ax = fig.add_subplot()
+        for method, style in (("adam", "-o"), ("lbfgs", "-s")):
+            t, e = zip(*r[method]["curve"], strict=True)
+            ax.plot(np.maximum(t, 1e-2), e, style, label=method, markersize=3)
+        ax.plot([max(r["lsr"]["seconds"], 1e-2)], [r["lsr"]["error"]], "r*", markersize=14, label="lsr (one-shot)")
+        for key, marker in (("gauss_newton", "D"), ("random_subspace", "v"), ("last_layer", "^")):
+            if "error" in r[key]:
+                ax.plot([max(r[key]["seconds"], 1e-2)], [r[key]["error"]], marker, label=key.replace("_", " "))
+        ax.axhline(r["before"], color="gray", lw=0.8, ls=":", label="checkpoint")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="wall time [s]",
+            ylabel="relative L2 error",
+            title=f"{name}: error vs time",
+        )
+        ax.legend(fontsize=8)
+        p = out / f"{name}_error_vs_time.png"
+        fig.savefig(p)
+        paths.append(p)
+
+        sweep = [e for e in r["lsr"]["rank_sweep"] if e["rank"] > 0]
+        if sweep:
+            sweep.sort(key=lambda e: e["rank"])
+            fig = Figure(figsize=(6.4, 4.2), dpi=110, layout="constrained")
+            ax = fig.add_subplot()
+            ranks = [e["rank"] for e in sweep]
+            ax.plot(ranks, [e["train_loss"] for e in sweep], "-o", label="train loss (linearized)")
+            if any(e["val_loss"] is not None for e in sweep):
+                ax.plot(ranks, [e["val_loss"] for e in sweep], "-s", label="selection loss")
+            ax.plot(ranks, [e["linearized_residual"] for e in sweep], "-^", label="‖f0 + A z‖ / ‖f0‖")
+            ax.axvline(r["lsr"]["rank"], color="r", ls="--", lw=0.8, label=f"chosen rank {r['lsr']['rank']}")
+            ax.set(yscale="log", xlabel="rank", title=f"{name}: rank sweep")
+            ax.legend(fontsize=8)
+            p = out / f"{name}_rank_sweep.png"
+            fig.savefig(p)
+            paths.append(p)
+        sv = r["lsr"]["singular_values"]
+        if sv:
+            fig = Figure(figsize=(6.4, 4.2), dpi=110, layout="constrained")
+            ax = fig.add_subplot()
+            ax.semilogy(np.arange(1, len(sv) + 1), np.maximum(sv, 1e-300))
+            ax.axvline(r["lsr"]["rank"], color="r", ls="--", lw=0.8, label="chosen rank")
+            ax.set(xlabel="index", ylabel="singular value", title=f"{name}: singular values of the sketch")
+            ax.legend(fontsize=8)
+            p = out / f"{name}_spectrum.png"
+            fig.savefig(p)
+            paths.append(p)
+    return paths
+
+
+TASKS = {
+    "regression": lambda w, s: supervised_task("regression", ROOT / "configs/regression.yaml"),
+    "regression_hard": lambda w, s: hard_regression_task(w, s),
+    "poisson2d": lambda w, s: pde_task("poisson2d", ROOT / "configs/poisson2d.yaml"),
+    "burgers": lambda w, s: pde_task("burgers", ROOT / "configs/burgers.yaml"),
+    "burgers_operator": lambda w, s: supervised_task("burgers_operator", ROOT / "configs/burgers_operator.yaml"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    parser.add_argument("--hard-steps", type=int, default=3000, help="Adam steps of the harder regression")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    workdir = args.out / ".work"
+    workdir.mkdir(exist_ok=True)
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, Python {platform.python_version()}"
+    results: dict[str, Any] = {}
+    for name in args.tasks:
+        task = TASKS[name](workdir, args.hard_steps)
+        results[name] = run_task(task)
+        (args.out / "methods.json").write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+    write_markdown(results, args.out / "methods.md", machine)
+    for p in write_plots(results, args.out):
+        print(f"wrote {p}")
+    print(f"wrote {args.out / 'methods.md'} and methods.json")
+
+
+if __name__ == "__main__":
+    main()
