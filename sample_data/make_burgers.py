@@ -126,13 +126,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--steps", type=int, default=16000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=str, default=",".join(map(str, HIDDEN)), help="widths, e.g. 32,32,32,32")
+    parser.add_argument("--interior", type=int, default=4000, help="uniform interior points")
+    parser.add_argument("--band", type=int, default=0, help="extra interior points in the front band |x| < 0.1")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     start = time.perf_counter()
     check_reference()
     rng = np.random.default_rng(args.seed)
-    interior = np.stack([rng.uniform(-1, 1, 4000), rng.uniform(0, 1, 4000)], axis=1)
+    interior = np.stack([rng.uniform(-1, 1, args.interior), rng.uniform(0, 1, args.interior)], axis=1)
+    if args.band:
+        band = np.stack([rng.uniform(-0.1, 0.1, args.band), rng.uniform(0, 1, args.band)], axis=1)
+        interior = np.concatenate([interior, band])
     initial = np.stack([rng.uniform(-1, 1, 200), np.zeros(200)], axis=1)
     boundary = np.stack([np.repeat([-1.0, 1.0], 100), rng.uniform(0, 1, 200)], axis=1)
     gx = np.linspace(-1, 1, 256)
@@ -165,7 +171,8 @@ def main() -> None:
         grp.create_dataset("initial", data=initial.astype(np.float64))
 
     torch.manual_seed(args.seed)
-    model = MLP(2, 1, hidden=HIDDEN, activation="tanh")
+    hidden = [int(h) for h in args.hidden.split(",")]
+    model = MLP(2, 1, hidden=hidden, activation="tanh")
     xi = torch.tensor(interior, dtype=torch.float32)
     x0 = torch.tensor(initial, dtype=torch.float32)
     u0 = -torch.sin(math.pi * x0[:, :1])
