@@ -10,8 +10,14 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import os
+import re
 import shutil
+import socket
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,6 +31,7 @@ from . import __version__
 from .checkpoint import LoadedCheckpoint, load_checkpoint, save_refined_state_dict
 from .config import Config, load_config, parse_device, parse_dtype, parse_memory, parse_rank
 from .data import LazyArray, read_data
+from .distributed import SINGLE, Comm, fault_point, init_from_env, launch_command, launched_by_torchrun
 from .errors import EXIT_CODES, CheckpointError, ConfigError, DataError, LsrError, OutputError
 from .outputs import atomic_outputs, check_output_path
 from .pde import PdeProblem, parse_problem, refine_pde
@@ -81,9 +88,48 @@ def _root(
     5 numerical, 6 output exists / not writable, 7 device not available."""
 
 
+STATUS_ENV = "LSR_STATUS_FILE"
+"""Set by ``lsr refine --nproc``: the rank that reports the error writes its exit code there."""
+
+_comm: dict[str, Comm] = {"comm": SINGLE}  # the running command's communicator (set under torchrun)
+
+
+def _reports_errors() -> bool:
+    """Whether this process prints the error line: always on one process; under ``torchrun``
+    only the first rank that fails (ranks agree through the process group's store), or rank 0
+    before the process group exists (errors there are the same on every rank)."""
+    comm = _comm["comm"]
+    if comm.distributed:
+        return comm.claim_error_report()
+    if launched_by_torchrun():
+        return os.environ.get("RANK", "0") == "0"
+    return True
+
+
 def _fail(message: str, code: int) -> typer.Exit:
+    comm = _comm["comm"]
+    if not _reports_errors():
+        return typer.Exit(code)
+    if comm.world > 1:
+        message = f"rank {comm.rank} of {comm.world}: {message}"
     _err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    status = os.environ.get(STATUS_ENV)
+    if status:
+        with contextlib.suppress(OSError):
+            Path(status).write_text(str(code), encoding="ascii")
     return typer.Exit(code)
+
+
+def _single_process_only(command: str) -> None:
+    """``iterate`` and ``instances`` do not run distributed yet: refuse under torchrun with several ranks."""
+    if launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            f"lsr {command} does not run on several processes yet (only `lsr refine` does); run it without torchrun"
+        )
+
+
+class _PeerFailed(Exception):
+    """Another rank failed (it reported the error); this one exits without a message."""
 
 
 @contextlib.contextmanager
@@ -93,6 +139,8 @@ def _guard(debug: bool):
         yield
     except typer.Exit:
         raise
+    except _PeerFailed:
+        raise typer.Exit(1) from None
     except LsrError as exc:
         if debug:
             raise
@@ -192,7 +240,7 @@ def _split_info(data: dict[str, Any]) -> dict[str, Any]:
     return {
         name: {
             "group": s.group,
-            "num_samples": s.num_samples,
+            "num_samples": s.num_global,
             "inputs": s.input_names,
             **(
                 {"shared_inputs": [n for n, sh in zip(s.input_names, s.shared, strict=True) if sh]}
@@ -318,6 +366,80 @@ ForceOpt = Annotated[bool, Option("--force", help="Overwrite existing outputs.")
 QuietOpt = Annotated[bool, Option("--quiet", "-q", help="No progress, table or warnings.")]
 JsonOpt = Annotated[bool, Option("--json", help="Print the report as JSON on stdout and nothing else.")]
 DebugOpt = Annotated[bool, Option("--debug", help="Show tracebacks of unexpected errors.")]
+NprocOpt = Annotated[
+    int | None,
+    Option(
+        "--nproc",
+        help="Run on N processes of this machine (torchrun --standalone; NCCL on CUDA, one GPU each; Gloo on CPU). "
+        "For several machines call torchrun yourself: docs/distributed.md.",
+    ),
+]
+
+_TORCHRUN_NOISE = re.compile(
+    r"^([WEI]\d{4} \d\d:\d\d:\d\d|\*{10,}|Setting OMP_NUM_THREADS|Traceback |  |=+$|\[\d+\]:|"
+    r"-{10,}$|torch\.distributed\.|Root Cause|Failures:|<NO_OTHER_FAILURES>|lsr_cli FAILED|.*ChildFailedError)"
+)
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Run ``lsr ARGV`` on ``nproc`` local processes through torchrun; returns the exit code.
+
+    Progress, warnings and the error line of the workers pass through; torchrun's own log
+    lines and failure summary are dropped (the failing rank already printed its one line)."""
+    with tempfile.TemporaryDirectory(prefix="lsr-launch-") as tmp:
+        status = Path(tmp) / "status"
+        env = {**os.environ, STATUS_ENV: str(status)}
+        env.setdefault("OMP_NUM_THREADS", "1")
+        proc = subprocess.Popen(launch_command(nproc, argv), stderr=subprocess.PIPE, env=env, text=True)
+        seen: set[str] = set()
+
+        def relay() -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                if _TORCHRUN_NOISE.match(line) or line.startswith("error:") and line in seen:
+                    continue
+                seen.add(line)
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+        thread = threading.Thread(target=relay, daemon=True)
+        thread.start()
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+            raise
+        thread.join()
+        if rc != 0 and status.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                return int(status.read_text(encoding="ascii").strip())
+        return rc
+
+
+def _refine_argv(**opts: Any) -> list[str]:
+    """``refine`` arguments that reproduce the options given (for the workers of ``--nproc``)."""
+    argv = ["refine", str(opts.pop("checkpoint"))]
+    flags = {"as_json": "--json", "max_memory": "--max-memory"}
+    for key, value in opts.items():
+        flag = flags.get(key, "--" + key.replace("_", "-"))
+        if value is None or value is False:
+            continue
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+def _rank_info(comm: Comm, meter: MemoryMeter | None, t_start: float, rows: int) -> dict[str, Any]:
+    return {
+        "rank": comm.rank,
+        "local_rank": comm.local_rank,
+        "host": socket.gethostname(),
+        "device": str(comm.device),
+        "rows": rows,
+        "peak_memory_above_start_bytes": meter.peak_above_start() if meter is not None else None,
+        "peak_memory_kind": meter.kind if meter is not None else None,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
 
 
 @app.command("refine")
@@ -339,98 +461,287 @@ def refine_cmd(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
+    nproc: NprocOpt = None,
 ) -> None:
     """One-shot LSR: refine CHECKPOINT on the training split of the HDF5 data, or on the
     physics residual of the config's `pde:` section."""
     t_start = time.perf_counter()
+    try:
+        _refine_cmd(
+            checkpoint,
+            data,
+            config,
+            out,
+            report,
+            rank,
+            device,
+            dtype,
+            seed,
+            max_memory,
+            plots,
+            force,
+            quiet,
+            as_json,
+            debug,
+            nproc,
+            t_start,
+        )
+    except typer.Exit as exc:
+        if _comm.pop("failed", None) is not None and exc.exit_code:
+            # a failed rank leaves at once: tearing the process group down (explicitly or at
+            # interpreter exit) while peers wait in a collective aborts in C++; torchrun ends the peers
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.exit_code)
+        raise
+    finally:
+        _comm["comm"] = SINGLE
+
+
+def _refine_cmd(
+    checkpoint: Path,
+    data: Path | None,
+    config: Path | None,
+    out: Path | None,
+    report: Path | None,
+    rank: str | None,
+    device: str | None,
+    dtype: str | None,
+    seed: int | None,
+    max_memory: str | None,
+    plots: Path | None,
+    force: bool,
+    quiet: bool,
+    as_json: bool,
+    debug: bool,
+    nproc: int | None,
+    t_start: float,
+) -> None:
     with _guard(debug):
+        if nproc is not None:
+            if nproc < 1:
+                raise ConfigError(f"--nproc: must be at least 1, got {nproc}")
+            if launched_by_torchrun():
+                raise ConfigError("--nproc: this process was started by torchrun already; drop --nproc")
+        if nproc is not None and nproc > 1:
+            argv = _refine_argv(
+                checkpoint=checkpoint,
+                data=data,
+                config=config,
+                out=out,
+                report=report,
+                rank=rank,
+                device=device,
+                dtype=dtype,
+                seed=seed,
+                max_memory=max_memory,
+                plots=plots,
+                force=force,
+                quiet=quiet,
+                as_json=as_json,
+                debug=debug,
+            )
+            code = _launch(nproc, argv)
+            if code != 0:
+                raise typer.Exit(code)
+            return
         cfg, base = _config(config)
         _apply_overrides(cfg, device=device, dtype=dtype, seed=seed, rank=rank, max_memory=max_memory)
-        pde_mode = cfg.pde is not None
-        data_path = _optional_data_path(data, cfg, base) if pde_mode else _data_path(data, cfg, base)
-        resolve_device(cfg.device)
-        out_path, report_path = _output_paths(
-            out, report, cfg, base, checkpoint.with_name(checkpoint.stem + ".refined.pt")
-        )
-        inputs = [checkpoint] + ([data_path] if data_path else []) + ([config] if config else [])
+        comm, cfg.device = init_from_env(cfg.device)
+        _comm["comm"] = comm
+        try:
+            _refine_run(checkpoint, data, config, out, report, plots, force, quiet, as_json, cfg, base, comm, t_start)
+        except BaseException:
+            if comm.distributed:
+                _comm["failed"] = comm
+            raise
+        else:
+            comm.close()
+
+
+def _refine_run(
+    checkpoint: Path,
+    data: Path | None,
+    config: Path | None,
+    out: Path | None,
+    report: Path | None,
+    plots: Path | None,
+    force: bool,
+    quiet: bool,
+    as_json: bool,
+    cfg: Config,
+    base: Path | None,
+    comm: Comm,
+    t_start: float,
+) -> None:
+    """The body of ``lsr refine`` on one process or one rank of a distributed run.
+
+    Distributed: every rank reads its share of the rows and takes part in the refinement;
+    rank 0 alone prints and writes. After rank 0 has written, every rank learns whether it
+    succeeded, so a failure ends every rank with a non-zero exit code."""
+    distributed = comm.distributed
+    root = comm.is_root
+    pde_mode = cfg.pde is not None
+    data_path = _optional_data_path(data, cfg, base) if pde_mode else _data_path(data, cfg, base)
+    resolve_device(cfg.device)
+    out_path, report_path = _output_paths(out, report, cfg, base, checkpoint.with_name(checkpoint.stem + ".refined.pt"))
+    inputs = [checkpoint] + ([data_path] if data_path else []) + ([config] if config else [])
+    if root:
         check_output_path(out_path, inputs, force, "refined checkpoint")
         check_output_path(report_path, inputs + [out_path], force, "report")
-        if not checkpoint.is_file():
-            raise CheckpointError(f"{checkpoint}: checkpoint file not found")
+    if not checkpoint.is_file():
+        raise CheckpointError(f"{checkpoint}: checkpoint file not found")
+    if root:
         _check_plots(plots, inputs)
 
-        t0 = time.perf_counter()
-        ckpt = load_checkpoint(checkpoint, cfg.model, base)
-        if pde_mode:
-            problem = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base)
-            data_info: dict[str, Any] = {"path": str(data_path) if data_path else None, **_problem_info(problem)}
-            num_inputs = 1
-        else:
-            assert data_path is not None
-            run_device = resolve_device(cfg.device)
-            budget = resolve_memory_budget(cfg.lsr.max_memory, run_device)
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(checkpoint, cfg.model, base)
+    meter: MemoryMeter | None = None
+    run_device = resolve_device(cfg.device)
+    if pde_mode:
+        if distributed:
             warm_up_autodiff(run_device)
-            meter = MemoryMeter(run_device)  # counts the data read below
-            splits = read_data(data_path, cfg.data, TORCH_DTYPES[cfg.dtype], lazy_above=budget // 4)
-            data_info = {"path": str(data_path), "splits": _split_info(splits)}
-            num_inputs = len(splits["train"].inputs)
-        t_load = time.perf_counter() - t0
-        _warn(ckpt.warnings, quiet or as_json)
-        show = not (quiet or as_json)
-        with RichProgress(_err, enabled=show) as progress:
-            result = (
-                refine_pde(ckpt, problem, cfg, progress) if pde_mode else refine(ckpt, splits, cfg, progress, meter)
-            )
-        _warn(result.warnings, quiet or as_json)
+            meter = MemoryMeter(run_device)
+        problem = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base)
+        data_info: dict[str, Any] = {"path": str(data_path) if data_path else None, **_problem_info(problem)}
+        problem.shard(comm.rank, comm.world)
+        num_inputs = 1
+        local_rows = sum(int(b.points.shape[0]) for b in problem.blocks)
+    else:
+        assert data_path is not None
+        budget = resolve_memory_budget(cfg.lsr.max_memory, run_device)
+        warm_up_autodiff(run_device)
+        meter = MemoryMeter(run_device)  # counts the data read below
+        shard = (comm.rank, comm.world) if comm.world > 1 else None
+        splits = read_data(data_path, cfg.data, TORCH_DTYPES[cfg.dtype], lazy_above=budget // 4, shard=shard)
+        data_info = {"path": str(data_path), "splits": _split_info(splits)}
+        num_inputs = len(splits["train"].inputs)
+        local_rows = splits["train"].num_samples
+    fault_point("load", comm)
+    t_load = time.perf_counter() - t0
+    _warn(ckpt.warnings, quiet or as_json or not root)
+    show = not (quiet or as_json) and root
+    with RichProgress(_err, enabled=show) as progress:
+        result = (
+            refine_pde(ckpt, problem, cfg, progress, comm)
+            if pde_mode
+            else refine(ckpt, splits, cfg, progress, meter, comm)
+        )
+    _warn(result.warnings, quiet or as_json or not root)
+    ranks = comm.allgather_object(_rank_info(comm, meter, t_start, local_rows)) if distributed else []
+    if not root:
+        if not comm.all_ok(True):  # rank 0 failed writing and reports it
+            raise _PeerFailed()
+        return
+    try:
+        _write_refine_outputs(
+            checkpoint,
+            out_path,
+            report_path,
+            plots,
+            quiet,
+            as_json,
+            cfg,
+            comm,
+            t_start,
+            t1=time.perf_counter(),
+            t_load=t_load,
+            ckpt=ckpt,
+            result=result,
+            data_info=data_info,
+            num_inputs=num_inputs,
+            ranks=ranks,
+            fields_source=(problem if pde_mode else splits),
+        )
+    except BaseException:
+        if distributed:
+            comm.all_ok(False)
+        raise
+    if distributed:
+        comm.all_ok(True)
 
-        t1 = time.perf_counter()
-        metadata = {
-            "lsr_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": str(checkpoint),
-            "source_format": ckpt.format,
-            "rank": result.rank,
-            "dtype": result.dtype,
-            "refined_again": ckpt.is_refined,
-        }
-        timings = {"load": t_load, **result.timings}
-        with atomic_outputs(out_path, report_path) as (tmp_out, tmp_report):
-            out_format = _save_refined(tmp_out, ckpt, result, metadata, num_inputs)
-            timings["save"] = time.perf_counter() - t1
-            timings["total"] = time.perf_counter() - t_start
-            payload = refine_report(
-                result,
-                input_info={
-                    "checkpoint": str(checkpoint),
-                    "format": ckpt.format,
-                    "refined_again": ckpt.is_refined,
-                    "what_was_refined": (
-                        "the linearized predictor of a refined checkpoint: its δ was extended at the same θ0"
-                        if ckpt.is_refined
-                        else "the network at its trained weights θ0"
-                    ),
-                },
-                output_info={"checkpoint": str(out_path), "format": out_format, "report": str(report_path)},
-                data_info=data_info,
-                config=cfg.to_dict(),
-                timings=timings,
-                seed=cfg.seed,
-            )
-            write_json(tmp_report, payload)
-        html = None
-        if plots is not None:
-            if pde_mode:
-                fields = _reference_fields(result.model, problem)
+
+def _write_refine_outputs(
+    checkpoint: Path,
+    out_path: Path,
+    report_path: Path,
+    plots: Path | None,
+    quiet: bool,
+    as_json: bool,
+    cfg: Config,
+    comm: Comm,
+    t_start: float,
+    *,
+    t1: float,
+    t_load: float,
+    ckpt: LoadedCheckpoint,
+    result: RefineResult,
+    data_info: dict[str, Any],
+    num_inputs: int,
+    ranks: list[dict[str, Any]],
+    fields_source: Any,
+) -> None:
+    """Rank 0 (or the only process): the refined checkpoint and the report, atomically; plots; the table."""
+    metadata = {
+        "lsr_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": str(checkpoint),
+        "source_format": ckpt.format,
+        "rank": result.rank,
+        "dtype": result.dtype,
+        "refined_again": ckpt.is_refined,
+    }
+    timings = {"load": t_load, **result.timings}
+    with atomic_outputs(out_path, report_path) as (tmp_out, tmp_report):
+        out_format = _save_refined(tmp_out, ckpt, result, metadata, num_inputs)
+        timings["save"] = time.perf_counter() - t1
+        timings["total"] = time.perf_counter() - t_start
+        payload = refine_report(
+            result,
+            input_info={
+                "checkpoint": str(checkpoint),
+                "format": ckpt.format,
+                "refined_again": ckpt.is_refined,
+                "what_was_refined": (
+                    "the linearized predictor of a refined checkpoint: its δ was extended at the same θ0"
+                    if ckpt.is_refined
+                    else "the network at its trained weights θ0"
+                ),
+            },
+            output_info={"checkpoint": str(out_path), "format": out_format, "report": str(report_path)},
+            data_info=data_info,
+            config=cfg.to_dict(),
+            timings=timings,
+            seed=cfg.seed,
+        )
+        if comm.distributed:
+            payload["distributed"] = {
+                "world_size": comm.world,
+                "backend": comm.backend,
+                "sharded": "contiguous row slices of every split (PDE: of every block's points) per rank",
+                "ranks": ranks,
+                "max_peak_memory_above_start_bytes": max(
+                    (r["peak_memory_above_start_bytes"] or 0 for r in ranks), default=0
+                ),
+                "max_wall_seconds": max((r["wall_seconds"] for r in ranks), default=0.0),
+            }
+        write_json(tmp_report, payload)
+    html = None
+    if plots is not None:
+        fields: list[Any] = []
+        if comm.world == 1:  # the error-field plots need every row on one process
+            if isinstance(fields_source, PdeProblem):
+                fields = _reference_fields(result.model, fields_source)
             else:
-                fields = _error_fields(result.model, splits)
-            html = _write_plots(plots, payload, fields)
-        if as_json:
-            sys.stdout.write(json.dumps(payload, indent=2) + "\n")
-        elif not quiet:
-            Console().print(refine_table(payload))
-            Console().print(escape(f"{result.message}\nwrote {out_path} and {report_path}"), highlight=False)
-            if html is not None:
-                Console().print(escape(f"plots: {html}"), highlight=False)
+                fields = _error_fields(result.model, fields_source)
+        html = _write_plots(plots, payload, fields)
+    if as_json:
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    elif not quiet:
+        Console().print(refine_table(payload))
+        Console().print(escape(f"{result.message}\nwrote {out_path} and {report_path}"), highlight=False)
+        if html is not None:
+            Console().print(escape(f"plots: {html}"), highlight=False)
 
 
 @app.command("evaluate")
@@ -582,6 +893,7 @@ def instances_cmd(
     instance's physics residual; an interrupted run continues where it stopped."""
     t_start = time.perf_counter()
     with _guard(debug):
+        _single_process_only("instances")
         cfg, base = _config(config)
         if cfg.pde is None:
             raise ConfigError("lsr instances needs a config with `pde:` and `instances:` sections (--config FILE)")
@@ -674,6 +986,7 @@ def iterate_cmd(
     refined predictor; writes a plain network in the input's format."""
     t_start = time.perf_counter()
     with _guard(debug):
+        _single_process_only("iterate")
         cfg, base = _config(config)
         if cfg.pde is None:
             raise ConfigError("lsr iterate needs a config with a `pde:` section (--config FILE)")

@@ -40,16 +40,24 @@ class LazyArray:
     (sorted row indices) return tensors in ``dtype`` on ``device``. Keeps its file open.
     """
 
-    def __init__(self, file: Path, name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        file: Path,
+        name: str,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        rows: tuple[int, int] | None = None,
+    ) -> None:
         self.file = file
         self.name = name
         self._h5 = h5py.File(file, "r")
         ds = self._h5[name]
-        self.shape = torch.Size(ds.shape)
+        self.offset, stop = rows if rows is not None else (0, int(ds.shape[0]))  # rows [offset, stop) only
+        self.shape = torch.Size((stop - self.offset, *ds.shape[1:]))
         self.kind = ds.dtype.kind
         self.dtype = dtype if self.kind in "fb" else torch.int64
         self.device = torch.device(device)
-        self.nbytes = int(np.prod(ds.shape)) * torch.empty(0, dtype=self.dtype).element_size()
+        self.nbytes = int(np.prod(self.shape)) * torch.empty(0, dtype=self.dtype).element_size()
 
     def is_floating_point(self) -> bool:
         return self.dtype.is_floating_point
@@ -72,7 +80,10 @@ class LazyArray:
     def __getitem__(self, index: slice | Tensor) -> Tensor:
         ds = self._h5[self.name]
         if isinstance(index, Tensor):
-            arr = ds[np.asarray(index.cpu(), dtype=np.int64)]  # h5py: increasing indices
+            arr = ds[np.asarray(index.cpu(), dtype=np.int64) + self.offset]  # h5py: increasing indices
+        elif self.offset or self.shape[0] != ds.shape[0]:
+            start, stop, step = index.indices(self.shape[0])
+            arr = ds[start + self.offset : stop + self.offset : step]
         else:
             arr = ds[index]
         arr = np.asarray(arr)
@@ -97,10 +108,18 @@ class Split:
     targets: Tensor
     input_names: list[str]
     shared: tuple[bool, ...] = ()
+    first_row: int = 0  # distributed: this rank's samples are [first_row, first_row + num_samples)
+    num_total: int | None = None  # distributed: the split's sample count over every rank
 
     @property
     def num_samples(self) -> int:
+        """Samples held here (this rank's share when distributed)."""
         return int(self.targets.shape[0])
+
+    @property
+    def num_global(self) -> int:
+        """Samples of the whole split (over every rank)."""
+        return self.num_total if self.num_total is not None else self.num_samples
 
 
 def _listing(group: h5py.Group) -> str:
@@ -110,13 +129,13 @@ def _listing(group: h5py.Group) -> str:
     return ", ".join(names) if names else "nothing"
 
 
-def _read_array(file: Path, ds: h5py.Dataset, dtype: torch.dtype) -> Tensor:
+def _read_array(file: Path, ds: h5py.Dataset, dtype: torch.dtype, rows: tuple[int, int] | None = None) -> Tensor:
     where = f"{file}:{ds.name}"
     if ds.dtype.kind not in "fiub":
         raise DataError(f"{where}: expected a numeric array, found dtype {ds.dtype}")
     if ds.ndim == 0:
         raise DataError(f"{where}: expected an array with a leading sample dimension, found a scalar")
-    arr = np.asarray(ds[()])
+    arr = np.asarray(ds[()] if rows is None else ds[rows[0] : rows[1]])
     if arr.dtype.kind == "f":
         bad = int(np.count_nonzero(~np.isfinite(arr)))
         if bad:
@@ -127,23 +146,42 @@ def _read_array(file: Path, ds: h5py.Dataset, dtype: torch.dtype) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.astype(np.int64)))
 
 
-def _input_bytes(ds: h5py.Dataset, dtype: torch.dtype) -> int:
+def _input_bytes(ds: h5py.Dataset, dtype: torch.dtype, fraction: float = 1.0) -> int:
     size = torch.empty(0, dtype=dtype if ds.dtype.kind in "fb" else torch.int64).element_size()
-    return int(np.prod(ds.shape)) * size
+    return int(np.prod(ds.shape) * fraction) * size
 
 
-def _read_input(file: Path, ds: h5py.Dataset, dtype: torch.dtype, lazy: bool) -> Tensor:
+def _read_input(
+    file: Path, ds: h5py.Dataset, dtype: torch.dtype, lazy: bool, rows: tuple[int, int] | None = None
+) -> Tensor:
     if not lazy:
-        return _read_array(file, ds, dtype)
+        return _read_array(file, ds, dtype, rows)
     if ds.dtype.kind not in "fiub":
         raise DataError(f"{file}:{ds.name}: expected a numeric array, found dtype {ds.dtype}")
     if ds.ndim == 0:
         raise DataError(f"{file}:{ds.name}: expected an array with a leading sample dimension, found a scalar")
-    return LazyArray(file, ds.name, dtype)  # type: ignore[return-value]
+    return LazyArray(file, ds.name, dtype, rows=rows)  # type: ignore[return-value]
+
+
+def _sample_count(file: Path, grp: h5py.Group, cfg: DataConfig) -> int:
+    """The split's sample count: the targets' leading dimension (checked against the inputs later)."""
+    tgt = grp[cfg.targets]
+    if isinstance(tgt, h5py.Group):
+        raise DataError(f"{file}:{tgt.name}: expected a dataset of targets, found a group")
+    if tgt.ndim == 0:
+        raise DataError(f"{file}:{tgt.name}: expected an array with a leading sample dimension, found a scalar")
+    return int(tgt.shape[0])
 
 
 def _read_split(
-    file: Path, f: h5py.File, role: str, group: str, cfg: DataConfig, dtype: torch.dtype, lazy_above: int | None
+    file: Path,
+    f: h5py.File,
+    role: str,
+    group: str,
+    cfg: DataConfig,
+    dtype: torch.dtype,
+    lazy_above: int | None,
+    shard: tuple[int, int] | None = None,
 ) -> Split:
     grp = f[group]
     if not isinstance(grp, h5py.Group):
@@ -157,6 +195,20 @@ def _read_split(
                 f"/{group} holds: {_listing(grp)}"
             )
     inp = grp[cfg.inputs]
+    rows: tuple[int, int] | None = None
+    fraction = 1.0
+    total = _sample_count(file, grp, cfg)
+    if shard is not None:
+        rank, world = shard
+        if total < world:
+            raise DataError(
+                f"{file}:/{group}: the split has {total} samples, fewer than the {world} processes; "
+                "run on fewer processes"
+            )
+        base, extra = divmod(total, world)
+        start = rank * base + min(rank, extra)
+        rows = (start, start + base + (1 if rank < extra else 0))
+        fraction = (rows[1] - rows[0]) / total
     if isinstance(inp, h5py.Group):
         if "order" in inp.attrs:
             order = [o.decode() if isinstance(o, bytes) else str(o) for o in np.atleast_1d(inp.attrs["order"])]
@@ -170,10 +222,15 @@ def _read_split(
         if not order:
             raise DataError(f"{file}:{inp.name}: the inputs group holds no datasets")
         shared = tuple(bool(np.all(inp[name].attrs.get("shared", False))) for name in order)
-        total = sum(_input_bytes(inp[name], dtype) for name in order if isinstance(inp[name], h5py.Dataset))
-        lazy = lazy_above is not None and total > lazy_above
+        nbytes = sum(
+            _input_bytes(inp[name], dtype, 1.0 if sh else fraction)
+            for name, sh in zip(order, shared, strict=True)
+            if isinstance(inp[name], h5py.Dataset)
+        )
+        lazy = lazy_above is not None and nbytes > lazy_above
         inputs = tuple(
-            _read_input(file, inp[name], dtype, lazy and not sh) for name, sh in zip(order, shared, strict=True)
+            _read_input(file, inp[name], dtype, lazy and not sh, None if sh else rows)
+            for name, sh in zip(order, shared, strict=True)
         )
         names = [f"{inp.name}/{name}" for name in order]
         if all(shared):
@@ -181,27 +238,30 @@ def _read_split(
                 f"{file}:{inp.name}: every input dataset is marked shared; at least one needs a sample dimension"
             )
     else:
-        lazy = lazy_above is not None and _input_bytes(inp, dtype) > lazy_above
-        inputs = (_read_input(file, inp, dtype, lazy),)
+        lazy = lazy_above is not None and _input_bytes(inp, dtype, fraction) > lazy_above
+        inputs = (_read_input(file, inp, dtype, lazy, rows),)
         names = [inp.name]
         shared = (False,)
     tgt = grp[cfg.targets]
     if isinstance(tgt, h5py.Group):
         raise DataError(f"{file}:{tgt.name}: expected a dataset of targets, found a group")
-    targets = _read_array(file, tgt, dtype)
+    targets = _read_array(file, tgt, dtype, rows)
     if not targets.is_floating_point():
         targets = targets.to(dtype)
     n = targets.shape[0]
-    for name, x, is_shared in zip(names, inputs, shared, strict=True):
-        if not is_shared and x.shape[0] != n:
+    for name, is_shared in zip(names, shared, strict=True):
+        count = f[name].shape[0] if f[name].ndim else 0
+        if not is_shared and count != total:
             raise DataError(
-                f"{file}:{name}: has {x.shape[0]} samples but {tgt.name} has {n}; "
+                f"{file}:{name}: has {count} samples but {tgt.name} has {total}; "
                 "all arrays of a split need the same leading dimension (or mark an array without one "
                 "with the attribute shared=True)"
             )
     if n == 0:
         raise DataError(f"{file}:{tgt.name}: the split has no samples")
-    return Split(role, group, inputs, targets, names, shared)
+    if rows is None:
+        return Split(role, group, inputs, targets, names, shared)
+    return Split(role, group, inputs, targets, names, shared, first_row=rows[0], num_total=total)
 
 
 @contextmanager
@@ -221,8 +281,18 @@ def _open(path: str | Path) -> Iterator[tuple[Path, h5py.File]]:
         raise DataError(f"{file}: cannot read HDF5 file: {exc}") from None
 
 
-def read_data(path: str | Path, cfg: DataConfig, dtype: torch.dtype, lazy_above: int | None = None) -> dict[str, Split]:
+def read_data(
+    path: str | Path,
+    cfg: DataConfig,
+    dtype: torch.dtype,
+    lazy_above: int | None = None,
+    shard: tuple[int, int] | None = None,
+) -> dict[str, Split]:
     """Read the configured splits (``train`` required, ``val`` and ``test`` when present).
+
+    ``shard = (rank, world)``: read only this rank's contiguous share of every split's samples
+    (sizes differ by at most one; shared inputs whole); ``Split.first_row`` and
+    ``Split.num_total`` say where the share lies.
 
     Floating arrays are converted to ``dtype``; integer arrays stay ``int64``. A split whose
     inputs would take more than ``lazy_above`` bytes keeps them in the file
@@ -242,7 +312,7 @@ def read_data(path: str | Path, cfg: DataConfig, dtype: torch.dtype, lazy_above:
                         f"{file}:/{group}: training split not found (config.data.train); the file holds: {_listing(f)}"
                     )
                 continue
-            out[role] = _read_split(file, f, role, group, cfg, dtype, lazy_above)
+            out[role] = _read_split(file, f, role, group, cfg, dtype, lazy_above, shard)
     return out
 
 

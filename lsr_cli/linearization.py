@@ -193,7 +193,8 @@ class JacobianOperator:
     (``n = N · prod(output.shape[1:])``). ``row_chunk`` samples and
     ``tangent_chunk`` columns are processed at a time. With ``residual``, the rows are those
     of ``residual(model, rows_of_inputs)`` instead of the network output (a physics residual:
-    the Jacobian is then ``G``).
+    the Jacobian is then ``G``). ``probe``: one row of inputs used to learn the output shape
+    when ``inputs`` have no rows (a rank's empty share of a row subset).
     """
 
     def __init__(
@@ -205,6 +206,7 @@ class JacobianOperator:
         tangent_chunk: int = 32,
         residual: ResidualFn | None = None,
         shared: Sequence[bool] = (),
+        probe: Inputs | None = None,
     ) -> None:
         self.module = module
         self.residual = residual
@@ -219,11 +221,12 @@ class JacobianOperator:
         self._primals = {n: named[n].detach() for n in space.names}
         # parameters outside the space enter as detached constants: no autograd graph on them
         self._frozen = {n: p.detach() for n, p in named.items() if n not in self._primals}
-        probe = self._forward_chunk(take_rows(inputs, 0, 1, self.shared))
-        self.output_shape = tuple(probe.shape[1:])
-        self.out_numel = int(probe[0].numel())
-        self.dtype = probe.dtype
-        self.device = probe.device
+        first = probe if probe is not None and self.num_samples == 0 else take_rows(inputs, 0, 1, self.shared)
+        out = self._forward_chunk(first)
+        self.output_shape = tuple(out.shape[1:])
+        self.out_numel = int(out[0].numel())
+        self.dtype = out.dtype
+        self.device = out.device
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -249,7 +252,7 @@ class JacobianOperator:
     def forward(self, params: dict[str, Tensor] | None = None) -> Tensor:
         """``vec q(θ, X)``: ``[n]``, at ``θ0`` or with the given parameter values."""
         outs = [self._forward_chunk(self._rows(s, e), params).reshape(-1) for s, e in self._chunks()]
-        return torch.cat(outs)
+        return torch.cat(outs) if outs else torch.zeros(0, dtype=self.dtype, device=self.device)
 
     def iter_matmat(self, V: Tensor, progress: ProgressFn | None = None) -> Iterator[tuple[int, Tensor]]:
         """``J V`` by row blocks: yields ``(first_row, block [rows, k])`` in row order.

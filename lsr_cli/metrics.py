@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+from .distributed import SINGLE, Comm
 
 
 def error_metrics(pred: Tensor, target: Tensor) -> dict[str, float | None]:
@@ -26,4 +30,38 @@ def error_metrics(pred: Tensor, target: Tensor) -> dict[str, float | None]:
         "rmse": float(torch.sqrt(torch.mean(e * e))),
         "max_abs": float(e.abs().max()),
         "mse": float(torch.mean(e * e)),
+    }
+
+
+def global_error_metrics(pred: Tensor, target: Tensor, comm: Comm = SINGLE) -> dict[str, float | None]:
+    """:func:`error_metrics` over the samples of every rank (``pred``/``target``: this rank's
+    rows), from all-reduced sums and maxima; on one process it is :func:`error_metrics` itself."""
+    if comm.world == 1:
+        return error_metrics(pred, target)
+    p = pred.detach().to(torch.float64).reshape(pred.shape[0], -1)
+    y = target.detach().to(torch.float64).reshape(target.shape[0], -1)
+    e = p - y
+    per_norm = torch.linalg.norm(y, dim=1)
+    per = torch.linalg.norm(e, dim=1) / per_norm.clamp_min(torch.finfo(torch.float64).tiny)
+    valid = per_norm > 0
+    sums = comm.allreduce_sum(
+        torch.stack(
+            [
+                torch.sum(e * e),
+                torch.sum(y * y),
+                torch.sum(per[valid]),
+                valid.sum().to(torch.float64),
+                torch.tensor(float(e.numel()), dtype=torch.float64),
+            ]
+        )
+    )
+    max_abs = float(comm.allreduce_max(e.abs().max().reshape(1) if e.numel() else e.new_zeros(1))[0])
+    sq_e, sq_y, per_sum, num_valid, count = (float(v) for v in sums)
+    mse = sq_e / count
+    return {
+        "rel_l2": math.sqrt(sq_e) / math.sqrt(sq_y) if sq_y > 0 else float("nan"),
+        "rel_l2_mean": per_sum / num_valid if y.shape[1] > 1 and num_valid > 0 else None,
+        "rmse": math.sqrt(mse),
+        "max_abs": max_abs,
+        "mse": mse,
     }

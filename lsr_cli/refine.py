@@ -11,6 +11,7 @@ selection loss keeps falling. Nothing here prints; progress goes to an optional 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from .checkpoint import LoadedCheckpoint
 from .config import Config, LsrConfig
 from .data import LazyArray, Split
+from .distributed import SINGLE, Comm, local_rows
 from .errors import CheckpointError, ConfigError, NumericalError
 from .linearization import (
     DenseOperator,
@@ -35,7 +37,7 @@ from .linearization import (
     take_rows,
 )
 from .linearized import LinearizedModel
-from .metrics import error_metrics
+from .metrics import error_metrics, global_error_metrics
 from .runtime import (
     TORCH_DTYPES,
     MemoryMeter,
@@ -160,14 +162,7 @@ def check_fit(module: nn.Module, split: Split, where: str, num_rows: int = 4) ->
     if t_shape != o_shape:
         if math.prod(t_shape) != math.prod(o_shape):
             raise CheckpointError(f"{where}: targets have shape {t_shape} per sample but the model outputs {o_shape}")
-        split = Split(
-            split.name,
-            split.group,
-            split.inputs,
-            split.targets.reshape(split.targets.shape[0], *o_shape),
-            split.input_names,
-            split.shared,
-        )
+        split = dataclasses.replace(split, targets=split.targets.reshape(split.targets.shape[0], *o_shape))
     return split
 
 
@@ -190,9 +185,7 @@ def _shared(split: Split) -> tuple[bool, ...]:
 def _moved(split: Split, device: torch.device, dtype: torch.dtype) -> Split:
     """The split on ``device``, floating arrays in ``dtype`` (integer inputs keep their dtype)."""
     inputs = tuple(cast_tensor(x, dtype, device) for x in split.inputs)
-    return Split(
-        split.name, split.group, inputs, split.targets.to(device=device, dtype=dtype), split.input_names, split.shared
-    )
+    return dataclasses.replace(split, inputs=inputs, targets=split.targets.to(device=device, dtype=dtype))
 
 
 SKETCH_ROWS_MIN = 8192
@@ -256,9 +249,12 @@ def choose_dense(
     )
 
 
-def _finite_or_raise(t: Tensor, what: str) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise NumericalError(f"{what}: {int((~torch.isfinite(t)).sum())} non-finite value(s)")
+def _finite_or_raise(t: Tensor, what: str, comm: Comm = SINGLE) -> None:
+    bad = int((~torch.isfinite(t)).sum())
+    if comm.world > 1:
+        bad = comm.sum_int(bad)  # every rank raises, or none
+    if bad:
+        raise NumericalError(f"{what}: {bad} non-finite value(s)")
 
 
 def refine(
@@ -267,11 +263,17 @@ def refine(
     cfg: Config,
     progress: ProgressSink | None = None,
     meter: MemoryMeter | None = None,
+    comm: Comm = SINGLE,
 ) -> RefineResult:
     """Run one-shot LSR on ``ckpt`` with the training split of ``splits`` (see module doc).
 
     ``meter`` measures the peak memory of the run (default: one started here, after a warm-up
-    of the autodiff machinery); pass one started before reading the data to count it too."""
+    of the autodiff machinery); pass one started before reading the data to count it too.
+
+    Distributed (``comm`` with several ranks): ``splits`` hold this rank's contiguous share of
+    the samples (:func:`~.data.read_data` with ``shard``); the random draws (sketch subset,
+    hold-out rows) are made over all samples as on one process and each rank keeps its part,
+    so the result does not depend on the number of ranks; errors are global."""
     sink = progress or NoProgress()
     timings: dict[str, float] = {}
     warnings: list[str] = []
@@ -305,19 +307,30 @@ def refine(
             for name, s in data.items()
         }
         for name, pred in before.items():
-            _finite_or_raise(pred, f"{ckpt.path}: model output on split '{data[name].group}'")
+            _finite_or_raise(pred, f"{ckpt.path}: model output on split '{data[name].group}'", comm)
         f0 = {name: (before[name] - s.targets).reshape(-1) for name, s in data.items()}
         timings["baseline"] = time.perf_counter() - t0
         stage_peaks = {"baseline": meter.peak_above_start()}
 
-        n, m = ops["train"].shape
+        n_local, m = ops["train"].shape
+        n = comm.sum_int(n_local)
         lsr = cfg.lsr
         basis_op: Any = ops["train"]
-        num_sketch = sketch_samples(lsr, train.num_samples, out_numel)
-        if num_sketch < train.num_samples:
-            idx = torch.sort(torch.randperm(train.num_samples, generator=gen)[:num_sketch]).values
+        num_train = train.num_global
+        num_sketch = sketch_samples(lsr, num_train, out_numel)
+        if num_sketch < num_train:
+            idx = torch.sort(torch.randperm(num_train, generator=gen)[:num_sketch]).values
+            idx = local_rows(idx, train.first_row, train.first_row + train.num_samples)
             rows = tuple(x if sh else x[idx] for x, sh in zip(train.inputs, _shared(train), strict=True))
-            basis_op = JacobianOperator(module, space, rows, row_chunk, lsr.tangent_chunk, shared=train.shared)
+            basis_op = JacobianOperator(
+                module,
+                space,
+                rows,
+                row_chunk,
+                lsr.tangent_chunk,
+                shared=train.shared,
+                probe=take_rows(train.inputs, 0, 1, train.shared),
+            )
         jac_info = {"path": "matrix_free", "reason": "lsr.jacobian: matrix_free"}
         streamed_data = any(isinstance(x, LazyArray) for sp in data.values() for x in sp.inputs)
         if lsr.jacobian != "matrix_free":
@@ -337,7 +350,7 @@ def refine(
                 jac_info = {"path": "dense" if dense else "matrix_free", "reason": why}
                 if dense:
                     ops.update(dense)
-                    if num_sketch < train.num_samples:
+                    if num_sketch < num_train:
                         rows_idx = (idx[:, None] * out_numel + torch.arange(out_numel)).reshape(-1).to(device)
                         basis_op = DenseOperator(dense["train"].op, dense["train"].J[rows_idx])
                     else:
@@ -356,14 +369,27 @@ def refine(
         if has_val:
             selection = Selection("val_loss", op=ops["val"], f0=f0["val"])
         else:
-            split_rows = holdout_rows(train.num_samples, out_numel, lsr.holdout, gen)
+            split_rows = holdout_rows(num_train, out_numel, lsr.holdout, gen)
+            if split_rows is not None and comm.world > 1:  # this rank's rows of the global split
+                lo, hi = train.first_row * out_numel, (train.first_row + train.num_samples) * out_numel
+                split_rows = (local_rows(split_rows[0], lo, hi), local_rows(split_rows[1], lo, hi))
             selection = (
                 Selection("holdout_loss", fit_rows=split_rows[0], hold_rows=split_rows[1], holdout_fraction=lsr.holdout)
                 if split_rows is not None
                 else Selection("train_loss")
             )
         sub = solve_subspace(
-            basis_op, ops["train"], f0["train"], selection, lsr, gen, dtype, device, sink, memory_budget=budget
+            basis_op,
+            ops["train"],
+            f0["train"],
+            selection,
+            lsr,
+            gen,
+            dtype,
+            device,
+            sink,
+            memory_budget=budget,
+            comm=comm,
         )
         timings.update(sub.timings)
         stage_peaks["sketch_project_solve"] = meter.peak_above_start()
@@ -388,9 +414,9 @@ def refine(
             net_params = {k: named[k].detach() + v for k, v in delta.items()}
             net = predict(module, s.inputs, row_chunk, net_params, s.shared).reshape(s.targets.shape)
             errors[name] = {
-                "before": error_metrics(before[name], s.targets),
-                "after": error_metrics(after, s.targets),
-                "network_after": error_metrics(net, s.targets),
+                "before": global_error_metrics(before[name], s.targets, comm),
+                "after": global_error_metrics(after, s.targets, comm),
+                "network_after": global_error_metrics(net, s.targets, comm),
             }
             advance(1)
         sink.end()

@@ -15,6 +15,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .distributed import SINGLE, Comm, global_norm, orthonormalize
+
 
 class LinearOperator(Protocol):
     """What the sketch needs: ``shape = (n, m)``, ``matmat`` and ``rmatmat``."""
@@ -27,18 +29,20 @@ class LinearOperator(Protocol):
     def rmatmat(self, U: Tensor, progress: Callable[[int], None] | None = None) -> Tensor: ...
 
 
-def _orthonormalize_against(Y: Tensor, Q: Tensor | None) -> Tensor:
+def _orthonormalize_against(Y: Tensor, Q: Tensor | None, comm: Comm = SINGLE) -> Tensor:
     """Orthonormal basis of ``(I - Q Qᵀ) Y``.
 
     Two passes of (project out ``Q``, Householder QR): the QR after each projection
     renormalizes, so columns of ``Y`` that lie (numerically) inside ``range(Q)`` become
-    round-off directions that the second pass makes orthogonal to ``Q`` as well.
+    round-off directions that the second pass makes orthogonal to ``Q`` as well. With rows
+    spread over ranks, ``Qᵀ Y`` is all-reduced and the QR is a TSQR
+    (:func:`~.distributed.orthonormalize`).
     """
     if Q is None or Q.shape[1] == 0:
-        return torch.linalg.qr(Y, mode="reduced").Q
+        return orthonormalize(Y, comm)
     for _ in range(2):
-        Y = Y - Q @ (Q.T @ Y)
-        Y = torch.linalg.qr(Y, mode="reduced").Q
+        Y = Y - Q @ comm.allreduce_sum(Q.T @ Y)
+        Y = orthonormalize(Y, comm)
     return Y
 
 
@@ -48,6 +52,11 @@ class RangeSketch:
     Attributes after :meth:`extend`: ``Q`` ``[n, k]`` orthonormal, ``B = Jᵀ Q`` ``[m, k]``.
     ``Ω`` has i.i.d. standard normal entries drawn on the CPU from ``generator`` (so results
     do not depend on the device) in ``dtype``.
+
+    Distributed (``comm`` with several ranks): ``op`` holds this rank's rows, ``Q`` is its
+    rows of the global orthonormal basis, ``Ω`` is drawn identically on every rank (same
+    generator state), ``B = Σ_ranks J_iᵀ Q_i`` is all-reduced, and every norm that decides
+    something is global; ``B``, the SVD and the basis are then the same on every rank.
     """
 
     def __init__(
@@ -58,14 +67,17 @@ class RangeSketch:
         device: torch.device,
         power_iterations: int = 0,
         block_size: int = 128,
+        comm: Comm = SINGLE,
     ) -> None:
         self.op = op
+        self.comm = comm
         self.generator = generator
         self.dtype = dtype
         self.device = device
         self.power_iterations = int(power_iterations)
-        n, m = op.shape
-        self.Q = torch.zeros(n, 0, dtype=dtype, device=device)
+        n_local, m = op.shape
+        self.num_rows = comm.sum_int(n_local)  # global row count
+        self.Q = torch.zeros(n_local, 0, dtype=dtype, device=device)
         self.B = torch.zeros(m, 0, dtype=dtype, device=device)
         self.block_size = max(1, int(block_size))
         self.exhausted = False
@@ -83,7 +95,9 @@ class RangeSketch:
         the range of ``J`` is exhausted and the remaining blocks are skipped
         (:attr:`exhausted` becomes true).
         """
-        n, m = self.op.shape
+        _, m = self.op.shape
+        n = self.num_rows
+        comm = self.comm
         num_new = min(int(num_new), min(n, m) - self.num_columns)
         rtol = torch.finfo(self.dtype).eps * max(n, m)
         while num_new > 0 and not self.exhausted:
@@ -92,18 +106,18 @@ class RangeSketch:
             omega = torch.randn(m, size, generator=self.generator, dtype=self.dtype)
             Y = self.op.matmat(omega.to(self.device), progress)
             if self.Q.shape[1] > 0:
-                left = Y - self.Q @ (self.Q.T @ Y)
-                if float(torch.linalg.norm(left)) <= rtol * float(torch.linalg.norm(Y)):
+                left = Y - self.Q @ comm.allreduce_sum(self.Q.T @ Y)
+                if global_norm(left, comm) <= rtol * global_norm(Y, comm):
                     self.exhausted = True
                     if progress is not None:
                         progress(size + 2 * num_new)  # the skipped VJPs and blocks
                     break
-            Qn = _orthonormalize_against(Y, self.Q)
+            Qn = _orthonormalize_against(Y, self.Q, comm)
             for _ in range(self.power_iterations):
-                Z = self.op.rmatmat(Qn)
+                Z = comm.allreduce_sum(self.op.rmatmat(Qn))
                 Z = torch.linalg.qr(Z, mode="reduced").Q
-                Qn = _orthonormalize_against(self.op.matmat(Z), self.Q)
-            Bn = self.op.rmatmat(Qn, progress)
+                Qn = _orthonormalize_against(self.op.matmat(Z), self.Q, comm)
+            Bn = comm.allreduce_sum(self.op.rmatmat(Qn, progress))
             self.Q = torch.cat([self.Q, Qn], dim=1)
             self.B = torch.cat([self.B, Bn], dim=1)
             self._svd = None
@@ -136,5 +150,5 @@ class RangeSketch:
         if S.numel() == 0 or S[0] <= 0:
             return 0
         if rtol is None:
-            rtol = torch.finfo(self.dtype).eps * max(self.op.shape)
+            rtol = torch.finfo(self.dtype).eps * max(self.num_rows, self.op.shape[1])
         return int((S > rtol * S[0]).sum())

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .config import LsrConfig
+from .distributed import SINGLE, Comm, fault_point, global_mean_square, global_norm, merge_accumulators
 from .errors import ConfigError, NumericalError
 from .runtime import ProgressSink
 from .sketch import LinearOperator, RangeSketch
@@ -50,7 +51,10 @@ class SweepEntry:
 @dataclass
 class Selection:
     """What chooses rank and λ: ``val_loss`` (a separate operator), ``holdout_loss`` (rows of
-    the residual held out, then refitted on all rows) or ``train_loss``."""
+    the residual held out, then refitted on all rows) or ``train_loss``.
+
+    ``fit_rows``/``hold_rows`` index the rows of the residual operator this process holds
+    (all rows on one process, this rank's rows when distributed)."""
 
     kind: str
     op: LinearOperator | None = None
@@ -258,37 +262,44 @@ def solve_subspace(
     sink: ProgressSink,
     label: str = "J",
     memory_budget: int | None = None,
+    comm: Comm = SINGLE,
 ) -> SubspaceResult:
     """One-shot LSR: ``min_z ‖f0 + G P z‖`` over ranks/λ, ``P`` from a sketch of ``basis_op``.
 
     ``train_op`` is ``G`` (``n × m``) and ``f0`` its residual ``[n]``; the selection's operator
     (if any) has the same columns. Returns the best step ``dz = P z`` (``[m]``) or rank 0.
+
+    Distributed (``comm``): every operator and ``f0`` hold this rank's rows; the sketch is
+    distributed (:class:`~.sketch.RangeSketch`), each rank folds its rows into its own QR
+    triangles, which are merged on every rank (:func:`~.distributed.merge_accumulators`), so
+    the sweep, the selection and ``z`` are the same everywhere (``dz`` is broadcast from rank 0).
     """
-    n, m = train_op.shape
-    limit = min(n, m, basis_op.shape[0])
+    n_local, m = train_op.shape
+    n = comm.sum_int(n_local)
+    limit = min(n, m, comm.sum_int(basis_op.shape[0]))
     ranks_wanted, rank = _plan_ranks(lsr, limit, n, m)
     grid = tikhonov_grid(lsr, selection.kind != "train_loss")
     rcond = None if lsr.truncation_rcond == "auto" else float(lsr.truncation_rcond)
     timings = {"sketch": 0.0, "project": 0.0, "solve": 0.0}
 
     fit_f = f0 if selection.fit_rows is None else f0[selection.fit_rows]
-    norm_fit = float(torch.linalg.norm(fit_f))
+    norm_fit = global_norm(fit_f, comm)
     hold_mask: Tensor | None = None
     if selection.hold_rows is not None:
-        hold_mask = torch.zeros(n, dtype=torch.bool, device=f0.device)
+        hold_mask = torch.zeros(n_local, dtype=torch.bool, device=f0.device)
         hold_mask[selection.hold_rows.to(f0.device)] = True
     sel_f = (
         selection.f0
         if selection.op is not None
         else (f0[selection.hold_rows] if selection.hold_rows is not None else None)
     )
-    train_base = float(torch.mean(fit_f**2))
-    sel_base = float(torch.mean(sel_f**2)) if sel_f is not None else None
+    train_base = global_mean_square(fit_f, comm)
+    sel_base = global_mean_square(sel_f, comm) if sel_f is not None else None
     sweep = [SweepEntry(0, train_base, sel_base, 1.0, 0.0, 0, 1.0)]
     best_metric = sel_base if sel_base is not None else train_base
     best: dict[str, Any] = {"rank": 0, "dz": None, "entry": sweep[0]}
     rounds: list[dict[str, Any]] = []
-    sketch = RangeSketch(basis_op, gen, dtype, device, lsr.power_iterations)
+    sketch = RangeSketch(basis_op, gen, dtype, device, lsr.power_iterations, comm=comm)
     rising = 0
     stop_reason = ""
     while True:
@@ -302,6 +313,7 @@ def solve_subspace(
         usable = sketch.usable_rank()
         r_eff = min(rank, usable)
         timings["sketch"] += time.perf_counter() - t1
+        fault_point("sketch", comm)
         if r_eff == 0:
             stop_reason = "the Jacobian sketch has no direction above round-off; the model is unchanged"
             break
@@ -313,9 +325,12 @@ def solve_subspace(
         P, _ = sketch.basis(r_eff)
         advance = sink.begin(f"project A = G P (r={r_eff})", r_eff * (2 if selection.op is not None else 1))
         fit_qr, hold_qr = project_and_accumulate(train_op, P, f0, hold_mask, advance, memory_budget)
+        fit_qr = merge_accumulators(fit_qr, comm)
+        hold_qr = merge_accumulators(hold_qr, comm) if hold_qr is not None else None
         sel_qr = hold_qr
         if selection.op is not None and selection.f0 is not None:
             sel_qr, _ = project_and_accumulate(selection.op, P, selection.f0, None, advance, memory_budget)
+            sel_qr = merge_accumulators(sel_qr, comm)
         sink.end()
         timings["project"] += time.perf_counter() - t2
         t3 = time.perf_counter()
@@ -362,6 +377,8 @@ def solve_subspace(
         rank = min(int(math.ceil(rank * lsr.growth)), lsr.max_rank, limit)
         del fit_qr, hold_qr, sel_qr, problem
 
+    if comm.world > 1 and best["dz"] is not None:  # identical everywhere already; rank 0's to be safe
+        best["dz"] = comm.broadcast(best["dz"])
     chosen = best["entry"]
     S = sketch.singular_values() if sketch.num_columns else torch.zeros(0)
     return SubspaceResult(

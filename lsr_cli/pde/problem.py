@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from lsr_cli.data import read_datasets, read_row
+from lsr_cli.distributed import shard_range
 from lsr_cli.errors import ConfigError, DataError
 from lsr_cli.linearization import ModelFn
 from lsr_cli.usercode import import_callable
@@ -176,6 +177,13 @@ class Block:
     spec: dict[str, Any]
     scale: float = 1.0
     residual_fn: Callable[[ModelFn, tuple[Tensor, ...]], Tensor] | None = None
+    first_point: int = 0  # distributed: this rank holds points [first_point, first_point + len(points))
+    total_points: int | None = None  # distributed: the block's point count over every rank
+
+    @property
+    def num_global(self) -> int:
+        """Points of the whole block (over every rank)."""
+        return self.total_points if self.total_points is not None else int(self.points.shape[0])
 
     @property
     def generated(self) -> bool:
@@ -204,6 +212,30 @@ class PdeProblem:
 
     def all_points(self) -> Tensor:
         return torch.cat([b.points for b in self.blocks])
+
+    def shard(self, rank: int, world: int) -> PdeProblem:
+        """Keep only rank ``rank``'s contiguous share of every block's points (and of the
+        reference points), sizes differing by at most one; the row scales stay global."""
+        if world == 1:
+            return self
+        for b in self.blocks:
+            n = int(b.points.shape[0])
+            if n < world:
+                raise ConfigError(
+                    f"config.pde.blocks: block '{b.name}' has {n} points, fewer than the {world} processes; "
+                    "give it more points or run on fewer processes"
+                )
+            s, e = shard_range(n, rank, world)
+            b.points = b.points[s:e]
+            b.inputs = tuple(x[s:e] for x in b.inputs)
+            b.first_point, b.total_points = s, n
+        if self.reference is not None:
+            n = int(self.reference[0].shape[0])
+            if n < world:
+                raise DataError(f"/reference: {n} points, fewer than the {world} processes; run on fewer processes")
+            s, e = shard_range(n, rank, world)
+            self.reference = (self.reference[0][s:e], self.reference[1][s:e])
+        return self
 
     def to(self, device: torch.device, dtype: torch.dtype) -> PdeProblem:
         for b in self.blocks:

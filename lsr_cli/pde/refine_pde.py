@@ -21,10 +21,11 @@ from torch import Tensor, nn
 
 from lsr_cli.checkpoint import LoadedCheckpoint
 from lsr_cli.config import Config
+from lsr_cli.distributed import SINGLE, Comm, global_mean_square
 from lsr_cli.errors import CheckpointError, ConfigError, NumericalError
 from lsr_cli.linearization import JacobianOperator, ParameterSpace, StackedOperator
 from lsr_cli.linearized import LinearizedModel
-from lsr_cli.metrics import error_metrics
+from lsr_cli.metrics import global_error_metrics
 from lsr_cli.refine import (
     DENSE_MIN_COLUMNS,
     RefineResult,
@@ -135,14 +136,34 @@ def true_residual(model: nn.Module, problem: PdeProblem, chunk: int = 4096) -> T
     return torch.cat(parts)
 
 
-def block_losses(f: Tensor, problem: PdeProblem) -> dict[str, float]:
-    """Mean square of each block's unscaled residual (``f`` is the scaled, stacked residual)."""
+def block_losses(f: Tensor, problem: PdeProblem, comm: Comm = SINGLE) -> dict[str, float]:
+    """Mean square of each block's unscaled residual (``f`` is the scaled, stacked residual;
+    distributed: this rank's rows, the means are over every rank's)."""
     out, start = {}, 0
     for b in problem.blocks:
         n = b.points.shape[0]
-        out[b.name] = float(torch.mean((f[start : start + n] / b.scale) ** 2))
+        out[b.name] = global_mean_square(f[start : start + n] / b.scale, comm)
         start += n
     return out
+
+
+def _global_to_local(problem: PdeProblem) -> Tensor:
+    """For every row of the global stacked residual, its row here, or −1 when another rank holds it."""
+    total = sum(b.num_global for b in problem.blocks)
+    out = torch.full((total,), -1, dtype=torch.long)
+    g, loc = 0, 0
+    for b in problem.blocks:
+        n = int(b.points.shape[0])
+        out[g + b.first_point : g + b.first_point + n] = torch.arange(loc, loc + n)
+        g += b.num_global
+        loc += n
+    return out
+
+
+def _local_selection(rows: Tensor, to_local: Tensor) -> Tensor:
+    """The global rows ``rows`` held here, as local rows (order kept)."""
+    mapped = to_local[rows]
+    return mapped[mapped >= 0]
 
 
 def lsr_step(
@@ -153,10 +174,18 @@ def lsr_step(
     cfg: Config,
     gen: torch.Generator,
     sink: ProgressSink,
+    comm: Comm = SINGLE,
 ) -> SubspaceResult:
-    """One-shot LSR of the stacked physics residual at the module's current weights."""
+    """One-shot LSR of the stacked physics residual at the module's current weights.
+
+    Distributed (``comm``): ``problem`` and ``ops`` hold this rank's points of every block
+    (:meth:`~.problem.PdeProblem.shard`); hold-out rows and basis points are drawn over the
+    global rows, as on one process, and each rank keeps its own."""
     lsr = cfg.lsr
-    split = stratified_holdout_rows([op.shape[0] for op in ops.blocks], lsr.holdout, gen)
+    to_local = _global_to_local(problem)
+    split = stratified_holdout_rows([b.num_global for b in problem.blocks], lsr.holdout, gen)
+    if split is not None and comm.world > 1:
+        split = (_local_selection(split[0], to_local), _local_selection(split[1], to_local))
     selection = (
         Selection("holdout_loss", fit_rows=split[0], hold_rows=split[1], holdout_fraction=lsr.holdout)
         if split is not None
@@ -167,17 +196,23 @@ def lsr_step(
         label = "G"
     else:
         pts = problem.all_points()
+        total = int(to_local.shape[0])
         r_max = lsr.max_rank if lsr.rank == "auto" else max(lsr.rank if isinstance(lsr.rank, list) else [lsr.rank])
         count = problem.basis_points if problem.basis_points != "auto" else int(r_max) + lsr.oversampling + 1000
-        count = min(int(count), pts.shape[0])
-        idx = torch.randperm(pts.shape[0], generator=gen)[:count].to(pts.device)
-        basis_op = JacobianOperator(module, space, (pts[idx],), 4 * ROW_CHUNK, lsr.tangent_chunk)
+        count = min(int(count), total)
+        idx = torch.randperm(total, generator=gen)[:count]
+        if comm.world > 1:
+            idx = _local_selection(idx, to_local)
+        idx = idx.to(pts.device)
+        basis_op = JacobianOperator(module, space, (pts[idx],), 4 * ROW_CHUNK, lsr.tangent_chunk, probe=(pts[:1],))
         if ops.jacobian["path"] == "dense":
             dense, _ = choose_dense({"basis": basis_op}, resolve_memory_budget(lsr.max_memory, basis_op.device) // 2)
             if dense is not None:
                 basis_op = dense["basis"]
         label = "J"
-    return solve_subspace(basis_op, ops.G, ops.f0, selection, lsr, gen, ops.f0.dtype, ops.f0.device, sink, label)
+    return solve_subspace(
+        basis_op, ops.G, ops.f0, selection, lsr, gen, ops.f0.dtype, ops.f0.device, sink, label, comm=comm
+    )
 
 
 def prepare_pde_run(
@@ -187,6 +222,7 @@ def prepare_pde_run(
     dtype: torch.dtype,
     device: torch.device,
     gen: torch.Generator,
+    comm: Comm = SINGLE,
 ) -> tuple[nn.Module, ParameterSpace, ResidualOperators]:
     """The network on the device, the problem checked against it, the linearized parameters and
     the residual operators at the checkpoint (their residual must be finite)."""
@@ -196,15 +232,23 @@ def prepare_pde_run(
     check_blocks(module, problem)
     space = select_parameters(module, cfg, gen)
     ops = build_operators(module, problem, space, cfg)
-    if not bool(torch.isfinite(ops.f0).all()):
+    bad = int((~torch.isfinite(ops.f0)).sum())
+    if (comm.sum_int(bad) if comm.world > 1 else bad) > 0:
         raise NumericalError(f"{ckpt.path}: the physics residual at the checkpoint has non-finite values")
     return module, space, ops
 
 
 def refine_pde(
-    ckpt: LoadedCheckpoint, problem: PdeProblem, cfg: Config, progress: ProgressSink | None = None
+    ckpt: LoadedCheckpoint,
+    problem: PdeProblem,
+    cfg: Config,
+    progress: ProgressSink | None = None,
+    comm: Comm = SINGLE,
 ) -> RefineResult:
-    """One-shot LSR of ``ckpt`` on the physics residual of ``problem``."""
+    """One-shot LSR of ``ckpt`` on the physics residual of ``problem``.
+
+    Distributed (``comm``): ``problem`` holds this rank's share of the points
+    (:meth:`~.problem.PdeProblem.shard`); losses and errors are over every rank's points."""
     if ckpt.delta is not None:
         raise CheckpointError(
             f"{ckpt.path}: refining a refined checkpoint on a PDE residual is not supported; "
@@ -215,10 +259,10 @@ def refine_pde(
     timings: dict[str, float] = {}
     with no_tf32():
         t0 = time.perf_counter()
-        module, space, ops = prepare_pde_run(ckpt, problem, cfg, dtype, device, gen)
+        module, space, ops = prepare_pde_run(ckpt, problem, cfg, dtype, device, gen, comm)
         named = dict(module.named_parameters())
         timings["baseline"] = time.perf_counter() - t0
-        sub = lsr_step(module, problem, space, ops, cfg, gen, sink)
+        sub = lsr_step(module, problem, space, ops, cfg, gen, sink, comm)
         timings.update(sub.timings)
 
         t1 = time.perf_counter()
@@ -232,7 +276,7 @@ def refine_pde(
         # equation's nonlinear terms, e.g. w·w_x for Burgers with w = J δ)
         f_after = true_residual(LinearizedModel(module, delta), problem) if dz is not None else ops.f0
         f_net = torch.cat([op.forward(net_params).reshape(-1) for op in ops.blocks])
-        before_b, after_b, lin_b, net_b = (block_losses(f, problem) for f in (ops.f0, f_after, f_lin, f_net))
+        before_b, after_b, lin_b, net_b = (block_losses(f, problem, comm) for f in (ops.f0, f_after, f_lin, f_net))
         residuals = {
             name: {
                 "before": before_b[name],
@@ -253,14 +297,15 @@ def refine_pde(
                 )
             u_net = predict(module, (x_ref,), 4096, net_params).reshape(u_ref.shape)
             errors["reference"] = {
-                "before": error_metrics(u0, u_ref),
-                "after": error_metrics(u_lin, u_ref),
-                "network_after": error_metrics(u_net, u_ref),
+                "before": global_error_metrics(u0, u_ref, comm),
+                "after": global_error_metrics(u_lin, u_ref, comm),
+                "network_after": global_error_metrics(u_net, u_ref, comm),
             }
         timings["evaluate"] = time.perf_counter() - t1
 
-    total_before = float(torch.mean(ops.f0**2))
-    total_after = float(torch.mean(f_after**2))
+    total_before = global_mean_square(ops.f0, comm)
+    total_after = global_mean_square(f_after, comm)
+    lin_total = global_mean_square(f_lin, comm)
     if sub.rank == 0:
         status, message = (
             "unchanged",
@@ -268,7 +313,6 @@ def refine_pde(
         )
     else:
         status = "improved"
-        lin_total = float(torch.mean(f_lin**2))
         message = (
             f"rank {sub.rank}: linearized residual loss {total_before:.3g} -> {lin_total:.3g}; "
             f"the refined predictor's own residual loss {total_before:.3g} -> {total_after:.3g}"
@@ -292,7 +336,7 @@ def refine_pde(
         singular_values=sub.singular_values,
         num_parameters=sum(p.numel() for p in named.values()),
         num_linearized_parameters=space.num,
-        num_residuals=ops.G.shape[0],
+        num_residuals=comm.sum_int(ops.G.shape[0]),
         device=str(device),
         dtype=cfg.dtype,
         peak_memory_bytes=peak,
@@ -304,7 +348,7 @@ def refine_pde(
         residual_loss={
             "before": total_before,
             "after": total_after,
-            "after_linearized": float(torch.mean(f_lin**2)),
+            "after_linearized": lin_total,
         },
         jacobian=ops.jacobian,
     )

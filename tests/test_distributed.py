@@ -1,0 +1,215 @@
+"""``lsr refine`` on several processes (torchrun, Gloo on CPU) gives the single-process result.
+
+Each distributed run is a real ``torchrun --standalone`` job of 1, 2 or 3 worker processes
+(3 where the rows do not divide evenly); the refined predictor must equal the single-process
+one to round-off. Also the pieces: contiguous shards, TSQR against Householder QR, merged QR
+triangles, and a failure on one rank that ends every rank with one error line and no output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lsr_cli.distributed import SINGLE, launch_command, local_rows, orthonormalize, shard_range
+from lsr_cli.solve import QRAccumulator
+
+from .conftest import make_regression_h5
+from .test_cli import run
+from .test_cli_pde import _pinn, pinn, write_config  # noqa: F401  (fixtures)
+
+EQUAL_ATOL = 1e-10
+"""Distributed vs single-process predictions (float64): only the order of the sums differs."""
+
+RANKS = "8,16,32"
+
+
+def _torchrun(nproc: int, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = launch_command(nproc, [str(a) for a in args])
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=240)
+
+
+def _lsr(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "lsr_cli", *[str(a) for a in args]]
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=240)
+
+
+def _delta(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=False)["delta"]
+
+
+def _max_delta_diff(a: Path, b: Path) -> float:
+    da, db = _delta(a), _delta(b)
+    assert set(da) == set(db)
+    return max(float((da[k] - db[k]).abs().max()) for k in da)
+
+
+# --------------------------------------------------------------------------------------------
+# pieces
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "world"), [(10, 3), (9, 3), (7, 2), (5, 5), (400, 3)])
+def test_shards_are_contiguous_and_balanced(n, world):
+    ranges = [shard_range(n, r, world) for r in range(world)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    sizes = [e - s for s, e in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_local_rows_keep_order_and_shift():
+    rows = torch.tensor([9, 2, 5, 3, 7])
+    assert local_rows(rows, 3, 8).tolist() == [2, 0, 4]
+
+
+class _FakeComm:
+    """A communicator over in-memory "ranks" (for the algebra, without processes)."""
+
+    def __init__(self, parts: list[torch.Tensor], rank: int) -> None:
+        self.parts, self.rank, self.world = parts, rank, len(parts)
+
+    def allgather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        if t.dtype == torch.int64:
+            return [torch.tensor([p.shape[0]]) for p in self.parts]
+        return [torch.linalg.qr(p, mode="reduced").R for p in self.parts]
+
+
+def test_tsqr_spans_the_range_of_the_stacked_blocks():
+    gen = torch.Generator().manual_seed(0)
+    Y = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    parts = [Y[s:e] for s, e in (shard_range(40, r, 3) for r in range(3))]
+    Q = torch.cat([orthonormalize(p, _FakeComm(parts, r)) for r, p in enumerate(parts)])  # type: ignore[arg-type]
+    assert torch.allclose(Q.T @ Q, torch.eye(6, dtype=torch.float64), atol=1e-13)
+    assert torch.allclose(Q @ (Q.T @ Y), Y, atol=1e-12)
+    assert torch.equal(orthonormalize(Y, SINGLE), torch.linalg.qr(Y, mode="reduced").Q)
+
+
+def test_merged_triangles_give_the_qr_of_all_rows():
+    gen = torch.Generator().manual_seed(1)
+    A, f = torch.randn(30, 4, generator=gen, dtype=torch.float64), torch.randn(30, generator=gen, dtype=torch.float64)
+    whole = QRAccumulator(4)
+    whole.add(A, f)
+    merged = QRAccumulator(4)
+    for s, e in (shard_range(30, r, 3) for r in range(3)):
+        part = QRAccumulator(4)
+        part.add(A[s:e], f[s:e])
+        merged = merged.merge(part)
+    assert merged.n == 30
+    assert torch.allclose(merged.R_aug.abs(), whole.R_aug.abs(), atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# end to end: distributed = single process
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def regression_noval(regression_files):
+    """The fixture's model with a file without a validation split (400 samples: 3 does not divide)."""
+    path = make_regression_h5(regression_files["dir"] / "noval.h5", n_val=0)
+    return {**regression_files, "noval": path}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("which", "nproc"), [("data", 2), ("data", 3), ("noval", 1), ("noval", 3)])
+def test_regression_matches_single_process(regression_noval, which, nproc):
+    files = regression_noval
+    d = files["dir"]
+    args = ["refine", files["state_dict"], "-c", files["config"], "-d", files[which], "--rank", RANKS, "-q"]
+    single = run(*args, "--out", d / "single.pt")
+    assert single.exit_code == 0, single.output
+    if nproc == 1:  # through torchrun itself (one worker): the process-group path with world = 1
+        proc = _torchrun(1, *args, "--out", d / "dist.pt")
+    else:
+        proc = _lsr(*args, "--out", d / "dist.pt", "--nproc", nproc)
+    assert proc.returncode == 0, proc.stderr
+    diff = _max_delta_diff(d / "single.pt", d / "dist.pt")
+    assert diff < EQUAL_ATOL, diff
+    if nproc == 1:
+        assert diff == 0.0  # world = 1 runs the single-process arithmetic
+    rep_single = json.loads((d / "single.report.json").read_text())
+    rep = json.loads((d / "dist.report.json").read_text())
+    assert rep["rank"] == rep_single["rank"]
+    assert rep["selection_metric"] == rep_single["selection_metric"]
+    assert rep["selection_metric"] == ("val_loss" if which == "data" else "holdout_loss")
+    assert rep["num_residuals"] == rep_single["num_residuals"]
+    for split, errs in rep_single["splits"].items():
+        assert rep["splits"][split]["after"]["rel_l2"] == pytest.approx(errs["after"]["rel_l2"], rel=1e-8)
+    dist = rep["distributed"]
+    assert dist["world_size"] == nproc and dist["backend"] == "gloo"
+    assert [r["rank"] for r in dist["ranks"]] == list(range(nproc))
+    assert sum(r["rows"] for r in dist["ranks"]) == 400
+    assert all(r["peak_memory_above_start_bytes"] is not None and r["wall_seconds"] > 0 for r in dist["ranks"])
+    assert "distributed" not in rep_single
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_pinn_matches_single_process(pinn, nproc):  # noqa: F811
+    d = pinn["dir"]
+    cfg = write_config(d / "pde.yaml", {"lsr": {"rank": [16, 48, 96]}})
+    args = ["refine", pinn["torchscript"], "--config", cfg, "-q"]
+    single = run(*args, "--out", d / "single.pt")
+    assert single.exit_code == 0, single.output
+    proc = _lsr(*args, "--out", d / "dist.pt", "--nproc", nproc)
+    assert proc.returncode == 0, proc.stderr
+    x = torch.rand(200, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        a = torch.jit.load(str(d / "single.pt"))(x)
+        b = torch.jit.load(str(d / "dist.pt"))(x)
+    assert float((a - b).abs().max()) < EQUAL_ATOL
+    rep_single = json.loads((d / "single.report.json").read_text())
+    rep = json.loads((d / "dist.report.json").read_text())
+    assert rep["rank"] == rep_single["rank"] and rep["selection_metric"] == "holdout_loss"
+    assert rep["num_residuals"] == rep_single["num_residuals"] == 380
+    ref, ref_single = rep["splits"]["reference"]["after"], rep_single["splits"]["reference"]["after"]
+    assert ref["rel_l2"] == pytest.approx(ref_single["rel_l2"], rel=1e-8)
+    for block, losses in rep_single["residual_blocks"].items():
+        assert rep["residual_blocks"][block]["before"] == pytest.approx(losses["before"], rel=1e-10)
+    assert rep["distributed"]["world_size"] == nproc
+
+
+# --------------------------------------------------------------------------------------------
+# failures
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_failure_on_one_rank_ends_every_rank_and_writes_nothing(regression_files):
+    d = regression_files["dir"]
+    out = d / "out" / "r.pt"
+    args = ["refine", regression_files["state_dict"], "-c", regression_files["config"], "-d"]
+    args += [regression_files["data"], "--rank", "8", "--out", out]
+    proc = _lsr(*args, "--nproc", 2, env={"LSR_INJECT_FAILURE": "1:sketch"})
+    assert proc.returncode == 5, proc.stderr  # NumericalError's exit code, from the failing rank
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert errors == ["error: rank 1 of 2: injected failure at stage 'sketch' (LSR_INJECT_FAILURE=1:sketch)"], lines
+    assert not any("Traceback" in ln for ln in lines), lines
+    assert not out.exists() and not (d / "out").exists()
+
+
+def test_nproc_is_validated(regression_files):
+    result = run("refine", regression_files["state_dict"], "-d", regression_files["data"], "--nproc", "0")
+    assert result.exit_code == 2
+    assert "--nproc: must be at least 1, got 0" in result.stderr
+
+
+def test_iterate_refuses_several_processes(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("device: cpu\n")
+    result = run("iterate", "--config", cfg)
+    assert result.exit_code == 2
+    assert "lsr iterate does not run on several processes yet" in result.stderr
