@@ -83,10 +83,10 @@ def _last_layer(module: nn.Module) -> list[str]:
     return [n for n in names if n.rsplit(".", 1)[0] == prefix]
 
 
-def supervised_task(name: str, config_path: Path) -> Task:
+def supervised_task(name: str, config_path: Path, checkpoint: Path | None = None) -> Task:
     cfg = load_config(config_path)
     base = config_path.parent
-    ckpt_path = (base / cfg.model.checkpoint).resolve() if cfg.model.checkpoint else None
+    ckpt_path = checkpoint or ((base / cfg.model.checkpoint).resolve() if cfg.model.checkpoint else None)
     assert ckpt_path is not None, f"{config_path}: model.checkpoint needed"
     data_path = (base / str(cfg.data.path)).resolve()
     splits = read_data(data_path, cfg.data, torch.float64)
@@ -404,7 +404,9 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
 
 
 TASKS = {
-    "regression": lambda w, s: supervised_task("regression", ROOT / "configs/regression.yaml"),
+    "regression": lambda w, s: supervised_task(
+        "regression", ROOT / "configs/regression.yaml", ROOT / "sample_data/regression_torchscript.pt"
+    ),
     "regression_hard": lambda w, s: hard_regression_task(w, s),
     "poisson2d": lambda w, s: pde_task("poisson2d", ROOT / "configs/poisson2d.yaml"),
     "burgers": lambda w, s: pde_task("burgers", ROOT / "configs/burgers.yaml"),
@@ -417,12 +419,16 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     parser.add_argument("--hard-steps", type=int, default=3000, help="Adam steps of the harder regression")
+    parser.add_argument("--keep", action="store_true", help="keep the other tasks of an earlier methods.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = args.out / ".work"
     workdir.mkdir(exist_ok=True)
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, Python {platform.python_version()}"
     results: dict[str, Any] = {}
+    previous = args.out / "methods.json"
+    if args.keep and previous.is_file():  # add to / replace tasks of an earlier run
+        results = json.loads(previous.read_text())["results"]
     for name in args.tasks:
         task = TASKS[name](workdir, args.hard_steps)
         results[name] = run_task(task)

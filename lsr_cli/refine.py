@@ -208,6 +208,28 @@ def sketch_samples(lsr: LsrConfig, num_samples: int, out_numel: int) -> int:
     return min(num_samples, max(1, rows // max(1, out_numel)))
 
 
+FLOAT32_FLOOR_FACTOR = 100.0
+"""``--dtype float32`` results within this factor of float32's epsilon are floor-limited."""
+
+
+def float32_floor_warning(dtype_name: str, errors: dict[str, dict[str, dict[str, float | None]]]) -> str | None:
+    """A warning when a float32 run's refined error sits near float32 round-off (1.2e-7)."""
+    if dtype_name != "float32":
+        return None
+    eps = torch.finfo(torch.float32).eps
+    hit = [
+        f"{name} {e['after']['rel_l2']:.2e}"
+        for name, e in errors.items()
+        if e["after"]["rel_l2"] is not None and e["after"]["rel_l2"] < FLOAT32_FLOOR_FACTOR * eps
+    ]
+    if not hit:
+        return None
+    return (
+        f"--dtype float32: the refined relative errors ({', '.join(hit)}) are within {FLOAT32_FLOOR_FACTOR:g}x "
+        f"of float32 round-off ({eps:.1e}); the float32 floor may limit them: rerun with --dtype float64"
+    )
+
+
 DENSE_MIN_COLUMNS = 128
 """Below this many sketch columns, ``lsr.jacobian: auto`` stays matrix-free (materializing J costs
 about as much as 100 JVP columns; measured in benchmarks/throughput.py)."""
@@ -421,6 +443,9 @@ def refine(
             advance(1)
         sink.end()
         timings["evaluate"] = time.perf_counter() - t4
+        floor_warning = float32_floor_warning(cfg.dtype, errors)
+        if floor_warning:
+            warnings.append(floor_warning)
 
     if sub.rank == 0:
         status = "unchanged"

@@ -101,3 +101,13 @@ def test_auto_path_reports_its_choice(regression_files):
     assert_ok(result)
     many = json.loads(result.stdout)["jacobian"]
     assert many["path"] == "dense" and "fits" in many["reason"]
+
+
+def test_float32_floor_warning():
+    from lsr_cli.refine import float32_floor_warning
+
+    errs = {"val": {"after": {"rel_l2": 3e-6}}, "train": {"after": {"rel_l2": 0.1}}}
+    msg = float32_floor_warning("float32", errs)  # type: ignore[arg-type]
+    assert msg is not None and "val 3.00e-06" in msg and "float64" in msg and "train" not in msg
+    assert float32_floor_warning("float64", errs) is None  # type: ignore[arg-type]
+    assert float32_floor_warning("float32", {"val": {"after": {"rel_l2": 1e-3}}}) is None
