@@ -328,15 +328,24 @@ class JacobianOperator:
         rows depend on that sample alone (pointwise residuals; :func:`materialize` checks it)."""
         rows = self._rows(s, e)
         shared = [i < len(self.shared) and self.shared[i] for i in range(len(rows))]
+        # jacrev takes real inputs only: complex parameters enter as their real views [..., 2]
+        cplx = {n for n, p in self._primals.items() if p.is_complex()}
+        primals = {n: torch.view_as_real(p) if n in cplx else p for n, p in self._primals.items()}
 
         def single(p: dict[str, Tensor], *row: Tensor) -> Tensor:
+            p = {n: torch.view_as_complex(t) if n in cplx else t for n, t in p.items()}
             batch = tuple(x if sh else x.unsqueeze(0) for x, sh in zip(row, shared, strict=True))
             return self._apply(p, batch).reshape(-1)
 
         in_dims = (None, *[None if sh else 0 for sh in shared])
-        jac = torch.func.vmap(torch.func.jacrev(single), in_dims=in_dims)(self._primals, *rows)
+        jac = torch.func.vmap(torch.func.jacrev(single), in_dims=in_dims)(primals, *rows)
         k = (e - s) * self.out_numel
-        flat = self.space.flatten({n: t.reshape(k, *t.shape[2:]) for n, t in jac.items()})  # [m, k]
+        blocks = {}
+        for n, t in jac.items():
+            t = t.reshape(k, *t.shape[2:])
+            # d out / d (re, im) pairs, in the order of view_as_real: back to the flat real layout
+            blocks[n] = torch.view_as_complex(t.contiguous()) if n in cplx else t
+        flat = self.space.flatten(blocks)  # [m, k]
         return flat.T.detach()
 
 

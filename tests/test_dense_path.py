@@ -111,3 +111,21 @@ def test_float32_floor_warning():
     assert msg is not None and "val 3.00e-06" in msg and "float64" in msg and "train" not in msg
     assert float32_floor_warning("float64", errs) is None  # type: ignore[arg-type]
     assert float32_floor_warning("float32", {"val": {"after": {"rel_l2": 1e-3}}}) is None
+
+
+def test_materialized_jacobian_with_complex_parameters():
+    from lsr_cli.operators import fno2d
+    from lsr_cli.runtime import cast_module
+
+    torch.manual_seed(0)
+    fno = fno2d(in_channels=1, out_channels=1, width=3, modes1=2, modes2=2, layers=1)
+    net = cast_module(fno, torch.float64, torch.device("cpu"))
+    assert any(p.is_complex() for p in net.parameters())
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    op = JacobianOperator(net, _space(net), (x,), row_chunk=4, tangent_chunk=8)
+    dense, why = materialize(op, 2**30, torch.Generator().manual_seed(0))
+    assert dense is not None, why
+    n, m = op.shape
+    V = torch.randn(m, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref = op.matmat(V)
+    torch.testing.assert_close(dense.matmat(V), ref, rtol=0, atol=PRODUCT_RTOL * float(ref.abs().max()))
