@@ -4,30 +4,33 @@ The Fourier-neural-operator benchmark scaled down to one CPU core:
 
     −∇·(a(x, y) ∇u) = 1 on (0, 1)²,   u = 0 on the boundary,
 
-on a 24 × 24 grid of cells (values at the cell centres ((i + ½)/24, (j + ½)/24)). The coefficient
+on a 16 × 16 grid of cells (values at the cell centres ((i + ½)/16, (j + ½)/16)). The coefficient
 is piecewise constant, a = 12 where ψ ≥ 0 and a = 3 where ψ < 0, with ψ a Gaussian random field
-with spectrum (4π²|k|² + 9)^(-1) (covariance (−Δ + 9)^(-2)), drawn on a 48 × 48 periodic grid
+with spectrum (4π²|k|² + 9)^(-1) (covariance (−Δ + 9)^(-2)), drawn on a 32 × 32 periodic grid
 of [0, 2)² and cropped to [0, 1)² so that a is not periodic. The solver is the cell-centred
 finite-volume 5-point scheme with harmonic averaging of a on interior faces and the Dirichlet
 value imposed at half a cell on the boundary faces, solved by a sparse direct solve (scipy);
 the script checks it on a manufactured solution u = sin(πx) sin(πy) with a = 1 + x² + y (second-
 order convergence, errors printed for 16, 32, 64 cells).
 
-Splits: 400 train, 50 val, 50 test. HDF5 layout::
+Splits: 200 train, 50 val, 50 test. HDF5 layout::
 
-    /{train,val,test}/inputs   [N, 1, 24, 24]  a at the cell centres (gzip)
-    /{train,val,test}/targets  [N, 1, 24, 24]  u at the cell centres
+    /{train,val,test}/inputs   [N, 1, 16, 16]  a at the cell centres (gzip)
+    /{train,val,test}/targets  [N, 1, 16, 16]  u at the cell centres
 
 Model: FNO2d (lsr_cli.operators) with the two coordinate channels added by the model: lift
-3 → 12 channels, 3 Fourier layers of width 12 with 6 × 6 modes (positive and negative kx), GELU,
-projection 12 → 32 → 1, zero padding 6 (grid 30 × 30 inside the Fourier layers): 965 real
-parameters and 31 104 complex spectral weights (63 173 real numbers), plus buffers that
-standardize a and u. Trained in float32 by Adam (batch 20, lr 5e-3, cosine decay to 5e-5) for
-400 epochs on the mean squared error of the standardized output.
+3 → 6 channels, 3 Fourier layers of width 6 with 4 × 4 modes (positive and negative kx), GELU,
+projection 6 → 16 → 1, zero padding 4 (grid 20 × 20 inside the Fourier layers): 279 real
+parameters and 3 456 complex spectral weights (7 191 real numbers), plus buffers that
+standardize a and u. Small on purpose, so that `lsr refine` can use ranks of a few thousand on
+2 CPU cores. Trained in float32 by Adam (batch 20, lr 5e-3, cosine decay to 5e-5) for
+300 epochs on the mean squared error of the standardized output.
 
-Result (torch 2.13 CPU, one thread, about 4 minutes, 221 s of training): relative L2 error
-(whole split / mean over samples) train 9.1e-3 / 1.04e-2, val 1.99e-2 / 2.03e-2,
-test 1.77e-2 / 1.83e-2. Solver check: max errors 3.75e-3, 9.40e-4, 2.35e-4 (order 2.00).
+Result (torch 2.13 CPU, one thread, about 30 s, 24 s of training): relative L2 error
+(whole split / mean over samples) train 2.58e-2 / 2.86e-2, val 3.54e-2 / 3.64e-2,
+test 3.34e-2 / 3.56e-2. Solver check: max errors 3.75e-3, 9.40e-4, 2.35e-4 (order 2.00).
+`lsr refine` with configs/darcy_fno.yaml (matrix-free, rank 3000) measured test
+3.34e-2 -> 2.75e-2 (1.22x) in 4 min 20 s on 2 cores.
 
 Usage (from the repository root):
 
@@ -53,20 +56,20 @@ import torch
 from lsr_cli.operators import FNO2d
 
 HERE = Path(__file__).resolve().parent
-GRID = 24
+GRID = 16
 A_HIGH, A_LOW = 12.0, 3.0
-SPLITS = {"train": 400, "val": 50, "test": 50}
+SPLITS = {"train": 200, "val": 50, "test": 50}
 MODEL_KWARGS = {
     "in_channels": 1,
     "out_channels": 1,
-    "width": 12,
-    "modes1": 6,
-    "modes2": 6,
+    "width": 6,
+    "modes1": 4,
+    "modes2": 4,
     "layers": 3,
     "activation": "gelu",
-    "projection": 32,
+    "projection": 16,
     "coordinates": True,
-    "padding": 6,
+    "padding": 4,
 }
 
 
@@ -153,11 +156,26 @@ def relative_l2(model: FNO2d, x: torch.Tensor, y: torch.Tensor) -> tuple[float, 
 
 
 def main() -> None:
+    global GRID
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE)
-    parser.add_argument("--epochs", type=int, default=400)
+    parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", type=int, default=GRID)
+    parser.add_argument("--train", type=int, default=SPLITS["train"])
+    parser.add_argument("--width", type=int, default=MODEL_KWARGS["width"])
+    parser.add_argument("--modes", type=int, default=MODEL_KWARGS["modes1"])
+    parser.add_argument("--layers", type=int, default=MODEL_KWARGS["layers"])
+    parser.add_argument("--projection", type=int, default=MODEL_KWARGS["projection"])
+    parser.add_argument("--padding", type=int, default=MODEL_KWARGS["padding"])
+    parser.add_argument("--lr", type=float, default=5e-3)
     args = parser.parse_args()
+    GRID = args.grid
+    SPLITS["train"] = args.train
+    MODEL_KWARGS.update(
+        width=args.width, modes1=args.modes, modes2=args.modes, layers=args.layers,
+        projection=args.projection, padding=args.padding,
+    )
     torch.set_num_threads(1)
 
     check_solver()
@@ -205,7 +223,7 @@ def main() -> None:
     batch = 20
     steps_per_epoch = xt.shape[0] // batch
     total = args.epochs * steps_per_epoch
-    lr_max, lr_min = 5e-3, 5e-5
+    lr_max, lr_min = args.lr, 5e-5
     opt = torch.optim.Adam(model.parameters(), lr=lr_max)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * s / total))) / lr_max
