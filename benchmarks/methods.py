@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import math
 import platform
 import time
@@ -422,8 +423,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the other tasks of an earlier methods.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    workdir = args.out / ".work"
-    workdir.mkdir(exist_ok=True)
+    tmp = tempfile.TemporaryDirectory()
+    workdir = Path(tmp.name)  # the harder regression's data and checkpoint
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, Python {platform.python_version()}"
     results: dict[str, Any] = {}
     previous = args.out / "methods.json"
