@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import math
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
