@@ -243,6 +243,64 @@ def planned_columns(lsr: LsrConfig) -> int:
     return top + lsr.oversampling
 
 
+DENSE_GEMM_FLOPS = 1e9
+"""Floor of the float64 GEMM rate (flop/s) measured for the dense path's cost estimate."""
+
+
+def estimated_costs(t_col: float, t_mat: float, n: int, m: int, k: int, gemm_rate: float) -> tuple[float, float]:
+    """Seconds of (matrix-free, dense) for ``k`` sketch columns: ``3k`` Jacobian products over
+    all rows at ``t_col`` each, against materializing ``J`` (``t_mat``) plus three GEMMs of
+    ``2nmk`` flops at ``gemm_rate``."""
+    return 3 * k * t_col, t_mat + 3 * 2 * n * m * k / gemm_rate
+
+
+def matrix_free_is_cheaper(op: JacobianOperator, lsr: LsrConfig, probe_samples: int = 32) -> str | None:
+    """Time both paths on a few samples and extrapolate; the reason when JVPs win, else ``None``.
+
+    Matrix-free: about ``3 k`` Jacobian products over every row (sketch ``JΩ``, ``JᵀQ``,
+    projection ``JP``). Dense: materializing the per-sample Jacobians plus the same products as
+    GEMMs. Cheap models with shared inputs (a Cartesian DeepONet) favour JVPs; deep networks with
+    many parameters favour the dense path. Single-process only (timings differ between ranks).
+    """
+    n_samples = op.num_samples
+    s = min(probe_samples, n_samples)
+    sub = JacobianOperator(
+        op.module,
+        op.space,
+        take_rows(op.inputs, 0, s, op.shared),
+        op.row_chunk,
+        op.tangent_chunk,
+        op.residual,
+        op.shared,
+    )
+    k = planned_columns(lsr)
+    cols = min(k, op.tangent_chunk)
+    V = torch.randn(sub.shape[1], cols, generator=torch.Generator().manual_seed(0), dtype=sub.dtype).to(sub.device)
+    sub.matmat(V)  # warm-up
+    t0 = time.perf_counter()
+    sub.matmat(V)
+    t_col = (time.perf_counter() - t0) / cols * (n_samples / s)
+    t0 = time.perf_counter()
+    sub.jacobian_rows(0, s)
+    t_mat = (time.perf_counter() - t0) * (n_samples / s)
+    n, m = op.shape
+    rows = min(n, 2048)
+    A = torch.randn(rows, m, dtype=sub.dtype, device=sub.device, generator=None)
+    B = torch.randn(m, 64, dtype=sub.dtype, device=sub.device)
+    A @ B  # warm-up
+    t0 = time.perf_counter()
+    A @ B
+    gemm_rate = max(2 * rows * m * 64 / max(time.perf_counter() - t0, 1e-9), DENSE_GEMM_FLOPS)
+    del A, B
+    free, dense = estimated_costs(t_col, t_mat, n, m, k, gemm_rate)
+    if free < dense:
+        return (
+            f"JVPs are estimated cheaper for {k} sketch columns ({free:.1f} s against {dense:.1f} s to materialize "
+            f"J and multiply; timed on {s} samples)"
+        )
+    return None
+
+
 def choose_dense(
     ops: dict[str, JacobianOperator], max_bytes: int, progress: Callable[[int], None] | None = None
 ) -> tuple[dict[str, DenseOperator] | None, str]:
@@ -365,6 +423,8 @@ def refine(
                     f"only {planned_columns(lsr)} sketch columns planned: JVPs are cheaper than materializing J "
                     f"(dense pays off from about {DENSE_MIN_COLUMNS}, benchmarks/throughput.py)"
                 )
+            elif lsr.jacobian == "auto" and comm.world == 1 and (slow := matrix_free_is_cheaper(ops["train"], lsr)):
+                jac_info["reason"] = slow
             else:
                 advance = sink.begin("materialize J", sum(data[nm].num_samples for nm in names))
                 dense, why = choose_dense({nm: ops[nm] for nm in names}, budget // 2, advance)

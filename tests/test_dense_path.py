@@ -100,7 +100,21 @@ def test_auto_path_reports_its_choice(regression_files):
     result = run(*refine_args(files["state_dict"], files, out, rep, "--json", "--force", rank="200"))
     assert_ok(result)
     many = json.loads(result.stdout)["jacobian"]
-    assert many["path"] == "dense" and "fits" in many["reason"]
+    # 210 columns: the choice rests on timing both paths on a few samples, so either may win here
+    assert (many["path"] == "dense" and "fits" in many["reason"]) or (
+        many["path"] == "matrix_free" and "estimated cheaper" in many["reason"]
+    ), many
+
+
+def test_cost_model():
+    from lsr_cli.refine import estimated_costs
+
+    # 100 columns at 0.1 s each over all rows, three passes: 30 s matrix-free; dense: 5 s to
+    # materialize plus 3 GEMMs of 2·1000·500·100 flops at 1e9 flop/s = 0.3 s
+    free, dense = estimated_costs(0.1, 5.0, 1000, 500, 100, 1e9)
+    assert free == pytest.approx(30.0) and dense == pytest.approx(5.3)
+    free, dense = estimated_costs(1e-4, 5.0, 1000, 500, 100, 1e9)
+    assert free < dense
 
 
 def test_float32_floor_warning():
