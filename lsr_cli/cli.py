@@ -121,10 +121,11 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 
 def _single_process_only(command: str) -> None:
-    """``iterate`` and ``instances`` do not run distributed yet: refuse under torchrun with several ranks."""
+    """``instances`` does not run distributed yet: refuse under torchrun with several ranks."""
     if launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
-            f"lsr {command} does not run on several processes yet (only `lsr refine` does); run it without torchrun"
+            f"lsr {command} does not run on several processes yet (only `lsr refine` and `lsr iterate` do); "
+            "run it without torchrun"
         )
 
 
@@ -417,9 +418,10 @@ def _launch(nproc: int, argv: list[str]) -> int:
         return rc
 
 
-def _refine_argv(**opts: Any) -> list[str]:
-    """``refine`` arguments that reproduce the options given (for the workers of ``--nproc``)."""
-    argv = ["refine", str(opts.pop("checkpoint"))]
+def _refine_argv(command: str = "refine", **opts: Any) -> list[str]:
+    """``command`` arguments that reproduce the options given (for the workers of ``--nproc``)."""
+    checkpoint = opts.pop("checkpoint")
+    argv = [command] + ([str(checkpoint)] if checkpoint is not None else [])
     flags = {"as_json": "--json", "max_memory": "--max-memory"}
     for key, value in opts.items():
         flag = flags.get(key, "--" + key.replace("_", "-"))
@@ -440,6 +442,35 @@ def _rank_info(comm: Comm, meter: MemoryMeter | None, t_start: float, rows: int)
         "peak_memory_kind": meter.kind if meter is not None else None,
         "wall_seconds": time.perf_counter() - t_start,
     }
+
+
+def _distributed_field(comm: Comm, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's ``distributed`` field."""
+    return {
+        "world_size": comm.world,
+        "backend": comm.backend,
+        "sharded": "contiguous row slices of every split (PDE: of every block's points) per rank",
+        "ranks": ranks,
+        "max_peak_memory_above_start_bytes": max((r["peak_memory_above_start_bytes"] or 0 for r in ranks), default=0),
+        "max_wall_seconds": max((r["wall_seconds"] for r in ranks), default=0.0),
+    }
+
+
+def _check_nproc(nproc: int | None) -> None:
+    if nproc is not None:
+        if nproc < 1:
+            raise ConfigError(f"--nproc: must be at least 1, got {nproc}")
+        if launched_by_torchrun():
+            raise ConfigError("--nproc: this process was started by torchrun already; drop --nproc")
+
+
+def _leave_if_failed_rank(exc: typer.Exit) -> None:
+    """A failed rank leaves at once: tearing the process group down (explicitly or at
+    interpreter exit) while peers wait in a collective aborts in C++; torchrun ends the peers."""
+    if _comm.pop("failed", None) is not None and exc.exit_code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.exit_code)
 
 
 @app.command("refine")
@@ -487,12 +518,7 @@ def refine_cmd(
             t_start,
         )
     except typer.Exit as exc:
-        if _comm.pop("failed", None) is not None and exc.exit_code:
-            # a failed rank leaves at once: tearing the process group down (explicitly or at
-            # interpreter exit) while peers wait in a collective aborts in C++; torchrun ends the peers
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(exc.exit_code)
+        _leave_if_failed_rank(exc)
         raise
     finally:
         _comm["comm"] = SINGLE
@@ -518,11 +544,7 @@ def _refine_cmd(
     t_start: float,
 ) -> None:
     with _guard(debug):
-        if nproc is not None:
-            if nproc < 1:
-                raise ConfigError(f"--nproc: must be at least 1, got {nproc}")
-            if launched_by_torchrun():
-                raise ConfigError("--nproc: this process was started by torchrun already; drop --nproc")
+        _check_nproc(nproc)
         if nproc is not None and nproc > 1:
             argv = _refine_argv(
                 checkpoint=checkpoint,
@@ -715,16 +737,7 @@ def _write_refine_outputs(
             seed=cfg.seed,
         )
         if comm.distributed:
-            payload["distributed"] = {
-                "world_size": comm.world,
-                "backend": comm.backend,
-                "sharded": "contiguous row slices of every split (PDE: of every block's points) per rank",
-                "ranks": ranks,
-                "max_peak_memory_above_start_bytes": max(
-                    (r["peak_memory_above_start_bytes"] or 0 for r in ranks), default=0
-                ),
-                "max_wall_seconds": max((r["wall_seconds"] for r in ranks), default=0.0),
-            }
+            payload["distributed"] = _distributed_field(comm, ranks)
         write_json(tmp_report, payload)
     html = None
     if plots is not None:
@@ -981,115 +994,250 @@ def iterate_cmd(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
+    nproc: NprocOpt = None,
 ) -> None:
     """Iterative LSR for PDEs: alternate one-shot LSR with an L-BFGS fit of the network to the
     refined predictor; writes a plain network in the input's format."""
+    opts: dict[str, Any] = {
+        "checkpoint": checkpoint,
+        "config": config,
+        "data": data,
+        "out": out,
+        "report": report,
+        "iterations": iterations,
+        "rank": rank,
+        "resume": resume,
+        "device": device,
+        "dtype": dtype,
+        "seed": seed,
+        "plots": plots,
+        "force": force,
+        "quiet": quiet,
+        "as_json": as_json,
+        "debug": debug,
+    }
     t_start = time.perf_counter()
-    with _guard(debug):
-        _single_process_only("iterate")
-        cfg, base = _config(config)
-        if cfg.pde is None:
-            raise ConfigError("lsr iterate needs a config with a `pde:` section (--config FILE)")
-        _apply_overrides(cfg, device=device, dtype=dtype, seed=seed, rank=rank)
-        if iterations is not None:
-            if iterations < 1:
-                raise ConfigError(f"--iterations: must be at least 1, got {iterations}")
-            cfg.iterate.iterations = iterations
-        start = checkpoint or _relative(cfg.model.checkpoint, base)
-        if start is None:
-            raise ConfigError("no checkpoint: pass CHECKPOINT or set model.checkpoint in the config")
-        data_path = _optional_data_path(data, cfg, base)
-        resolve_device(cfg.device)
-        out_path, report_path = _output_paths(out, report, cfg, base, start.with_name(start.stem + ".iterated.pt"))
-        previous: list[dict[str, Any]] = []
-        source = start
-        if resume:
-            if not out_path.is_file() or not report_path.is_file():
-                raise OutputError(
-                    f"{out_path}: --resume needs the network and report of an earlier run ({out_path}, {report_path})"
-                )
+    try:
+        with _guard(debug):
+            _check_nproc(nproc)
+            if nproc is not None and nproc > 1:
+                code = _launch(nproc, _refine_argv("iterate", **opts))
+                if code != 0:
+                    raise typer.Exit(code)
+                return
+            cfg, base = _config(config)
+            if cfg.pde is None:
+                raise ConfigError("lsr iterate needs a config with a `pde:` section (--config FILE)")
+            _apply_overrides(cfg, device=device, dtype=dtype, seed=seed, rank=rank)
+            if iterations is not None:
+                if iterations < 1:
+                    raise ConfigError(f"--iterations: must be at least 1, got {iterations}")
+                cfg.iterate.iterations = iterations
+            comm, cfg.device = init_from_env(cfg.device)
+            _comm["comm"] = comm
             try:
-                previous = list(json.loads(report_path.read_text(encoding="utf-8"))["iterations"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise OutputError(f"{report_path}: not an `lsr iterate` report ({exc})") from None
-            source = out_path
-        inputs = [start] + ([data_path] if data_path else []) + ([config] if config else [])
+                _iterate_run(cfg, base, comm, t_start, **opts)
+            except BaseException:
+                if comm.distributed:
+                    _comm["failed"] = comm
+                raise
+            else:
+                comm.close()
+    except typer.Exit as exc:
+        _leave_if_failed_rank(exc)
+        raise
+    finally:
+        _comm["comm"] = SINGLE
+
+
+def _iterate_run(
+    cfg: Config,
+    base: Path | None,
+    comm: Comm,
+    t_start: float,
+    *,
+    checkpoint: Path | None,
+    config: Path | None,
+    data: Path | None,
+    out: Path | None,
+    report: Path | None,
+    resume: bool,
+    plots: Path | None,
+    quiet: bool,
+    as_json: bool,
+    force: bool,
+    **_: Any,
+) -> None:
+    """The body of ``lsr iterate`` on one process or one rank of a distributed run.
+
+    Distributed: every rank holds its share of every block's points and runs every iteration
+    (the network is replicated, the steps identical); rank 0 alone prints and writes, and
+    every rank learns whether that succeeded (as in ``lsr refine``)."""
+    distributed = comm.distributed
+    root = comm.is_root
+    start = checkpoint or _relative(cfg.model.checkpoint, base)
+    if start is None:
+        raise ConfigError("no checkpoint: pass CHECKPOINT or set model.checkpoint in the config")
+    data_path = _optional_data_path(data, cfg, base)
+    resolve_device(cfg.device)
+    out_path, report_path = _output_paths(out, report, cfg, base, start.with_name(start.stem + ".iterated.pt"))
+    previous: list[dict[str, Any]] = []
+    source = start
+    if resume:
+        if not out_path.is_file() or not report_path.is_file():
+            raise OutputError(
+                f"{out_path}: --resume needs the network and report of an earlier run ({out_path}, {report_path})"
+            )
+        try:
+            previous = list(json.loads(report_path.read_text(encoding="utf-8"))["iterations"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise OutputError(f"{report_path}: not an `lsr iterate` report ({exc})") from None
+        source = out_path
+    inputs = [start] + ([data_path] if data_path else []) + ([config] if config else [])
+    if root:
         check_output_path(out_path, inputs, force or resume, "network")
         check_output_path(report_path, inputs + [out_path], force or resume, "report")
         _check_plots(plots, inputs)
-        if not source.is_file():
-            raise CheckpointError(f"{source}: checkpoint file not found")
+    if not source.is_file():
+        raise CheckpointError(f"{source}: checkpoint file not found")
 
-        t0 = time.perf_counter()
-        ckpt = load_checkpoint(source, cfg.model, base)
-        original = {k: v.dtype for k, v in ckpt.module.state_dict().items()}
-        problem = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base)
-        t_load = time.perf_counter() - t0
-        _warn(ckpt.warnings, quiet or as_json)
-        show = not (quiet or as_json)
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(source, cfg.model, base)
+    original = {k: v.dtype for k, v in ckpt.module.state_dict().items()}
+    meter: MemoryMeter | None = None
+    if distributed:
+        run_device = resolve_device(cfg.device)
+        warm_up_autodiff(run_device)
+        meter = MemoryMeter(run_device)
+    problem = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base)
+    data_info: dict[str, Any] = {"path": str(data_path) if data_path else None, **_problem_info(problem)}
+    problem.shard(comm.rank, comm.world)
+    local_rows = problem.num_rows
+    fault_point("load", comm)
+    t_load = time.perf_counter() - t0
+    _warn(ckpt.warnings, quiet or as_json or not root)
+    show = not (quiet or as_json) and root
 
-        def on_iteration(entry: dict[str, Any]) -> None:
-            if show:
-                _err.print(escape(_iteration_line(entry)), highlight=False)
+    def on_iteration(entry: dict[str, Any]) -> None:
+        if show:
+            _err.print(escape(_iteration_line(entry)), highlight=False)
 
-        start_it = previous[-1]["iteration"] + 1 if previous else 0
-        with RichProgress(_err, enabled=show) as progress:
-            result = iterate(ckpt, problem, cfg, progress, data_path, base, start_it, on_iteration)
-        _warn(result.warnings, quiet or as_json)
-        t1 = time.perf_counter()
-        with atomic_outputs(out_path, report_path) as (tmp_out, tmp_report):
-            saved_dtype = _save_network(tmp_out, ckpt, result, original, cfg.iterate.save_dtype)
-            timings = {
-                "load": t_load,
-                **result.timings,
-                "save": time.perf_counter() - t1,
-                "total": time.perf_counter() - t_start,
-            }
-            payload = {
-                "command": "iterate",
-                "status": result.status,
-                "message": result.message,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "input": {
-                    "checkpoint": str(start),
-                    "format": ckpt.format,
-                    "resumed_from": str(source) if resume else None,
-                },
-                "output": {
-                    "checkpoint": str(out_path),
-                    "format": ckpt.format,
-                    "report": str(report_path),
-                    "dtype": saved_dtype,
-                },
-                "data": {"path": str(data_path) if data_path else None, **_problem_info(problem)},
-                "best_iteration": result.best_iteration,
-                "selection": result.selection,
-                "stop_reason": result.stop_reason,
-                "iterations": previous + result.history,
-                "splits": result.errors,
-                "residual_blocks": result.residual_blocks,
-                "residual_loss": result.residual_loss,
-                "timings": timings,
-                "peak_memory_bytes": result.peak_memory_bytes,
-                "peak_memory_kind": result.peak_memory_kind,
-                "device": result.device,
-                "dtype": result.dtype,
-                "seed": cfg.seed,
-                "num_parameters": result.num_parameters,
-                "num_residuals": result.num_residuals,
-                "config": cfg.to_dict(),
-                "versions": versions(),
-                "warnings": result.warnings,
-            }
-            write_json(tmp_report, clean_json(payload))
-        html = _write_plots(plots, clean_json(payload)) if plots is not None else None
-        if as_json:
-            sys.stdout.write(json.dumps(clean_json(payload), indent=2) + "\n")
-        elif not quiet:
-            Console().print(iterate_table(payload))
-            Console().print(escape(f"{result.message}\nwrote {out_path} and {report_path}"), highlight=False)
-            if html is not None:
-                Console().print(escape(f"plots: {html}"), highlight=False)
+    start_it = previous[-1]["iteration"] + 1 if previous else 0
+    with RichProgress(_err, enabled=show) as progress:
+        result = iterate(ckpt, problem, cfg, progress, data_path, base, start_it, on_iteration, comm)
+    _warn(result.warnings, quiet or as_json or not root)
+    ranks = comm.allgather_object(_rank_info(comm, meter, t_start, local_rows)) if distributed else []
+    if not root:
+        if not comm.all_ok(True):  # rank 0 failed writing and reports it
+            raise _PeerFailed()
+        return
+    try:
+        _write_iterate_outputs(
+            out_path,
+            report_path,
+            plots,
+            quiet,
+            as_json,
+            cfg,
+            comm,
+            t_start,
+            t_load=t_load,
+            start=start,
+            source=source,
+            resume=resume,
+            ckpt=ckpt,
+            original=original,
+            result=result,
+            previous=previous,
+            data_info=data_info,
+            ranks=ranks,
+        )
+    except BaseException:
+        if distributed:
+            comm.all_ok(False)
+        raise
+    if distributed:
+        comm.all_ok(True)
+
+
+def _write_iterate_outputs(
+    out_path: Path,
+    report_path: Path,
+    plots: Path | None,
+    quiet: bool,
+    as_json: bool,
+    cfg: Config,
+    comm: Comm,
+    t_start: float,
+    *,
+    t_load: float,
+    start: Path,
+    source: Path,
+    resume: bool,
+    ckpt: LoadedCheckpoint,
+    original: dict[str, torch.dtype],
+    result: IterateResult,
+    previous: list[dict[str, Any]],
+    data_info: dict[str, Any],
+    ranks: list[dict[str, Any]],
+) -> None:
+    """Rank 0 (or the only process): the network and the report, atomically; plots; the table."""
+    t1 = time.perf_counter()
+    with atomic_outputs(out_path, report_path) as (tmp_out, tmp_report):
+        saved_dtype = _save_network(tmp_out, ckpt, result, original, cfg.iterate.save_dtype)
+        timings = {
+            "load": t_load,
+            **result.timings,
+            "save": time.perf_counter() - t1,
+            "total": time.perf_counter() - t_start,
+        }
+        payload = {
+            "command": "iterate",
+            "status": result.status,
+            "message": result.message,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "input": {
+                "checkpoint": str(start),
+                "format": ckpt.format,
+                "resumed_from": str(source) if resume else None,
+            },
+            "output": {
+                "checkpoint": str(out_path),
+                "format": ckpt.format,
+                "report": str(report_path),
+                "dtype": saved_dtype,
+            },
+            "data": data_info,
+            "best_iteration": result.best_iteration,
+            "selection": result.selection,
+            "stop_reason": result.stop_reason,
+            "iterations": previous + result.history,
+            "splits": result.errors,
+            "residual_blocks": result.residual_blocks,
+            "residual_loss": result.residual_loss,
+            "timings": timings,
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "peak_memory_kind": result.peak_memory_kind,
+            "device": result.device,
+            "dtype": result.dtype,
+            "seed": cfg.seed,
+            "num_parameters": result.num_parameters,
+            "num_residuals": result.num_residuals,
+            "config": cfg.to_dict(),
+            "versions": versions(),
+            "warnings": result.warnings,
+        }
+        if comm.distributed:
+            payload["distributed"] = _distributed_field(comm, ranks)
+        write_json(tmp_report, clean_json(payload))
+    html = _write_plots(plots, clean_json(payload)) if plots is not None else None
+    if as_json:
+        sys.stdout.write(json.dumps(clean_json(payload), indent=2) + "\n")
+    elif not quiet:
+        Console().print(iterate_table(payload))
+        Console().print(escape(f"{result.message}\nwrote {out_path} and {report_path}"), highlight=False)
+        if html is not None:
+            Console().print(escape(f"plots: {html}"), highlight=False)
 
 
 def _iteration_line(e: dict[str, Any]) -> str:

@@ -178,6 +178,59 @@ def test_pinn_matches_single_process(pinn, nproc):  # noqa: F811
     assert rep["distributed"]["world_size"] == nproc
 
 
+ITERATE_RTOL = 1e-8
+"""``lsr iterate`` on N processes vs one: relative difference of the written weights."""
+
+ITERATE_SETTINGS = {
+    "iterations": 2,
+    "lbfgs_iterations": 10,
+    "gauss_newton_steps": 3,
+    "gauss_newton_rank": 40,
+    "save_dtype": "float64",  # the network as refined (the input's float32 would hide the differences)
+}
+
+
+def _max_relative_weight_diff(a: Path, b: Path) -> float:
+    sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert set(sa) == set(sb)
+    num = max(float((sa[k] - sb[k]).abs().max()) for k in sa)
+    return num / max(float(v.abs().max()) for v in sa.values())
+
+
+@pytest.mark.slow
+def test_iterate_matches_single_process(pinn):  # noqa: F811
+    d = pinn["dir"]
+    cfg = write_config(d / "it.yaml", {"iterate": ITERATE_SETTINGS})
+    args = ["iterate", pinn["state_dict"], "--config", cfg, "-q"]
+    single = run(*args, "--out", d / "single.pt")
+    assert single.exit_code == 0, single.output
+    proc = _lsr(*args, "--out", d / "dist.pt", "--nproc", 2)
+    assert proc.returncode == 0, proc.stderr
+    diff = _max_relative_weight_diff(d / "single.pt", d / "dist.pt")
+    assert diff < ITERATE_RTOL, diff
+    rep_single = json.loads((d / "single.report.json").read_text())
+    rep = json.loads((d / "dist.report.json").read_text())
+    assert rep["best_iteration"] == rep_single["best_iteration"] >= 0
+    assert rep["num_residuals"] == rep_single["num_residuals"] == 380
+    for e, e_single in zip(rep["iterations"], rep_single["iterations"], strict=True):
+        assert e["rank"] == e_single["rank"]
+        assert e["alignment"]["gauss_newton_steps"] == e_single["alignment"]["gauss_newton_steps"]
+        assert e["alignment"]["lbfgs_evaluations"] == e_single["alignment"]["lbfgs_evaluations"]
+        assert e["alignment"]["lbfgs_kept"] == e_single["alignment"]["lbfgs_kept"]
+        assert e["residual_loss"]["network"] == pytest.approx(e_single["residual_loss"]["network"], rel=1e-6)
+    ref, ref_single = rep["splits"]["reference"]["after"], rep_single["splits"]["reference"]["after"]
+    assert ref["rel_l2"] == pytest.approx(ref_single["rel_l2"], rel=1e-6)
+    dist = rep["distributed"]
+    assert dist["world_size"] == 2 and dist["backend"] == "gloo"
+    assert sum(r["rows"] for r in dist["ranks"]) == 380
+    assert "distributed" not in rep_single
+    # --resume on several processes continues from the written network and report
+    proc = _lsr(*args, "--out", d / "dist.pt", "--iterations", 1, "--resume", "--nproc", 2)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads((d / "dist.report.json").read_text())
+    assert [e["iteration"] for e in rep["iterations"]] == [0, 1, 2]
+
+
 # --------------------------------------------------------------------------------------------
 # failures
 # --------------------------------------------------------------------------------------------
@@ -198,18 +251,31 @@ def test_failure_on_one_rank_ends_every_rank_and_writes_nothing(regression_files
     assert not out.exists() and not (d / "out").exists()
 
 
+@pytest.mark.slow
+def test_iterate_failure_on_one_rank_ends_every_rank_and_writes_nothing(pinn):  # noqa: F811
+    d = pinn["dir"]
+    out = d / "out" / "it.pt"
+    args = ["iterate", pinn["state_dict"], "--config", pinn["config"], "--out", out, "--nproc", 2]
+    proc = _lsr(*args, env={"LSR_INJECT_FAILURE": "1:sketch"})
+    assert proc.returncode == 5, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == ["error: rank 1 of 2: injected failure at stage 'sketch' (LSR_INJECT_FAILURE=1:sketch)"]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and not (d / "out").exists()
+
+
 def test_nproc_is_validated(regression_files):
     result = run("refine", regression_files["state_dict"], "-d", regression_files["data"], "--nproc", "0")
     assert result.exit_code == 2
     assert "--nproc: must be at least 1, got 0" in result.stderr
 
 
-def test_iterate_refuses_several_processes(monkeypatch, tmp_path):
+def test_instances_refuses_several_processes(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("device: cpu\n")
-    result = run("iterate", "--config", cfg)
+    result = run("instances", "--config", cfg)
     assert result.exit_code == 2
-    assert "lsr iterate does not run on several processes yet" in result.stderr
+    assert "lsr instances does not run on several processes yet" in result.stderr

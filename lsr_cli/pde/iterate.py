@@ -15,6 +15,13 @@ The best network (lowest weighted residual loss) is kept; the loop stops at the 
 cap, when the loss is below ``iterate.tolerance``, after ``iterate.patience`` iterations
 without improvement, or on a non-finite value (the best network so far is kept). Nothing
 here prints; the CLI writes the network and the per-iteration report.
+
+Distributed (``comm`` with several ranks, ``problem`` sharded by
+:meth:`~.problem.PdeProblem.shard`): each rank holds its share of every block's points and
+a replica of the network. Everything that sums over points is all-reduced — the LSR step
+(:func:`~.refine_pde.lsr_step`), the L-BFGS loss and gradient, the Levenberg–Marquardt
+sketch, reduced QR triangles and misfits, every distance, loss and reference error — so
+every rank takes the same decisions and the same steps, and the replicas stay identical.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +39,14 @@ from torch import Tensor, nn
 
 from lsr_cli.checkpoint import LoadedCheckpoint
 from lsr_cli.config import Config
+from lsr_cli.distributed import SINGLE, Comm, global_mean_square, global_norm, merge_accumulators
 from lsr_cli.errors import CheckpointError
 from lsr_cli.linearization import JacobianOperator, ParameterSpace
-from lsr_cli.metrics import error_metrics
+from lsr_cli.metrics import global_error_metrics
 from lsr_cli.refine import predict, select_parameters
 from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, start_run
 from lsr_cli.sketch import RangeSketch
+from lsr_cli.solve import QRAccumulator
 
 from .problem import PdeProblem, resample
 from .refine_pde import block_losses, build_operators, lsr_step, prepare_pde_run
@@ -67,7 +76,8 @@ class IterateResult:
     selection: dict[str, Any] = field(default_factory=dict)
 
 
-def _alignment_loss(module: nn.Module, problem: PdeProblem, targets: list[Tensor], dtau: float) -> Tensor:
+def _alignment_sums(module: nn.Module, problem: PdeProblem, targets: list[Tensor], dtau: float) -> tuple[Tensor, int]:
+    """Sum of squares of the alignment residual over this process's rows, and their count."""
     total = torch.zeros((), dtype=targets[0].dtype, device=targets[0].device)
     rows = 0
     for block, u_star in zip(problem.blocks, targets, strict=True):
@@ -77,11 +87,46 @@ def _alignment_loss(module: nn.Module, problem: PdeProblem, targets: list[Tensor
             r = r + block.scale * (u - u_star) / dtau
         total = total + (r * r).sum()
         rows += r.shape[0]
-    return total / rows
+    return total, rows
 
 
-def align(module: nn.Module, problem: PdeProblem, targets: list[Tensor], cfg: Config) -> tuple[int, float]:
-    """L-BFGS (strong Wolfe) on the pseudo-time alignment loss; returns (evaluations, final loss)."""
+def _alignment_loss(
+    module: nn.Module, problem: PdeProblem, targets: list[Tensor], dtau: float, comm: Comm = SINGLE
+) -> Tensor:
+    """The alignment loss (mean over the rows of every rank). Distributed: this rank's sum of
+    squares over the global row count, so that its gradient summed over ranks is the loss's."""
+    total, rows = _alignment_sums(module, problem, targets, dtau)
+    if comm.world == 1:
+        return total / rows
+    return total / comm.sum_int(rows)
+
+
+def _global_loss(local: Tensor, comm: Comm) -> Tensor:
+    """The sum over ranks of each rank's share of the loss (``local`` itself on one process)."""
+    if comm.world == 1:
+        return local
+    return comm.allreduce_sum(local.detach().reshape(1))[0]
+
+
+def _allreduce_grads(params: Sequence[Tensor], comm: Comm) -> None:
+    """Replace every ``.grad`` by its sum over ranks (one all-reduce of the flat gradient)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = comm.allreduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+    start = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[start : start + n].view_as(p).clone()
+        start += n
+
+
+def align(
+    module: nn.Module, problem: PdeProblem, targets: list[Tensor], cfg: Config, comm: Comm = SINGLE
+) -> tuple[int, float]:
+    """L-BFGS (strong Wolfe) on the pseudo-time alignment loss; returns (evaluations, final loss).
+
+    Distributed: the closure returns the global loss and sets every ``.grad`` to the global
+    gradient (all-reduced), so L-BFGS, deterministic given its closure, takes the same steps
+    on every rank."""
     params = [p for p in module.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(True)
@@ -100,17 +145,29 @@ def align(module: nn.Module, problem: PdeProblem, targets: list[Tensor], cfg: Co
         nonlocal evaluations
         evaluations += 1
         opt.zero_grad()
-        loss = _alignment_loss(module, problem, targets, cfg.iterate.dtau)
+        loss = _alignment_loss(module, problem, targets, cfg.iterate.dtau, comm)
         loss.backward()
-        return loss
+        if comm.world == 1:
+            return loss
+        _allreduce_grads(params, comm)
+        return _global_loss(loss, comm)
 
     with torch.enable_grad():
         opt.step(closure)
-        final = _alignment_loss(module, problem, targets, cfg.iterate.dtau)
+        final = _global_loss(_alignment_loss(module, problem, targets, cfg.iterate.dtau, comm), comm)
     return evaluations, float(final.detach())
 
 
-def gauss_newton_fit(module: nn.Module, points: Tensor, target: Tensor, cfg: Config, gen: torch.Generator) -> int:
+def _sum_squares(r: Tensor, comm: Comm) -> float:
+    """``‖r‖²`` over the rows of every rank (``float(r @ r)`` on one process)."""
+    if comm.world == 1:
+        return float(r @ r)
+    return comm.sum_float(float(torch.sum(r.to(torch.float64) ** 2)))
+
+
+def gauss_newton_fit(
+    module: nn.Module, points: Tensor, target: Tensor, cfg: Config, gen: torch.Generator, comm: Comm = SINGLE
+) -> int:
     """Levenberg–Marquardt on ``‖q(θ, x) − u*‖²`` in sketched parameter subspaces; returns the
     number of accepted steps.
 
@@ -120,6 +177,11 @@ def gauss_newton_fit(module: nn.Module, points: Tensor, target: Tensor, cfg: Con
     if the nonlinear misfit falls (else μ grows ×4; after a success it shrinks ÷3). Unlike the
     linearized step of LSR, every accepted step is a real network, so this pulls the network
     towards the LSR predictor far faster than first-order methods on the same ill-conditioned fit.
+
+    Distributed (``points``/``target``: this rank's rows): the sketch is global
+    (:class:`~lsr_cli.sketch.RangeSketch` with ``comm``), the SVD is that of the ``R`` factor
+    of ``[J W | q − u*]`` merged over ranks (:func:`~lsr_cli.distributed.merge_accumulators`),
+    the misfits are all-reduced, and the step ``z`` is broadcast from rank 0.
     """
     it = cfg.iterate
     mu = 1e-3
@@ -129,7 +191,7 @@ def gauss_newton_fit(module: nn.Module, points: Tensor, target: Tensor, cfg: Con
         named = {n: p.detach().clone() for n, p in module.named_parameters()}
         space = ParameterSpace(named)
         op = JacobianOperator(module, space, (points,), 1024, cfg.lsr.tangent_chunk)
-        sketch = RangeSketch(op, gen, points.dtype, points.device)
+        sketch = RangeSketch(op, gen, points.dtype, points.device, comm=comm)
         sketch.extend(it.gauss_newton_rank + cfg.lsr.oversampling)
         k = min(it.gauss_newton_rank, sketch.usable_rank())
         if k == 0:
@@ -138,16 +200,25 @@ def gauss_newton_fit(module: nn.Module, points: Tensor, target: Tensor, cfg: Con
         W = P * S  # orthonormal directions in parameter space
         A = op.matmat(W).to(torch.float64)
         res = (op.forward() - target).to(torch.float64)
-        U, s, Vh = torch.linalg.svd(A, full_matrices=False)
-        c = U.T @ res
-        base = float(res @ res)
+        if comm.world == 1:
+            U, s, Vh = torch.linalg.svd(A, full_matrices=False)
+            c = U.T @ res
+        else:  # A = Q R over every rank's rows: the SVD of R, and Qᵀ res from the augmented triangle
+            acc = QRAccumulator(A.shape[1], A.device)
+            acc.add(A, res)
+            R, q, _ = merge_accumulators(acc, comm).parts()
+            U, s, Vh = torch.linalg.svd(R, full_matrices=False)
+            c = U.T @ q
+        base = _sum_squares(res, comm)
         step_taken = False
         while mu <= 1e6:
             z = -(Vh.T @ (s / (s * s + mu * s[0] ** 2) * c))
+            if comm.world > 1:
+                z = comm.broadcast(z)
             step = space.unflatten_vector(W @ z.to(W.dtype))
             trial = {n: named[n] + step[n] for n in named}
             new = op.forward(trial) - target
-            if float(new @ new) < base:
+            if _sum_squares(new, comm) < base:
                 with torch.no_grad():
                     for n, p in module.named_parameters():
                         p.copy_(trial[n])
@@ -165,7 +236,7 @@ def gauss_newton_fit(module: nn.Module, points: Tensor, target: Tensor, cfg: Con
 
 
 def _reference_errors(
-    module: nn.Module, problem: PdeProblem, dz_u: Tensor | None = None
+    module: nn.Module, problem: PdeProblem, dz_u: Tensor | None = None, comm: Comm = SINGLE
 ) -> dict[str, float | None] | None:
     if problem.reference is None:
         return None
@@ -173,11 +244,24 @@ def _reference_errors(
     u = predict(module, (x_ref,), 4096).reshape(u_ref.shape)
     if dz_u is not None:
         u = u + dz_u.reshape(u_ref.shape)
-    return error_metrics(u, u_ref)
+    return global_error_metrics(u, u_ref, comm)
 
 
-def _distance(u: Tensor, target: Tensor) -> float:
-    return float(torch.linalg.norm(u - target) / torch.linalg.norm(target).clamp_min(1e-300))
+def _distance(u: Tensor, target: Tensor, comm: Comm = SINGLE) -> float:
+    """``‖u − u*‖ / ‖u*‖`` over the rows of every rank."""
+    if comm.world == 1:
+        return float(torch.linalg.norm(u - target) / torch.linalg.norm(target).clamp_min(1e-300))
+    return global_norm(u - target, comm) / max(global_norm(target, comm), 1e-300)
+
+
+def _broadcast_parameters(module: nn.Module, comm: Comm) -> None:
+    """Rank 0's weights on every rank (they are equal already: the steps are; this keeps
+    round-off differences of the collectives from ever drifting the replicas apart)."""
+    if comm.world == 1:
+        return
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(comm.broadcast(p.detach()))
 
 
 def _select(
@@ -186,6 +270,7 @@ def _select(
     candidates: list[tuple[int, dict[str, Tensor], float, dict[str, float]]],
     targets: list[Tensor],
     select: str,
+    comm: Comm = SINGLE,
 ) -> tuple[int, dict[str, Tensor], float, dict[str, float], dict[int, float]]:
     """The kept network: closest to the last LSR predictor (``distance``, reference-free and far
     more accurate than any network), or lowest weighted residual loss (``residual``)."""
@@ -195,7 +280,7 @@ def _select(
         for k, state, _, _ in candidates:
             module.load_state_dict(state)
             distances[k] = _distance(
-                torch.cat([predict(module, (b.points,), 4096).reshape(-1) for b in problem.blocks]), target
+                torch.cat([predict(module, (b.points,), 4096).reshape(-1) for b in problem.blocks]), target, comm
             )
     if select == "distance" and distances:
         k, state, loss, blocks = min(candidates, key=lambda c: distances[c[0]])
@@ -213,8 +298,12 @@ def iterate(
     base_dir: Path | None = None,
     start_iteration: int = 0,
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
+    comm: Comm = SINGLE,
 ) -> IterateResult:
-    """Run I-LSR from ``ckpt`` (a plain network); see the module docstring."""
+    """Run I-LSR from ``ckpt`` (a plain network); see the module docstring.
+
+    Distributed (``comm``): ``problem`` holds this rank's share of the points; every rank
+    returns the same network and history."""
     if ckpt.delta is not None:
         raise CheckpointError(
             f"{ckpt.path}: `lsr iterate` starts from a plain network, not from a refined "
@@ -227,10 +316,10 @@ def iterate(
     history: list[dict[str, Any]] = []
     warnings: list[str] = []
     with no_tf32():
-        module, space, ops = prepare_pde_run(ckpt, problem, cfg, dtype, device, gen)
-        start_blocks = block_losses(ops.f0, problem)
-        start_loss = float(torch.mean(ops.f0**2))
-        start_ref = _reference_errors(module, problem)
+        module, space, ops = prepare_pde_run(ckpt, problem, cfg, dtype, device, gen, comm)
+        start_blocks = block_losses(ops.f0, problem, comm)
+        start_loss = global_mean_square(ops.f0, comm)
+        start_ref = _reference_errors(module, problem, comm=comm)
         # candidates: (iteration, weights, residual loss, per-block losses); the start is one of them
         candidates = [(start_iteration - 1, copy.deepcopy(module.state_dict()), start_loss, start_blocks)]
         best_estimate = math.inf
@@ -241,15 +330,15 @@ def iterate(
         for k in range(start_iteration, start_iteration + it_cfg.iterations):
             t0 = time.perf_counter()
             if it_cfg.resample and k > start_iteration:
-                resample(problem, gen, data_path, base_dir)
+                resample(problem, gen, data_path, base_dir, comm.rank, comm.world)
             if k > start_iteration:  # the first iteration uses the operators built at the start
                 space = select_parameters(module, cfg, gen)
                 ops = build_operators(module, problem, space, cfg)
-            sub = lsr_step(module, problem, space, ops, cfg, gen, NoProgress())
+            sub = lsr_step(module, problem, space, ops, cfg, gen, NoProgress(), comm)
             lin_loss_total = (
-                float(torch.mean((ops.f0 + ops.G.matvec(sub.dz)) ** 2))
+                global_mean_square(ops.f0 + ops.G.matvec(sub.dz), comm)
                 if sub.dz is not None
-                else float(torch.mean(ops.f0**2))
+                else global_mean_square(ops.f0, comm)
             )
             targets = []
             u_now = []
@@ -261,38 +350,39 @@ def iterate(
                 targets.append(u.detach())
             # distance of the incoming network to the LSR predictor: an error estimate that needs no
             # reference (the predictor's residual is orders of magnitude below the network's)
-            estimate = _distance(torch.cat(u_now), torch.cat(targets))
+            estimate = _distance(torch.cat(u_now), torch.cat(targets), comm)
             lin_ref = None
             if problem.reference is not None and sub.dz is not None:
                 jr = JacobianOperator(module, space, (problem.reference[0],), 4096, cfg.lsr.tangent_chunk).matvec(
                     sub.dz
                 )
-                lin_ref = _reference_errors(module, problem, jr)
+                lin_ref = _reference_errors(module, problem, jr, comm)
             elif problem.reference is not None:
-                lin_ref = _reference_errors(module, problem)
+                lin_ref = _reference_errors(module, problem, comm=comm)
             t1 = time.perf_counter()
             timings["lsr"] += t1 - t0
             points = torch.cat([b.points for b in problem.blocks])
             target = torch.cat(targets)
-            gn_steps = gauss_newton_fit(module, points, target, cfg, gen) if it_cfg.gauss_newton_steps > 0 else 0
+            gn_steps = gauss_newton_fit(module, points, target, cfg, gen, comm) if it_cfg.gauss_newton_steps > 0 else 0
             before_lbfgs = copy.deepcopy(module.state_dict())
-            fit_before = _distance(predict(module, (points,), 4096).reshape(-1), target)
-            evaluations, align_loss = align(module, problem, targets, cfg)
+            fit_before = _distance(predict(module, (points,), 4096).reshape(-1), target, comm)
+            evaluations, align_loss = align(module, problem, targets, cfg, comm)
             # the L-BFGS pass minimizes the pseudo-time loss, which also weighs the network's own
             # PDE residual: keep it only if it brought the network closer to the LSR predictor
-            lbfgs_kept = _distance(predict(module, (points,), 4096).reshape(-1), target) <= fit_before
+            lbfgs_kept = _distance(predict(module, (points,), 4096).reshape(-1), target, comm) <= fit_before
             if not lbfgs_kept:
                 module.load_state_dict(before_lbfgs)
+            _broadcast_parameters(module, comm)
             t2 = time.perf_counter()
             timings["align"] += t2 - t1
             with torch.no_grad():
                 f_net = torch.cat([b.residual(module, b.inputs).reshape(-1) for b in problem.blocks])
-            net_loss = float(torch.mean(f_net**2))
-            net_blocks = block_losses(f_net, problem)
+            net_loss = global_mean_square(f_net, comm)
+            net_blocks = block_losses(f_net, problem, comm)
             u_all = torch.cat([predict(module, (b.points,), 4096).reshape(-1) for b in problem.blocks])
             u_star_all = torch.cat(targets)
-            fit = _distance(u_all, u_star_all)
-            net_ref = _reference_errors(module, problem)
+            fit = _distance(u_all, u_star_all, comm)
+            net_ref = _reference_errors(module, problem, comm=comm)
             timings["evaluate"] += time.perf_counter() - t2
             entry = {
                 "iteration": k,
@@ -334,10 +424,10 @@ def iterate(
                 break
         sink.end()
         best_it, best_state, best_loss, best_blocks, distances = _select(
-            module, problem, candidates, targets, it_cfg.select
+            module, problem, candidates, targets, it_cfg.select, comm
         )
         module.load_state_dict(best_state)
-        final_ref = _reference_errors(module, problem)
+        final_ref = _reference_errors(module, problem, comm=comm)
 
     errors = {}
     if start_ref is not None and final_ref is not None:
@@ -367,7 +457,7 @@ def iterate(
         {"before": start_loss, "after": best_loss},
         timings,
         sum(p.numel() for p in module.parameters()),
-        problem.num_rows,
+        comm.sum_int(problem.num_rows),
         str(device),
         cfg.dtype,
         peak,

@@ -588,14 +588,25 @@ def parse_problem(
 
 def set_scales(blocks: list[Block]) -> None:
     """Row scale ``√(w_b · N_total / N_b)``: the loss becomes a weighted mean of squares."""
-    total = sum(blk.points.shape[0] for blk in blocks)
+    total = sum(blk.num_global for blk in blocks)
     for blk in blocks:
-        blk.scale = math.sqrt(blk.weight * total / blk.points.shape[0])
+        blk.scale = math.sqrt(blk.weight * total / blk.num_global)
 
 
-def resample(problem: PdeProblem, gen: torch.Generator, data_path: Path | None, base_dir: Path | None = None) -> None:
-    """Draw new points for the generated blocks (blocks read from the data file stay)."""
+def resample(
+    problem: PdeProblem,
+    gen: torch.Generator,
+    data_path: Path | None,
+    base_dir: Path | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> None:
+    """Draw new points for the generated blocks (blocks read from the data file stay).
+
+    Distributed (``world > 1``): every rank draws the same global points (same generator
+    state) and keeps its share (:meth:`PdeProblem.shard`)."""
     fresh = parse_problem(problem.raw, data_path, gen, base_dir)
+    fresh.shard(rank, world)
     device, dtype = problem.blocks[0].points.device, problem.blocks[0].points.dtype
     for i, blk in enumerate(problem.blocks):
         if blk.generated:
@@ -603,4 +614,5 @@ def resample(problem: PdeProblem, gen: torch.Generator, data_path: Path | None, 
             blk.points = new.points.to(device=device, dtype=dtype)
             blk.inputs = tuple(x.to(device=device, dtype=dtype) for x in new.inputs)
             blk.residual_fn = new.residual_fn
+            blk.first_point, blk.total_points = new.first_point, new.total_points
     set_scales(problem.blocks)
