@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -431,6 +432,31 @@ def _refine_argv(command: str = "refine", **opts: Any) -> list[str]:
     return argv
 
 
+def _finish_on_root(
+    comm: Comm,
+    meter: MemoryMeter | None,
+    t_start: float,
+    local_rows: int,
+    write: Callable[[list[dict[str, Any]]], None],
+) -> None:
+    """Gather every rank's rows, memory and time; rank 0 writes the outputs (``write(ranks)``)
+    and tells the other ranks whether that worked, so that all of them end the same way."""
+    distributed = comm.distributed  # under torchrun, even with one rank
+    ranks = comm.allgather_object(_rank_info(comm, meter, t_start, local_rows)) if distributed else []
+    if not comm.is_root:
+        if not comm.all_ok(True):  # rank 0 failed writing and reports it
+            raise _PeerFailed()
+        return
+    try:
+        write(ranks)
+    except BaseException:
+        if distributed:
+            comm.all_ok(False)
+        raise
+    if distributed:
+        comm.all_ok(True)
+
+
 def _rank_info(comm: Comm, meter: MemoryMeter | None, t_start: float, rows: int) -> dict[str, Any]:
     return {
         "rank": comm.rank,
@@ -650,12 +676,8 @@ def _refine_run(
             else refine(ckpt, splits, cfg, progress, meter, comm)
         )
     _warn(result.warnings, quiet or as_json or not root)
-    ranks = comm.allgather_object(_rank_info(comm, meter, t_start, local_rows)) if distributed else []
-    if not root:
-        if not comm.all_ok(True):  # rank 0 failed writing and reports it
-            raise _PeerFailed()
-        return
-    try:
+
+    def write(ranks: list[dict[str, Any]]) -> None:
         _write_refine_outputs(
             checkpoint,
             out_path,
@@ -675,12 +697,8 @@ def _refine_run(
             ranks=ranks,
             fields_source=(problem if pde_mode else splits),
         )
-    except BaseException:
-        if distributed:
-            comm.all_ok(False)
-        raise
-    if distributed:
-        comm.all_ok(True)
+
+    _finish_on_root(comm, meter, t_start, local_rows, write)
 
 
 def _write_refine_outputs(
@@ -1126,12 +1144,8 @@ def _iterate_run(
     with RichProgress(_err, enabled=show) as progress:
         result = iterate(ckpt, problem, cfg, progress, data_path, base, start_it, on_iteration, comm)
     _warn(result.warnings, quiet or as_json or not root)
-    ranks = comm.allgather_object(_rank_info(comm, meter, t_start, local_rows)) if distributed else []
-    if not root:
-        if not comm.all_ok(True):  # rank 0 failed writing and reports it
-            raise _PeerFailed()
-        return
-    try:
+
+    def write(ranks: list[dict[str, Any]]) -> None:
         _write_iterate_outputs(
             out_path,
             report_path,
@@ -1152,12 +1166,8 @@ def _iterate_run(
             data_info=data_info,
             ranks=ranks,
         )
-    except BaseException:
-        if distributed:
-            comm.all_ok(False)
-        raise
-    if distributed:
-        comm.all_ok(True)
+
+    _finish_on_root(comm, meter, t_start, local_rows, write)
 
 
 def _write_iterate_outputs(
