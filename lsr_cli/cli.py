@@ -490,6 +490,19 @@ def _check_nproc(nproc: int | None) -> None:
             raise ConfigError("--nproc: this process was started by torchrun already; drop --nproc")
 
 
+def _finish_worker(comm: Comm) -> None:
+    """After a successful command: a torchrun worker waits for every rank, flushes and leaves
+    with ``os._exit(0)`` (the outputs are complete; the C++ process-group teardown at interpreter
+    exit aborted a rank now and then); one process just returns."""
+    if not comm.distributed:
+        comm.close()
+        return
+    comm.close(destroy=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _leave_if_failed_rank(exc: typer.Exit) -> None:
     """A failed rank leaves at once: tearing the process group down (explicitly or at
     interpreter exit) while peers wait in a collective aborts in C++; torchrun ends the peers."""
@@ -604,7 +617,7 @@ def _refine_cmd(
                 _comm["failed"] = comm
             raise
         else:
-            comm.close()
+            _finish_worker(comm)
 
 
 def _refine_run(
@@ -1060,7 +1073,7 @@ def iterate_cmd(
                     _comm["failed"] = comm
                 raise
             else:
-                comm.close()
+                _finish_worker(comm)
     except typer.Exit as exc:
         _leave_if_failed_rank(exc)
         raise

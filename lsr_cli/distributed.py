@@ -89,7 +89,7 @@ class Comm:
         """Whether this rank is the one that prints the run's error line (the first to ask)."""
         return True
 
-    def close(self, wait: bool = True) -> None:
+    def close(self, wait: bool = True, destroy: bool = True) -> None:
         return None
 
 
@@ -171,10 +171,12 @@ class TorchComm(Comm):
         except Exception:  # no store (not initialized, or the store's host is gone): print
             return True
 
-    def close(self, wait: bool = True) -> None:
+    def close(self, wait: bool = True, destroy: bool = True) -> None:
         """Destroy the process group; with ``wait``, first until every rank got here (through
         the store, not the backend: tearing Gloo down while a peer still finishes its last
-        collective aborts that peer)."""
+        collective aborts that peer). ``destroy=False`` only waits: a torchrun worker that
+        then leaves with ``os._exit`` skips the C++ teardown, which measured here aborted a
+        rank now and then ("terminate called without an active exception")."""
         import torch.distributed as dist
 
         if not dist.is_initialized():
@@ -190,7 +192,8 @@ class TorchComm(Comm):
                     time.sleep(0.01)
             except Exception:  # the store is gone: nothing left to wait for
                 pass
-        dist.destroy_process_group()
+        if destroy:
+            dist.destroy_process_group()
 
 
 def launched_by_torchrun() -> bool:
