@@ -57,7 +57,6 @@ class LazyArray:
         self.kind = ds.dtype.kind
         self.dtype = dtype if self.kind in "fb" else torch.int64
         self.device = torch.device(device)
-        self.nbytes = int(np.prod(self.shape)) * torch.empty(0, dtype=self.dtype).element_size()
 
     def is_floating_point(self) -> bool:
         return self.dtype.is_floating_point
@@ -86,12 +85,7 @@ class LazyArray:
             arr = ds[start + self.offset : stop + self.offset : step]
         else:
             arr = ds[index]
-        arr = np.asarray(arr)
-        if arr.dtype.kind == "f":
-            bad = int(np.count_nonzero(~np.isfinite(arr)))
-            if bad:
-                raise DataError(f"{self.file}:{self.name}: contains {bad} NaN or Inf value(s) in rows {index}")
-        t = torch.from_numpy(np.ascontiguousarray(arr if arr.dtype.kind != "u" else arr.astype(np.int64)))
+        t = _to_tensor(f"{self.file}:{self.name}", np.asarray(arr), self.dtype, f" in rows {index}")
         return t.to(device=self.device, dtype=self.dtype)
 
 
@@ -129,21 +123,26 @@ def _listing(group: h5py.Group) -> str:
     return ", ".join(names) if names else "nothing"
 
 
+def _to_tensor(where: str, arr: np.ndarray, dtype: torch.dtype, part: str = "") -> Tensor:
+    """Numeric array read from ``where`` → tensor: floating (NaN/Inf refused, naming ``part``)
+    and boolean in ``dtype``, integers as ``int64``."""
+    if arr.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise DataError(f"{where}: contains {bad} NaN or Inf value(s){part}")
+        return torch.from_numpy(np.ascontiguousarray(arr)).to(dtype)
+    if arr.dtype.kind == "b":
+        return torch.from_numpy(arr.astype(np.float64)).to(dtype)
+    return torch.from_numpy(np.ascontiguousarray(arr.astype(np.int64)))
+
+
 def _read_array(file: Path, ds: h5py.Dataset, dtype: torch.dtype, rows: tuple[int, int] | None = None) -> Tensor:
     where = f"{file}:{ds.name}"
     if ds.dtype.kind not in "fiub":
         raise DataError(f"{where}: expected a numeric array, found dtype {ds.dtype}")
     if ds.ndim == 0:
         raise DataError(f"{where}: expected an array with a leading sample dimension, found a scalar")
-    arr = np.asarray(ds[()] if rows is None else ds[rows[0] : rows[1]])
-    if arr.dtype.kind == "f":
-        bad = int(np.count_nonzero(~np.isfinite(arr)))
-        if bad:
-            raise DataError(f"{where}: contains {bad} NaN or Inf value(s)")
-        return torch.from_numpy(np.ascontiguousarray(arr)).to(dtype)
-    if arr.dtype.kind == "b":
-        return torch.from_numpy(arr.astype(np.float64)).to(dtype)
-    return torch.from_numpy(np.ascontiguousarray(arr.astype(np.int64)))
+    return _to_tensor(where, np.asarray(ds[()] if rows is None else ds[rows[0] : rows[1]]), dtype)
 
 
 def _input_bytes(ds: h5py.Dataset, dtype: torch.dtype, fraction: float = 1.0) -> int:
@@ -325,37 +324,39 @@ def read_datasets(path: str | Path, names: list[str], dtype: torch.dtype, option
     out: dict[str, Tensor] = {}
     with _open(path) as (file, f):
         for name in names:
-            key = "/" + name.strip("/")
-            obj = f.get(key)
-            if not isinstance(obj, h5py.Dataset):
-                if optional and obj is None:
-                    continue
-                parent = f.get(key.rsplit("/", 1)[0] or "/")
-                holds = _listing(parent) if isinstance(parent, h5py.Group) else "nothing"
-                found = "a group" if isinstance(obj, h5py.Group) else "nothing"
-                where = parent.name if isinstance(parent, h5py.Group) else "/"
-                raise DataError(f"{file}:{key}: expected a dataset, found {found}; {where} holds: {holds}")
+            obj = _dataset(file, f, name, optional)
+            if obj is None:
+                continue
             arr = _read_array(file, obj, dtype)
             out[name] = arr if arr.is_floating_point() else arr.to(dtype)
     return out
 
 
+def _dataset(file: Path, f: h5py.File, name: str, optional: bool = False) -> h5py.Dataset | None:
+    """The dataset at the absolute path ``name``; ``None`` when missing and ``optional``, else a
+    :class:`DataError` listing what the parent group holds."""
+    key = "/" + name.strip("/")
+    obj = f.get(key)
+    if isinstance(obj, h5py.Dataset):
+        return obj
+    if optional and obj is None:
+        return None
+    parent = f.get(key.rsplit("/", 1)[0] or "/")
+    holds = _listing(parent) if isinstance(parent, h5py.Group) else "nothing"
+    found = "a group" if isinstance(obj, h5py.Group) else "nothing"
+    where = parent.name if isinstance(parent, h5py.Group) else "/"
+    raise DataError(f"{file}:{key}: expected a dataset, found {found}; {where} holds: {holds}")
+
+
 def read_row(path: str | Path, name: str, row: int, dtype: torch.dtype) -> Tensor:
     """Row ``row`` of the dataset ``name`` (``[N, ...]`` → ``[...]``), e.g. one instance's values."""
-    key = "/" + name.strip("/")
     with _open(path) as (file, f):
-        obj = f.get(key)
-        if not isinstance(obj, h5py.Dataset):
-            parent = f.get(key.rsplit("/", 1)[0] or "/")
-            holds = _listing(parent) if isinstance(parent, h5py.Group) else "nothing"
-            raise DataError(
-                f"{file}:{key}: expected a dataset, found {'a group' if obj is not None else 'nothing'}; holds: {holds}"
-            )
+        obj = _dataset(file, f, name)
+        assert obj is not None
+        where = f"{file}:{obj.name}"
         if obj.ndim == 0 or not (0 <= row < obj.shape[0]):
-            raise DataError(f"{file}:{key}: has no row {row} (shape {tuple(obj.shape)})")
+            raise DataError(f"{where}: has no row {row} (shape {tuple(obj.shape)})")
         if obj.dtype.kind not in "fiub":
-            raise DataError(f"{file}:{key}: expected a numeric array, found dtype {obj.dtype}")
+            raise DataError(f"{where}: expected a numeric array, found dtype {obj.dtype}")
         arr = np.asarray(obj[row])
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise DataError(f"{file}:{key}: row {row} contains NaN or Inf")
-    return torch.from_numpy(np.ascontiguousarray(arr).astype(np.float64)).to(dtype)
+    return _to_tensor(where, arr, dtype, f" in row {row}").to(dtype)
