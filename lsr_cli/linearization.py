@@ -41,15 +41,25 @@ def _set_attr(module: nn.Module, name: str, value: Tensor) -> None:
     setattr(module, leaf, value)
 
 
+def _params_in_torchscript(module: nn.Module) -> bool:
+    """Whether every parameter of ``module`` belongs to a TorchScript (sub)module, so that its
+    parameters are swapped by attribute assignment (``functional_call`` refuses them)."""
+    if is_torchscript(module):
+        return True
+    scripted = [name + "." for name, m in module.named_modules() if name and is_torchscript(m)]
+    names = [n for n, _ in module.named_parameters()]
+    return bool(scripted) and bool(names) and all(any(n.startswith(p) for p in scripted) for n in names)
+
+
 def make_functional(module: nn.Module) -> Callable[[dict[str, Tensor], Inputs], Tensor]:
     """Return ``f(params, inputs) -> output`` evaluating ``module`` with replaced parameters.
 
     ``params`` maps parameter names (as in ``named_parameters``) to tensors; names not given
     keep their current values. Works under ``torch.func`` transforms for plain and
-    TorchScript modules alike (and for plain wrappers whose parameters all live in TorchScript
-    submodules, marked by the attribute ``lsr_setattr_params = True``).
+    TorchScript modules alike, and for plain wrappers whose parameters all live in TorchScript
+    submodules (e.g. an operator network with some inputs held fixed).
     """
-    if not (is_torchscript(module) or getattr(module, "lsr_setattr_params", False)):
+    if not _params_in_torchscript(module):
 
         def call_plain(params: dict[str, Tensor], inputs: Inputs) -> Tensor:
             return torch.func.functional_call(module, params, inputs, strict=False)

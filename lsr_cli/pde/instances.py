@@ -48,7 +48,6 @@ from lsr_cli.checkpoint import LoadedCheckpoint
 from lsr_cli.config import Config
 from lsr_cli.data import read_datasets, read_row
 from lsr_cli.errors import ConfigError, DataError, OutputError
-from lsr_cli.linearization import is_torchscript
 from lsr_cli.refine import predict
 from lsr_cli.runtime import NoProgress, ProgressSink, cast_module, peak_memory_bytes, resolve_device
 
@@ -85,8 +84,6 @@ class InstanceModel(nn.Module):
         self.num_fixed = len(fixed)
         for j, t in enumerate(fixed):
             self.register_buffer(f"fixed{j}", t)
-        # parameters live in a TorchScript submodule: swap them by attribute (see make_functional)
-        self.lsr_setattr_params = is_torchscript(net)
 
     def forward(self, x: Tensor) -> Tensor:
         fixed = [getattr(self, f"fixed{j}") for j in range(self.num_fixed)]
