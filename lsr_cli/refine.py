@@ -89,6 +89,7 @@ class RefineResult:
     residual_loss: dict[str, float] | None = None  # PDE: weighted total before/after
     memory: dict[str, Any] | None = None  # budget, peak above start, what was streamed
     jacobian: dict[str, str] | None = None  # which Jacobian path ran (dense / matrix_free) and why
+    nonlinear: dict[str, Any] | None = None  # PDE: the exact-residual stage in the subspace (subspace_newton)
 
 
 def _chunk_rows(out_numel: int, cfg_row_chunk: int | str) -> int:

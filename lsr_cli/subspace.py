@@ -75,6 +75,10 @@ class SubspaceResult:
     regularization: dict[str, Any]
     singular_values: list[float]
     timings: dict[str, float] = field(default_factory=dict)
+    basis: Tensor | None = None  # [m, rank] the chosen P (dz = basis @ z)
+    z: Tensor | None = None  # [rank]
+    lambda_abs: float = 0.0  # the chosen Tikhonov λ in absolute terms (λ_rel · σ_max(A))
+    selection: Selection | None = None
 
 
 def holdout_rows(
@@ -355,8 +359,11 @@ def solve_subspace(
             best_metric = metric
             # the chosen (rank, λ) is solved on all rows (held-out rows included)
             full = problem if hold_qr is None else ReducedProblem.from_qr(fit_qr.merge(hold_qr))
-            z = full.solve(entry.rank, entry.tikhonov, rcond).z
-            best = {"rank": entry.rank, "dz": P[:, : entry.rank] @ z.to(P.dtype), "entry": entry}
+            z = full.solve(entry.rank, entry.tikhonov, rcond).z.to(P.dtype)
+            sigma = full.singular_values(entry.rank)
+            lam = float(entry.tikhonov) * (float(sigma[0]) if sigma.numel() else 0.0)
+            best = {"rank": entry.rank, "dz": P[:, : entry.rank] @ z, "entry": entry, "P": P[:, : entry.rank], "z": z}
+            best["lambda"] = lam
         timings["solve"] += time.perf_counter() - t3
         # a round only counts against growth when the selection loss clearly rises: on a
         # plateau (Adam's residual in the tail of the spectrum) it stays flat until a larger
@@ -400,4 +407,8 @@ def solve_subspace(
         },
         singular_values=[float(s) for s in S.cpu()],
         timings=timings,
+        basis=best.get("P"),
+        z=best.get("z"),
+        lambda_abs=float(best.get("lambda", 0.0)),
+        selection=selection,
     )

@@ -15,12 +15,29 @@ User residual functions receive a :class:`Fields` (see :mod:`lsr_cli.pde.equatio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 TIME = "t"
+
+Key = tuple[int, ...]
+"""A cached quantity of :class:`Fields`: ``()`` the values, ``(i,)`` ``∂u/∂x_i``, ``(i, j)`` ``∂²u/∂x_i∂x_j`` (i ≤ j)."""
+
+_RECORDERS: list[list[Fields]] = []
+
+
+@contextmanager
+def recording() -> Iterator[list[Fields]]:
+    """Collect every :class:`Fields` made inside the block, in order of creation."""
+    seen: list[Fields] = []
+    _RECORDERS.append(seen)
+    try:
+        yield seen
+    finally:
+        _RECORDERS.pop()
 
 
 class Fields:
@@ -37,6 +54,30 @@ class Fields:
         self._u: Tensor | None = None
         self._d1: dict[int, Tensor] = {}
         self._d2: dict[tuple[int, int], Tensor] = {}
+        if _RECORDERS:
+            _RECORDERS[-1].append(self)
+
+    def used(self) -> list[Key]:
+        """The quantities computed so far (what a residual asked for), in a fixed order."""
+        keys: list[Key] = [()] if self._u is not None else []
+        return keys + [(i,) for i in sorted(self._d1)] + sorted(self._d2)
+
+    def value(self, key: Key) -> Tensor:
+        """The quantity ``key`` (computed if needed)."""
+        if len(key) == 0:
+            return self.u
+        if len(key) == 1:
+            return self._first(key[0])
+        return self._second(key[0], key[1])
+
+    def preset(self, key: Key, value: Tensor) -> None:
+        """Give quantity ``key`` a value instead of computing it (see :class:`TabulatedModel`)."""
+        if len(key) == 0:
+            self._u = value
+        elif len(key) == 1:
+            self._d1[key[0]] = value
+        else:
+            self._d2[(key[0], key[1])] = value
 
     def _values(self, x: Tensor) -> Tensor:
         out = self._model(x)
@@ -113,3 +154,29 @@ class Fields:
     def spatial_gradient(self) -> Tensor:
         """``∇_x u`` over the spatial variables: ``[N, d_space]``."""
         return torch.stack([self._first(self._index(v)) for v in self.spatial], dim=1)
+
+
+class TabulatedModel:
+    """Stands in for the network in a residual: the ``k``-th :class:`Fields` a residual makes
+    from it gets its quantities (``layout[k]``) from columns of ``table`` ``[N, C]``, in order.
+
+    It lets a residual be evaluated on values that are not a network's, e.g. those of the
+    linearized predictor ``u0 + Σ_j z_j φ_j`` tabulated as ``base + V z``, and differentiated with
+    respect to them. Asking for a quantity that is not in the table is an error."""
+
+    def __init__(self, layout: list[list[Key]], table: Tensor) -> None:
+        self.layout = layout
+        self.table = table
+        self._made = 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        raise RuntimeError("the residual asked for a quantity of u that was not tabulated")
+
+    def fields(self, x: Tensor, variables: Sequence[str]) -> Fields:
+        k = self._made % len(self.layout)
+        start = sum(len(keys) for keys in self.layout[:k])
+        self._made += 1
+        F = Fields(self, x, variables)
+        for c, key in enumerate(self.layout[k]):
+            F.preset(key, self.table[:, start + c])
+        return F

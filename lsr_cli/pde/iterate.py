@@ -42,6 +42,7 @@ from lsr_cli.config import Config
 from lsr_cli.distributed import SINGLE, Comm, global_mean_square, global_norm, merge_accumulators
 from lsr_cli.errors import CheckpointError
 from lsr_cli.linearization import JacobianOperator, ParameterSpace
+from lsr_cli.linearized import LinearizedModel
 from lsr_cli.metrics import global_error_metrics
 from lsr_cli.refine import predict, select_parameters
 from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, start_run
@@ -49,7 +50,7 @@ from lsr_cli.sketch import RangeSketch
 from lsr_cli.solve import QRAccumulator
 
 from .problem import PdeProblem, resample
-from .refine_pde import block_losses, build_operators, lsr_step, prepare_pde_run
+from .refine_pde import block_losses, build_operators, exact_step, lsr_step, prepare_pde_run, true_residual
 
 
 @dataclass
@@ -335,11 +336,15 @@ def iterate(
                 space = select_parameters(module, cfg, gen)
                 ops = build_operators(module, problem, space, cfg)
             sub = lsr_step(module, problem, space, ops, cfg, gen, NoProgress(), comm)
-            lin_loss_total = (
-                global_mean_square(ops.f0 + ops.G.matvec(sub.dz), comm)
-                if sub.dz is not None
-                else global_mean_square(ops.f0, comm)
-            )
+            # nonlinear equations: the predictor's exact residual, minimized in LSR's subspace
+            sub.dz, nonlinear = exact_step(module, problem, space, ops, sub, cfg, comm)
+            if nonlinear.get("ran") and sub.dz is not None:  # the predictor's own (exact) residual
+                predictor = LinearizedModel(module, space.unflatten_vector(sub.dz))
+                lin_loss_total = global_mean_square(true_residual(predictor, problem), comm)
+            elif sub.dz is not None:
+                lin_loss_total = global_mean_square(ops.f0 + ops.G.matvec(sub.dz), comm)
+            else:
+                lin_loss_total = global_mean_square(ops.f0, comm)
             targets = []
             u_now = []
             for block in problem.blocks:
@@ -394,6 +399,11 @@ def iterate(
                     "network": net_ref["rel_l2"] if net_ref else None,
                 },
                 "network_error_estimate": estimate,
+                "nonlinear": {
+                    k2: nonlinear[k2]
+                    for k2 in ("ran", "reason", "iterations", "monitor_start", "monitor_best", "time")
+                    if k2 in nonlinear
+                },
                 "alignment": {
                     "relative_fit": fit,
                     "loss": align_loss,

@@ -40,7 +40,7 @@ from lsr_cli.usercode import import_callable
 
 from .equations import EQUATIONS, Equation
 from .expressions import BUILTIN_CONSTANTS, FUNCTIONS, compile_expression
-from .fields import TIME, Fields
+from .fields import TIME, Fields, TabulatedModel
 
 KINDS = ("pde", "dirichlet", "neumann", "periodic", "initial", "data")
 SAMPLERS = ("uniform", "sobol", "lhs", "grid")
@@ -54,6 +54,7 @@ _PDE_KEYS = (
     "basis",
     "basis_points",
     "reference",
+    "nonlinear_iterations",
 )
 _BLOCK_KEYS = ("name", "kind", "points", "weight", "value", "faces", "variable", "values")
 _POINT_KEYS = ("dataset", "sample", "count", "region")
@@ -205,6 +206,7 @@ class PdeProblem:
     basis: str
     basis_points: int | str
     raw: dict[str, Any] = field(default_factory=dict)
+    nonlinear_iterations: int = 30
 
     @property
     def num_rows(self) -> int:
@@ -427,6 +429,8 @@ class _Builder:
 
 
 def _field_model(model: ModelFn, variables: list[str], x: Tensor) -> Fields:
+    if isinstance(model, TabulatedModel):
+        return model.fields(x, variables)
     return Fields(model, x, variables)
 
 
@@ -583,7 +587,16 @@ def parse_problem(
                 f"{data_path}: pde.reference is 'required' but /reference/inputs and /reference/values "
                 "are not both there"
             )
-    return PdeProblem(eq, raw["equation"], b.variables, b.box, blocks, reference, basis, basis_points, raw)
+    nonlinear = raw.get("nonlinear_iterations", "auto")
+    if nonlinear == "auto":
+        nonlinear = 30
+    if isinstance(nonlinear, bool) or not isinstance(nonlinear, int) or nonlinear < 0:
+        raise ConfigError(
+            f"config.pde.nonlinear_iterations: expected 'auto' or a non-negative integer, got {nonlinear!r}"
+        )
+    return PdeProblem(
+        eq, raw["equation"], b.variables, b.box, blocks, reference, basis, basis_points, raw, nonlinear
+    )
 
 
 def set_scales(blocks: list[Block]) -> None:

@@ -39,6 +39,7 @@ from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes
 from lsr_cli.subspace import Selection, SubspaceResult, solve_subspace, stratified_holdout_rows
 
 from .problem import PdeProblem
+from .subspace_newton import levenberg_marquardt, table_bytes, tabulate
 
 ROW_CHUNK = 256
 """Collocation points per Jacobian-product chunk (second derivatives make each row costlier)."""
@@ -215,6 +216,106 @@ def lsr_step(
     )
 
 
+def nonlinear_stage(
+    module: nn.Module,
+    problem: PdeProblem,
+    space: ParameterSpace,
+    ops: ResidualOperators,
+    sub: SubspaceResult,
+    f_after: Tensor,
+    f_lin: Tensor,
+    cfg: Config,
+    comm: Comm = SINGLE,
+    sink: ProgressSink | None = None,
+) -> tuple[Tensor | None, dict[str, Any]]:
+    """Minimize the refined predictor's *exact* residual in LSR's subspace (see
+    :mod:`.subspace_newton`) when the equation is nonlinear. Returns the new ``dz`` (or ``None``:
+    keep LSR's) and what was done, for the report."""
+    info: dict[str, Any] = {"ran": False}
+    limit = problem.nonlinear_iterations
+    gap = float((f_after - f_lin).norm())
+    info["exact_minus_linearized_norm"] = gap
+    if limit == 0:
+        info["reason"] = "pde.nonlinear_iterations: 0"
+        return None, info
+    if sub.basis is None or sub.z is None:
+        info["reason"] = "LSR kept the input (rank 0)"
+        return None, info
+    if gap <= 1e-8 * max(float(ops.f0.norm()), 1e-300):
+        info["reason"] = "the equation is linear here: the predictor's residual equals the linearized one"
+        return None, info
+    if comm.world > 1:
+        info["reason"] = "not available in distributed runs yet"
+        return None, info
+    need = table_bytes(problem, module, int(sub.z.shape[0]))
+    budget = resolve_memory_budget(cfg.lsr.max_memory, ops.f0.device)
+    info["table_bytes"] = need
+    if need > budget // 2:
+        info["reason"] = f"its tables need {need / 2**20:.0f} MiB, more than half of the memory budget"
+        return None, info
+    t0 = time.perf_counter()
+    try:
+        dense = ops.jacobian["path"] == "dense"
+        tables = tabulate(module, problem, space, sub.basis, cfg.lsr.tangent_chunk, dense)
+        info["tables"] = "per-point Jacobians x P" if dense else "JVPs"
+        check = torch.cat([t.at(sub.z) for t in tables])
+        mismatch = float((check - f_after).norm() / max(float(f_after.norm()), 1e-300))
+        if mismatch > 1e-6:
+            info["reason"] = f"the tabulated residual differs from the predictor's by {mismatch:.1e} (not pointwise?)"
+            return None, info
+        sel = sub.selection
+        result = levenberg_marquardt(
+            tables,
+            sub.z,
+            sub.lambda_abs,
+            sel.fit_rows if sel is not None else None,
+            sel.hold_rows if sel is not None else None,
+            limit,
+            progress=sink,
+        )
+    except RuntimeError as exc:  # a user residual asking for something the tables lack, ...
+        info["reason"] = f"skipped: {str(exc).splitlines()[0][:200]}"
+        return None, info
+    h = result.history
+    info.update(
+        {
+            "ran": True,
+            "iterations": result.iterations,
+            "stop_reason": result.stop_reason,
+            "lambda": sub.lambda_abs,
+            "monitor": "holdout exact residual" if sub.selection and sub.selection.hold_rows is not None else "fit",
+            "monitor_start": h[0]["monitor"],
+            "monitor_best": min(e["monitor"] for e in h),
+            "history": h,
+            "time": time.perf_counter() - t0,
+        }
+    )
+    info["input_kept"] = not bool(result.z.any())
+    if bool(torch.equal(result.z, sub.z)):
+        info["reason"] = "no iterate lowered the monitored exact residual; LSR's step kept"
+        return None, info
+    return sub.basis @ result.z, info
+
+
+def exact_step(
+    module: nn.Module,
+    problem: PdeProblem,
+    space: ParameterSpace,
+    ops: ResidualOperators,
+    sub: SubspaceResult,
+    cfg: Config,
+    comm: Comm = SINGLE,
+    sink: ProgressSink | None = None,
+) -> tuple[Tensor | None, dict[str, Any]]:
+    """LSR's step ``sub.dz``, improved by :func:`nonlinear_stage` when the equation is nonlinear."""
+    if sub.dz is None:
+        return None, {"ran": False, "reason": "LSR kept the input (rank 0)"}
+    f_lin = ops.f0 + ops.G.matvec(sub.dz)
+    f_after = true_residual(LinearizedModel(module, space.unflatten_vector(sub.dz)), problem)
+    new_dz, info = nonlinear_stage(module, problem, space, ops, sub, f_after, f_lin, cfg, comm, sink)
+    return (new_dz if new_dz is not None else sub.dz), info
+
+
 def prepare_pde_run(
     ckpt: LoadedCheckpoint,
     problem: PdeProblem,
@@ -267,14 +368,26 @@ def refine_pde(
 
         t1 = time.perf_counter()
         dz = sub.dz
-        delta = (
-            space.unflatten_vector(dz) if dz is not None else {space.names[0]: torch.zeros_like(named[space.names[0]])}
-        )
+
+        def residuals_of(dz: Tensor | None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+            delta = (
+                space.unflatten_vector(dz)
+                if dz is not None
+                else {space.names[0]: torch.zeros_like(named[space.names[0]])}
+            )
+            f_lin = ops.f0 + ops.G.matvec(dz) if dz is not None else ops.f0  # the Gauss-Newton model's residual
+            # the residual of the refined predictor q0 + J δ itself (differs from f_lin by the
+            # equation's nonlinear terms, e.g. w·w_x for Burgers with w = J δ)
+            f_after = true_residual(LinearizedModel(module, delta), problem) if dz is not None else ops.f0
+            return delta, f_lin, f_after
+
+        delta, f_lin, f_after = residuals_of(dz)
+        new_dz, nonlinear = nonlinear_stage(module, problem, space, ops, sub, f_after, f_lin, cfg, comm, sink)
+        if new_dz is not None:
+            dz = new_dz
+            delta, f_lin, f_after = residuals_of(dz)
+        timings["nonlinear"] = float(nonlinear.get("time", 0.0))
         net_params = {k: named[k].detach() + v for k, v in delta.items()}
-        f_lin = ops.f0 + ops.G.matvec(dz) if dz is not None else ops.f0  # the Gauss-Newton model's residual
-        # the residual of the refined predictor q0 + J δ itself (differs from f_lin by the
-        # equation's nonlinear terms, e.g. w·w_x for Burgers with w = J δ)
-        f_after = true_residual(LinearizedModel(module, delta), problem) if dz is not None else ops.f0
         f_net = torch.cat([op.forward(net_params).reshape(-1) for op in ops.blocks])
         before_b, after_b, lin_b, net_b = (block_losses(f, problem, comm) for f in (ops.f0, f_after, f_lin, f_net))
         residuals = {
@@ -306,7 +419,7 @@ def refine_pde(
     total_before = global_mean_square(ops.f0, comm)
     total_after = global_mean_square(f_after, comm)
     lin_total = global_mean_square(f_lin, comm)
-    if sub.rank == 0:
+    if sub.rank == 0 or nonlinear.get("input_kept"):
         status, message = (
             "unchanged",
             "no rank lowered the held-out residual loss; the refined predictor equals the input",
@@ -327,7 +440,7 @@ def refine_pde(
         message=message,
         model=LinearizedModel(module, delta),
         delta=delta,
-        rank=sub.rank,
+        rank=0 if nonlinear.get("input_kept") else sub.rank,
         selection_metric=sub.regularization["chosen_by"],
         regularization=sub.regularization,
         rank_sweep=sub.sweep,
@@ -351,6 +464,7 @@ def refine_pde(
             "after_linearized": lin_total,
         },
         jacobian=ops.jacobian,
+        nonlinear=nonlinear,
     )
 
 

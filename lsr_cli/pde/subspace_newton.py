@@ -1,0 +1,244 @@
+"""Gauss–Newton on the exact residual of the refined predictor, inside the LSR subspace.
+
+One-shot LSR solves the *linearized* residual ``f0 + G P z``. For a nonlinear equation (Burgers'
+``u u_x``, Allen–Cahn's ``u³``) that is the residual of the linearized *equation*; the refined
+predictor ``u_z = q(θ0, ·) + J P z`` has its own, exact residual ``R(u_z)``, which differs by
+the equation's nonlinear terms in ``w = J P z`` (``w w_x`` for Burgers) and can be far larger
+when ``w`` is steep (a shock). This stage keeps the predictor's form — still ``q(θ0) + J δ``
+with ``δ = P z`` — and minimizes the exact ``‖R(u_z)‖² + λ²‖z‖²`` over ``z`` by
+Levenberg–Marquardt, starting from LSR's ``z``:
+
+* every quantity of ``u`` the residual uses (values, first and second input derivatives; found
+  by running the residual once and recording what it asked for) is tabulated at the points for
+  ``u0`` (``base``, ``[N, C]``) and for the ``r`` basis functions ``φ_j = J p_j``
+  (``V``, ``[N, C, r]``, one pass of ``r`` JVPs, as for ``G P``); ``u_z``'s quantities are then
+  ``base + V z`` exactly, since ``u_z`` is affine in ``z``;
+* the residual is evaluated on those tables (:class:`~.fields.TabulatedModel`) and its Jacobian
+  with respect to ``z`` is ``Σ_c diag(∂R/∂T_c) V_c``, with ``∂R/∂T_c`` by one forward-mode JVP per
+  table column (the residual is pointwise in the points, which is checked);
+* each step solves the damped least-squares problem by QR in float64; a step is kept only when
+  it lowers the fit rows' objective; the iterate with the lowest exact residual on the
+  held-out rows (LSR's split) is returned, so the result is never worse there than LSR's own.
+
+The stage runs when the equation is nonlinear (the predictor's exact residual differs from the
+linearized one) and its tables fit half of the memory budget; the report says what it did.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lsr_cli.linearization import JacobianOperator, ParameterSpace
+from lsr_cli.runtime import NoProgress, ProgressSink
+
+from .fields import Key, TabulatedModel, recording
+from .problem import Block, PdeProblem
+
+ROW_CHUNK = 256
+PATIENCE = 6
+"""Iterations without a new lowest held-out exact residual before the stage stops."""
+
+
+@dataclass
+class BlockTables:
+    block: Block
+    layout: list[list[Key]]
+    base: Tensor  # [N, C] quantities of u0
+    V: Tensor  # [N, C, r] the same quantities of the basis functions J p_j
+
+    def residual(self, table: Tensor) -> Tensor:
+        """The block's scaled residual ``[N]`` for quantities ``table`` ``[N, C]``."""
+        assert self.block.residual_fn is not None
+        out = self.block.residual_fn(TabulatedModel(self.layout, table), self.block.inputs)
+        return self.block.scale * out.reshape(-1)
+
+    def at(self, z: Tensor) -> Tensor:
+        return self.residual(self.base + self.V @ z)
+
+    def jacobian(self, z: Tensor) -> Tensor:
+        """``∂R/∂z`` ``[N, r]`` at ``z`` (pointwise: one JVP per table column)."""
+        table = self.base + self.V @ z
+        J = torch.zeros(self.V.shape[0], self.V.shape[2], dtype=z.dtype, device=z.device)
+        for c in range(table.shape[1]):
+            e = torch.zeros_like(table)
+            e[:, c] = 1.0
+            g = torch.func.jvp(self.residual, (table,), (e,))[1]
+            J += g[:, None] * self.V[:, c, :]
+        return J
+
+
+def _layout(block: Block, module: nn.Module) -> list[list[Key]]:
+    rows = tuple(x[:3] for x in block.inputs)
+    assert block.residual_fn is not None
+    with torch.no_grad(), recording() as seen:
+        block.residual_fn(module, rows)
+    return [F.used() for F in seen]
+
+
+def _capture(block: Block, layout: list[list[Key]]) -> Any:
+    """A residual-shaped function returning the tabulated quantities ``[rows, C]`` instead."""
+
+    def fn(model: Any, rows: tuple[Tensor, ...]) -> Tensor:
+        assert block.residual_fn is not None
+        with recording() as seen:
+            block.residual_fn(model, rows)
+        if len(seen) != len(layout):
+            raise RuntimeError("the residual built a different number of fields on different rows")
+        return torch.stack([F.value(k) for F, keys in zip(seen, layout, strict=True) for k in keys], dim=1)
+
+    return fn
+
+
+def table_bytes(problem: PdeProblem, module: nn.Module, rank: int, itemsize: int = 8) -> int:
+    """Memory of the tables and Jacobians for ``rank`` basis functions."""
+    total = 0
+    for b in problem.blocks:
+        cols = sum(len(k) for k in _layout(b, module))
+        total += b.points.shape[0] * (cols + 2) * rank * itemsize
+    return total
+
+
+def tabulate(
+    module: nn.Module,
+    problem: PdeProblem,
+    space: ParameterSpace,
+    P: Tensor,
+    tangent_chunk: int,
+    dense: bool = False,
+) -> list[BlockTables]:
+    """The tables of every block. ``dense``: per-point Jacobians of the quantities,
+    materialized a few MiB at a time and multiplied by ``P`` (BLAS-3, the faster path for
+    hundreds of basis functions); otherwise ``r`` batched JVPs."""
+    out = []
+    r = P.shape[1]
+    for b in problem.blocks:
+        layout = _layout(b, module)
+        op = JacobianOperator(module, space, b.inputs, ROW_CHUNK, tangent_chunk, residual=_capture(b, layout))
+        n, cols = b.points.shape[0], sum(len(k) for k in layout)
+        base = op.forward().reshape(n, cols)
+        if dense:
+            V = P.new_empty(n, cols, r)
+            step = max(1, (32 * 2**20) // max(1, cols * space.num * 8))
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                V[s:e] = (op.jacobian_rows(s, e) @ P).reshape(e - s, cols, r)
+        else:
+            V = op.matmat(P).reshape(n, cols, r)
+        out.append(BlockTables(b, layout, base, V))
+    return out
+
+
+@dataclass
+class NewtonResult:
+    z: Tensor
+    iterations: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    stop_reason: str = ""
+
+
+def _objective(f: Tensor, z: Tensor, lam: float) -> float:
+    return float(f.square().sum() + lam**2 * z.square().sum())
+
+
+def levenberg_marquardt(
+    tables: list[BlockTables],
+    z0: Tensor,
+    lam: float,
+    fit_rows: Tensor | None,
+    hold_rows: Tensor | None,
+    max_iterations: int,
+    time_limit: float = float("inf"),
+    progress: ProgressSink | None = None,
+) -> NewtonResult:
+    """Minimize ``‖R_fit(u_z)‖² + λ²‖z‖²`` from ``z0``; return the iterate with the lowest
+    held-out exact residual (fit rows when there is no hold-out), or ``z = 0`` (the input)
+    when that is lower still."""
+    t0 = time.perf_counter()
+
+    def residual(z: Tensor) -> Tensor:
+        return torch.cat([t.at(z) for t in tables])
+
+    def jac(z: Tensor) -> Tensor:
+        return torch.cat([t.jacobian(z) for t in tables])
+
+    def part(v: Tensor, rows: Tensor | None) -> Tensor:
+        return v if rows is None else v[rows]
+
+    def monitor(f: Tensor) -> float:
+        g = part(f, hold_rows if hold_rows is not None else fit_rows)
+        return float(g.square().mean())
+
+    # start from LSR's step or from the input, whichever fits better: where the linearization
+    # breaks down LSR's step can overshoot, and the damped steps from z = 0 start along it
+    zero = torch.zeros_like(z0)
+    f0, f = residual(zero), residual(z0)
+    phi0, phi = _objective(part(f0, fit_rows), zero, lam), _objective(part(f, fit_rows), z0, lam)
+    z = z0.clone()
+    from_lsr = phi <= phi0
+    if not from_lsr:
+        z, f, phi = zero.clone(), f0, phi0
+    best_metric, best_z = monitor(f), z.clone()
+    history = [
+        {"iteration": 0, "fit_objective": phi, "monitor": best_metric, "damping": 0.0, "from_lsr_step": from_lsr}
+    ]
+    r = z.shape[0]
+    eye = torch.eye(r, dtype=z.dtype, device=z.device)
+    mu: float | None = None
+    stop, it = f"iteration cap {max_iterations}", 0
+    bad = 0
+    sink = progress or NoProgress()
+    advance = sink.begin(f"exact residual in the subspace (r={z0.shape[0]})", max_iterations)
+    while it < max_iterations:
+        if time.perf_counter() - t0 > time_limit:
+            stop = f"time limit {time_limit:.0f} s"
+            break
+        A = part(jac(z), fit_rows)
+        b = -part(f, fit_rows)
+        # QR of [A; λ I]: the damping μ is then added cheaply to the small triangle
+        Q, R = torch.linalg.qr(torch.cat([A, lam * eye]) if lam > 0 else A)
+        qb = Q.T @ (torch.cat([b, -lam * z]) if lam > 0 else b)
+        if mu is None:
+            mu = 1e-6 * float(torch.linalg.matrix_norm(R, 2)) ** 2
+        accepted = False
+        for _ in range(12):
+            Rm = torch.cat([R, (mu**0.5) * eye])
+            step = torch.linalg.lstsq(Rm, torch.cat([qb, torch.zeros_like(qb)])).solution
+            z_new = z + step
+            f_new = residual(z_new)
+            phi_new = _objective(part(f_new, fit_rows), z_new, lam)
+            if torch.isfinite(f_new).all() and phi_new < phi:
+                accepted = True
+                break
+            mu *= 8.0
+        if not accepted:
+            stop = "no damped step lowers the fit residual"
+            break
+        it += 1
+        advance(1)
+        gain = (phi - phi_new) / max(phi, 1e-300)
+        z, f, phi = z_new, f_new, phi_new
+        mu = max(mu / 4.0, 1e-30)
+        metric = monitor(f)
+        history.append({"iteration": it, "fit_objective": phi, "monitor": metric, "damping": mu})
+        if metric < best_metric:
+            best_metric, best_z, bad = metric, z.clone(), 0
+        else:
+            bad += 1
+        if gain < 1e-6:
+            stop = "the fit residual stopped decreasing"
+            break
+        if bad >= PATIENCE:
+            stop = f"the held-out exact residual stayed above its best for {PATIENCE} iterations"
+            break
+    sink.end()
+    if monitor(f0) < best_metric:  # the input itself beats every iterate: keep it
+        return NewtonResult(zero, it, history, stop + "; the input's exact residual is the lowest: input kept")
+    return NewtonResult(best_z, it, history, stop)
+
+
+__all__ = ["BlockTables", "NewtonResult", "levenberg_marquardt", "table_bytes", "tabulate"]
