@@ -235,6 +235,7 @@ def nonlinear_stage(
     limit = problem.nonlinear_iterations
     gap = float((f_after - f_lin).norm())
     info["exact_minus_linearized_norm"] = gap
+    info["lsr_step_residual_loss"] = global_mean_square(f_after, comm)
     if limit == 0:
         info["reason"] = "pde.nonlinear_iterations: 0"
         return None, info
@@ -290,7 +291,6 @@ def nonlinear_stage(
             "time": time.perf_counter() - t0,
         }
     )
-    info["input_kept"] = not bool(result.z.any())
     if bool(torch.equal(result.z, sub.z)):
         info["reason"] = "no iterate lowered the monitored exact residual; LSR's step kept"
         return None, info
@@ -419,28 +419,43 @@ def refine_pde(
     total_before = global_mean_square(ops.f0, comm)
     total_after = global_mean_square(f_after, comm)
     lin_total = global_mean_square(f_lin, comm)
-    if sub.rank == 0 or nonlinear.get("input_kept"):
+    if sub.rank == 0:
         status, message = (
             "unchanged",
             "no rank lowered the held-out residual loss; the refined predictor equals the input",
         )
     else:
         status = "improved"
-        message = (
-            f"rank {sub.rank}: linearized residual loss {total_before:.3g} -> {lin_total:.3g}; "
-            f"the refined predictor's own residual loss {total_before:.3g} -> {total_after:.3g}"
-        )
+        if nonlinear.get("ran") and not nonlinear.get("reason"):
+            message = (
+                f"rank {sub.rank}: the refined predictor's own residual loss {total_before:.3g} -> "
+                f"{total_after:.3g} after {nonlinear['iterations']} Levenberg-Marquardt steps on the exact "
+                f"residual in the subspace (LSR's linearized step alone: {nonlinear['lsr_step_residual_loss']:.3g})"
+            )
+        else:
+            message = (
+                f"rank {sub.rank}: linearized residual loss {total_before:.3g} -> {lin_total:.3g}; "
+                f"the refined predictor's own residual loss {total_before:.3g} -> {total_after:.3g}"
+            )
         if "reference" in errors:
             ref = errors["reference"]
             ratio = (ref["before"]["rel_l2"] or 0.0) / max(ref["after"]["rel_l2"] or 0.0, 1e-300)
             message += f"; error vs the reference {ratio:.3g}x lower"
+    warnings = []
+    if sub.rank > 0 and total_after > total_before:
+        warnings.append(
+            f"the refined predictor's own residual loss ({total_after:.3g}) is above the input's "
+            f"({total_before:.3g}): the equation is nonlinear and the correction is large where the "
+            "solution is steep; the collocation points may not resolve a front (add points there, "
+            "e.g. a block with `region:`), and judge the result by a reference solution"
+        )
     peak, kind = peak_memory_bytes(device)
     return RefineResult(
         status=status,
         message=message,
         model=LinearizedModel(module, delta),
         delta=delta,
-        rank=0 if nonlinear.get("input_kept") else sub.rank,
+        rank=sub.rank,
         selection_metric=sub.regularization["chosen_by"],
         regularization=sub.regularization,
         rank_sweep=sub.sweep,
@@ -454,7 +469,7 @@ def refine_pde(
         dtype=cfg.dtype,
         peak_memory_bytes=peak,
         peak_memory_kind=kind,
-        warnings=[],
+        warnings=warnings,
         rounds=sub.rounds,
         stop_reason=sub.stop_reason,
         residual_blocks=residuals,

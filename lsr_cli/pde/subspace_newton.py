@@ -156,8 +156,7 @@ def levenberg_marquardt(
     progress: ProgressSink | None = None,
 ) -> NewtonResult:
     """Minimize ``‖R_fit(u_z)‖² + λ²‖z‖²`` from ``z0``; return the iterate with the lowest
-    held-out exact residual (fit rows when there is no hold-out), or ``z = 0`` (the input)
-    when that is lower still."""
+    held-out exact residual (fit rows when there is no hold-out; LSR's own step included)."""
     t0 = time.perf_counter()
 
     def residual(z: Tensor) -> Tensor:
@@ -173,18 +172,12 @@ def levenberg_marquardt(
         g = part(f, hold_rows if hold_rows is not None else fit_rows)
         return float(g.square().mean())
 
-    # start from LSR's step or from the input, whichever fits better: where the linearization
-    # breaks down LSR's step can overshoot, and the damped steps from z = 0 start along it
-    zero = torch.zeros_like(z0)
-    f0, f = residual(zero), residual(z0)
-    phi0, phi = _objective(part(f0, fit_rows), zero, lam), _objective(part(f, fit_rows), z0, lam)
     z = z0.clone()
-    from_lsr = phi <= phi0
-    if not from_lsr:
-        z, f, phi = zero.clone(), f0, phi0
+    f = residual(z)
+    phi = _objective(part(f, fit_rows), z, lam)
     best_metric, best_z = monitor(f), z.clone()
     history = [
-        {"iteration": 0, "fit_objective": phi, "monitor": best_metric, "damping": 0.0, "from_lsr_step": from_lsr}
+        {"iteration": 0, "fit_objective": phi, "monitor": best_metric, "damping": 0.0}
     ]
     r = z.shape[0]
     eye = torch.eye(r, dtype=z.dtype, device=z.device)
@@ -236,8 +229,6 @@ def levenberg_marquardt(
             stop = f"the held-out exact residual stayed above its best for {PATIENCE} iterations"
             break
     sink.end()
-    if monitor(f0) < best_metric:  # the input itself beats every iterate: keep it
-        return NewtonResult(zero, it, history, stop + "; the input's exact residual is the lowest: input kept")
     return NewtonResult(best_z, it, history, stop)
 
 
