@@ -83,6 +83,19 @@ def pde_refine_report() -> dict[str, Any]:
     return r
 
 
+def nonlinear_pde_report() -> dict[str, Any]:
+    r = pde_refine_report()
+    r["nonlinear"] = {
+        "ran": True,
+        "monitor": "holdout exact residual",
+        "history": [
+            {"iteration": k, "fit_objective": 10.0 / 4**k, "monitor": 1e-2 / 3**k + (1e-5 if k > 4 else 0.0)}
+            for k in range(7)
+        ],
+    }
+    return r
+
+
 def iterate_report() -> dict[str, Any]:
     its = [
         {
@@ -177,8 +190,9 @@ def check_html(page: Path, report: dict[str, Any], images: list[Path]) -> str:
     [
         (refine_report(), True, ["errors", "rank_sweep", "singular_values", "field_test", "field_val_2d"]),
         (pde_refine_report(), False, ["errors", "residual_blocks", "rank_sweep", "singular_values"]),
+        (nonlinear_pde_report(), False, ["errors", "residual_blocks", "rank_sweep", "singular_values", "nonlinear"]),
     ],
-    ids=["data", "pde"],
+    ids=["data", "pde", "pde-nonlinear"],
 )
 def test_refine_plots_and_html(tmp_path: Path, report: dict[str, Any], with_fields: bool, expected: list[str]) -> None:
     images = write_plots(report, tmp_path / "plots", fields() if with_fields else None)
