@@ -325,6 +325,7 @@ def write_markdown(results: dict[str, Any], path: Path, machine: str) -> None:
         f"Machine: {machine}. Regenerate with `OMP_NUM_THREADS=1 python benchmarks/methods.py --out docs/benchmarks`.",
         "Relative L2 error on the test split (regression, operator) or against the reference solution (PINNs);",
         "`adam`/`lbfgs` continue training the checkpoint for the same wall time as LSR (and 3×).",
+        "LSR is the refinement as `lsr refine` runs it (for a nonlinear PDE such as Burgers, with the exact-residual stage in its subspace); Gauss–Newton, random subspace and last layer are single linearized steps.",
         "",
         "| task | before | LSR | LSR time | rank | Adam @ LSR time | L-BFGS @ LSR time | Adam @ 3× | L-BFGS @ 3× | Gauss–Newton (dense) | random subspace | last layer |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
