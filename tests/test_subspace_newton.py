@@ -20,6 +20,7 @@ from lsr_cli.models import MLP
 from lsr_cli.pde import parse_problem, refine_pde
 from lsr_cli.pde.refine_pde import true_residual
 from lsr_cli.pde.subspace_newton import tabulate
+from tests.test_pde import poisson_1d_problem
 
 F64 = torch.float64
 EXACT_ATOL = 1e-10
@@ -125,16 +126,21 @@ def front_problem(nonlinear_iterations: Any = "auto"):
     return problem
 
 
-def test_stage_lowers_the_exact_residual_and_error_of_a_nonlinear_problem(tmp_path):
-    problem = front_problem()
-    net = rough_pinn(problem)
+def refined(net: torch.nn.Module, problem, tmp_path, ranks: list[int]):
+    """``refine_pde`` of ``net`` (saved as a state dict) with fixed candidate ranks on the CPU."""
     path = tmp_path / "pinn.pt"
     torch.save(net.state_dict(), path)
     cfg = Config()
     cfg.device = "cpu"
-    cfg.lsr.rank = [16, 32, 64]
-    with_stage = refine_pde(LoadedCheckpoint(path, "state_dict", net), problem, cfg)
-    plain = refine_pde(LoadedCheckpoint(path, "state_dict", net), front_problem(0), cfg)
+    cfg.lsr.rank = ranks
+    return refine_pde(LoadedCheckpoint(path, "state_dict", net), problem, cfg)
+
+
+def test_stage_lowers_the_exact_residual_and_error_of_a_nonlinear_problem(tmp_path):
+    problem = front_problem()
+    net = rough_pinn(problem)
+    with_stage = refined(net, problem, tmp_path, [16, 32, 64])
+    plain = refined(net, front_problem(0), tmp_path, [16, 32, 64])
 
     info = with_stage.nonlinear
     assert info is not None and info["ran"], info
@@ -147,26 +153,11 @@ def test_stage_lowers_the_exact_residual_and_error_of_a_nonlinear_problem(tmp_pa
 
 
 def test_linear_equation_skips_the_stage(tmp_path):
-    raw = {
-        "equation": "poisson",
-        "variables": ["x"],
-        "domain": {"x": [0, 1]},
-        "coefficients": {"source": "pi**2 * sin(pi * x)"},
-        "blocks": [
-            {"name": "interior", "points": {"sample": "sobol", "count": 64}},
-            {"name": "ends", "kind": "dirichlet", "weight": 10, "points": {"sample": "boundary", "count": 2}},
-        ],
-    }
-    problem = parse_problem(raw, None, torch.Generator().manual_seed(1))
+    problem = poisson_1d_problem()
     with torch.random.fork_rng():
         torch.manual_seed(0)
         net = MLP(1, 1, hidden=[8]).double().eval()
-    path = tmp_path / "p.pt"
-    torch.save(net.state_dict(), path)
-    cfg = Config()
-    cfg.device = "cpu"
-    cfg.lsr.rank = [8]
-    result = refine_pde(LoadedCheckpoint(path, "state_dict", net), problem, cfg)
+    result = refined(net, problem, tmp_path, [8])
     assert result.nonlinear is not None and not result.nonlinear["ran"]
     assert "linear" in result.nonlinear["reason"]
     assert math.isclose(result.residual_loss["after"], result.residual_loss["after_linearized"], rel_tol=1e-6)

@@ -216,21 +216,23 @@ def lsr_step(
     )
 
 
-def nonlinear_stage(
+def exact_step(
     module: nn.Module,
     problem: PdeProblem,
     space: ParameterSpace,
     ops: ResidualOperators,
     sub: SubspaceResult,
-    f_after: Tensor,
-    f_lin: Tensor,
     cfg: Config,
     comm: Comm = SINGLE,
     sink: ProgressSink | None = None,
 ) -> tuple[Tensor | None, dict[str, Any]]:
-    """Minimize the refined predictor's *exact* residual in LSR's subspace (see
-    :mod:`.subspace_newton`) when the equation is nonlinear. Returns the new ``dz`` (or ``None``:
-    keep LSR's) and what was done, for the report."""
+    """LSR's step ``sub.dz``, moved to minimize the refined predictor's *exact* residual in
+    LSR's subspace (see :mod:`.subspace_newton`) when the equation is nonlinear; and what was
+    done, for the report."""
+    if sub.dz is None:
+        return None, {"ran": False, "reason": "LSR kept the input (rank 0)"}
+    f_lin = ops.f0 + ops.G.matvec(sub.dz)
+    f_after = true_residual(LinearizedModel(module, space.unflatten_vector(sub.dz)), problem)
     info: dict[str, Any] = {"ran": False}
     limit = problem.nonlinear_iterations
     gap = float((f_after - f_lin).norm())
@@ -238,22 +240,22 @@ def nonlinear_stage(
     info["lsr_step_residual_loss"] = global_mean_square(f_after, comm)
     if limit == 0:
         info["reason"] = "pde.nonlinear_iterations: 0"
-        return None, info
+        return sub.dz, info
     if sub.basis is None or sub.z is None:
         info["reason"] = "LSR kept the input (rank 0)"
-        return None, info
+        return sub.dz, info
     if gap <= 1e-8 * max(float(ops.f0.norm()), 1e-300):
         info["reason"] = "the equation is linear here: the predictor's residual equals the linearized one"
-        return None, info
+        return sub.dz, info
     if comm.world > 1:
         info["reason"] = "not available in distributed runs yet"
-        return None, info
+        return sub.dz, info
     need = table_bytes(problem, module, int(sub.z.shape[0]))
     budget = resolve_memory_budget(cfg.lsr.max_memory, ops.f0.device)
     info["table_bytes"] = need
     if need > budget // 2:
         info["reason"] = f"its tables need {need / 2**20:.0f} MiB, more than half of the memory budget"
-        return None, info
+        return sub.dz, info
     t0 = time.perf_counter()
     try:
         dense = ops.jacobian["path"] == "dense"
@@ -263,7 +265,7 @@ def nonlinear_stage(
         mismatch = float((check - f_after).norm() / max(float(f_after.norm()), 1e-300))
         if mismatch > 1e-6:
             info["reason"] = f"the tabulated residual differs from the predictor's by {mismatch:.1e} (not pointwise?)"
-            return None, info
+            return sub.dz, info
         sel = sub.selection
         result = levenberg_marquardt(
             tables,
@@ -276,7 +278,7 @@ def nonlinear_stage(
         )
     except RuntimeError as exc:  # a user residual asking for something the tables lack, ...
         info["reason"] = f"skipped: {str(exc).splitlines()[0][:200]}"
-        return None, info
+        return sub.dz, info
     h = result.history
     info.update(
         {
@@ -293,27 +295,8 @@ def nonlinear_stage(
     )
     if bool(torch.equal(result.z, sub.z)):
         info["reason"] = "no iterate lowered the monitored exact residual; LSR's step kept"
-        return None, info
+        return sub.dz, info
     return sub.basis @ result.z, info
-
-
-def exact_step(
-    module: nn.Module,
-    problem: PdeProblem,
-    space: ParameterSpace,
-    ops: ResidualOperators,
-    sub: SubspaceResult,
-    cfg: Config,
-    comm: Comm = SINGLE,
-    sink: ProgressSink | None = None,
-) -> tuple[Tensor | None, dict[str, Any]]:
-    """LSR's step ``sub.dz``, improved by :func:`nonlinear_stage` when the equation is nonlinear."""
-    if sub.dz is None:
-        return None, {"ran": False, "reason": "LSR kept the input (rank 0)"}
-    f_lin = ops.f0 + ops.G.matvec(sub.dz)
-    f_after = true_residual(LinearizedModel(module, space.unflatten_vector(sub.dz)), problem)
-    new_dz, info = nonlinear_stage(module, problem, space, ops, sub, f_after, f_lin, cfg, comm, sink)
-    return (new_dz if new_dz is not None else sub.dz), info
 
 
 def prepare_pde_run(
@@ -381,11 +364,8 @@ def refine_pde(
             f_after = true_residual(LinearizedModel(module, delta), problem) if dz is not None else ops.f0
             return delta, f_lin, f_after
 
+        dz, nonlinear = exact_step(module, problem, space, ops, sub, cfg, comm, sink)
         delta, f_lin, f_after = residuals_of(dz)
-        new_dz, nonlinear = nonlinear_stage(module, problem, space, ops, sub, f_after, f_lin, cfg, comm, sink)
-        if new_dz is not None:
-            dz = new_dz
-            delta, f_lin, f_after = residuals_of(dz)
         timings["nonlinear"] = float(nonlinear.get("time", 0.0))
         net_params = {k: named[k].detach() + v for k, v in delta.items()}
         f_net = torch.cat([op.forward(net_params).reshape(-1) for op in ops.blocks])
