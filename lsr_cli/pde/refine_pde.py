@@ -216,6 +216,17 @@ def lsr_step(
     )
 
 
+STAGE_MIN_SECONDS = 120.0
+STAGE_TIME_FACTOR = 3.0
+
+
+def stage_time_limit(sub: SubspaceResult) -> float:
+    """Wall-time cap of the exact-residual stage: a few times what LSR's own step took (at
+    least two minutes), so that on a large problem it cannot dominate the run."""
+    lsr_seconds = sum(sub.timings.get(k, 0.0) for k in ("sketch", "project", "solve"))
+    return max(STAGE_MIN_SECONDS, STAGE_TIME_FACTOR * lsr_seconds)
+
+
 def exact_step(
     module: nn.Module,
     problem: PdeProblem,
@@ -274,6 +285,7 @@ def exact_step(
             sel.fit_rows if sel is not None else None,
             sel.hold_rows if sel is not None else None,
             limit,
+            time_limit=stage_time_limit(sub),
             progress=sink,
         )
     except RuntimeError as exc:  # a user residual asking for something the tables lack, ...
@@ -286,6 +298,7 @@ def exact_step(
             "iterations": result.iterations,
             "stop_reason": result.stop_reason,
             "lambda": sub.lambda_abs,
+            "time_limit": stage_time_limit(sub),
             "monitor": "holdout exact residual" if sub.selection and sub.selection.hold_rows is not None else "fit",
             "monitor_start": h[0]["monitor"],
             "monitor_best": min(e["monitor"] for e in h),
