@@ -42,7 +42,6 @@ from lsr_cli.config import Config
 from lsr_cli.distributed import SINGLE, Comm, global_mean_square, global_norm, merge_accumulators
 from lsr_cli.errors import CheckpointError
 from lsr_cli.linearization import JacobianOperator, ParameterSpace
-from lsr_cli.linearized import LinearizedModel
 from lsr_cli.metrics import global_error_metrics
 from lsr_cli.refine import predict, select_parameters
 from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, start_run
@@ -50,7 +49,7 @@ from lsr_cli.sketch import RangeSketch
 from lsr_cli.solve import QRAccumulator
 
 from .problem import PdeProblem, resample
-from .refine_pde import block_losses, build_operators, exact_step, lsr_step, prepare_pde_run, true_residual
+from .refine_pde import block_losses, build_operators, exact_step, lsr_step, prepare_pde_run
 
 
 @dataclass
@@ -337,14 +336,10 @@ def iterate(
                 ops = build_operators(module, problem, space, cfg)
             sub = lsr_step(module, problem, space, ops, cfg, gen, NoProgress(), comm)
             # nonlinear equations: the predictor's exact residual, minimized in LSR's subspace
-            sub.dz, nonlinear = exact_step(module, problem, space, ops, sub, cfg, comm)
-            if nonlinear.get("ran") and sub.dz is not None:  # the predictor's own (exact) residual
-                predictor = LinearizedModel(module, space.unflatten_vector(sub.dz))
-                lin_loss_total = global_mean_square(true_residual(predictor, problem), comm)
-            elif sub.dz is not None:
-                lin_loss_total = global_mean_square(ops.f0 + ops.G.matvec(sub.dz), comm)
-            else:
-                lin_loss_total = global_mean_square(ops.f0, comm)
+            step = exact_step(module, problem, space, ops, sub, cfg, comm)
+            sub.dz, nonlinear = step.dz, step.info
+            # the LSR predictor's residual: its own (exact) one when the stage ran, else f0 + G dz
+            lin_loss_total = global_mean_square(step.f_after if nonlinear.get("ran") else step.f_lin, comm)
             targets = []
             u_now = []
             for block in problem.blocks:

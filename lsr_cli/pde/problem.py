@@ -56,6 +56,8 @@ _PDE_KEYS = (
     "reference",
     "nonlinear_iterations",
 )
+NONLINEAR_ITERATIONS = 30
+"""``pde.nonlinear_iterations: auto``: Levenberg–Marquardt steps of the exact-residual stage."""
 _BLOCK_KEYS = ("name", "kind", "points", "weight", "value", "faces", "variable", "values")
 _POINT_KEYS = ("dataset", "sample", "count", "region")
 
@@ -206,7 +208,7 @@ class PdeProblem:
     basis: str
     basis_points: int | str
     raw: dict[str, Any] = field(default_factory=dict)
-    nonlinear_iterations: int = 30
+    nonlinear_iterations: int = NONLINEAR_ITERATIONS
 
     @property
     def num_rows(self) -> int:
@@ -589,14 +591,12 @@ def parse_problem(
             )
     nonlinear = raw.get("nonlinear_iterations", "auto")
     if nonlinear == "auto":
-        nonlinear = 30
+        nonlinear = NONLINEAR_ITERATIONS
     if isinstance(nonlinear, bool) or not isinstance(nonlinear, int) or nonlinear < 0:
         raise ConfigError(
             f"config.pde.nonlinear_iterations: expected 'auto' or a non-negative integer, got {nonlinear!r}"
         )
-    return PdeProblem(
-        eq, raw["equation"], b.variables, b.box, blocks, reference, basis, basis_points, raw, nonlinear
-    )
+    return PdeProblem(eq, raw["equation"], b.variables, b.box, blocks, reference, basis, basis_points, raw, nonlinear)
 
 
 def set_scales(blocks: list[Block]) -> None:

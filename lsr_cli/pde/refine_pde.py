@@ -39,7 +39,7 @@ from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes
 from lsr_cli.subspace import Selection, SubspaceResult, solve_subspace, stratified_holdout_rows
 
 from .problem import PdeProblem
-from .subspace_newton import levenberg_marquardt, table_bytes, tabulate
+from .subspace_newton import layouts, levenberg_marquardt, table_bytes, tabulate
 
 ROW_CHUNK = 256
 """Collocation points per Jacobian-product chunk (second derivatives make each row costlier)."""
@@ -227,6 +227,27 @@ def stage_time_limit(sub: SubspaceResult) -> float:
     return max(STAGE_MIN_SECONDS, STAGE_TIME_FACTOR * lsr_seconds)
 
 
+@dataclass
+class ExactStep:
+    """The step ``dz`` (``None``: the input is kept), the residuals of its predictor — the
+    Gauss–Newton model's ``f0 + G dz`` (``f_lin``) and the predictor's own (``f_after``) — and
+    what the exact-residual stage did (``info``, for the report)."""
+
+    dz: Tensor | None
+    f_lin: Tensor
+    f_after: Tensor
+    info: dict[str, Any]
+
+
+def _step_residuals(
+    module: nn.Module, problem: PdeProblem, space: ParameterSpace, ops: ResidualOperators, dz: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``f0 + G dz`` and the residual of the refined predictor ``q0 + J dz`` itself (they differ
+    by the equation's nonlinear terms, e.g. ``w·w_x`` for Burgers with ``w = J dz``)."""
+    f_lin = ops.f0 + ops.G.matvec(dz)
+    return f_lin, true_residual(LinearizedModel(module, space.unflatten_vector(dz)), problem)
+
+
 def exact_step(
     module: nn.Module,
     problem: PdeProblem,
@@ -236,14 +257,33 @@ def exact_step(
     cfg: Config,
     comm: Comm = SINGLE,
     sink: ProgressSink | None = None,
-) -> tuple[Tensor | None, dict[str, Any]]:
+) -> ExactStep:
     """LSR's step ``sub.dz``, moved to minimize the refined predictor's *exact* residual in
-    LSR's subspace (see :mod:`.subspace_newton`) when the equation is nonlinear; and what was
-    done, for the report."""
+    LSR's subspace (see :mod:`.subspace_newton`) when the equation is nonlinear."""
     if sub.dz is None:
-        return None, {"ran": False, "reason": "LSR kept the input (rank 0)"}
-    f_lin = ops.f0 + ops.G.matvec(sub.dz)
-    f_after = true_residual(LinearizedModel(module, space.unflatten_vector(sub.dz)), problem)
+        return ExactStep(None, ops.f0, ops.f0, {"ran": False, "reason": "LSR kept the input (rank 0)"})
+    f_lin, f_after = _step_residuals(module, problem, space, ops, sub.dz)
+    z, info = _exact_stage(module, problem, space, ops, sub, f_lin, f_after, cfg, comm, sink)
+    if z is None:
+        return ExactStep(sub.dz, f_lin, f_after, info)
+    assert sub.basis is not None
+    dz = sub.basis @ z
+    return ExactStep(dz, *_step_residuals(module, problem, space, ops, dz), info)
+
+
+def _exact_stage(
+    module: nn.Module,
+    problem: PdeProblem,
+    space: ParameterSpace,
+    ops: ResidualOperators,
+    sub: SubspaceResult,
+    f_lin: Tensor,
+    f_after: Tensor,
+    cfg: Config,
+    comm: Comm,
+    sink: ProgressSink | None,
+) -> tuple[Tensor | None, dict[str, Any]]:
+    """The new reduced step ``z`` (``None``: keep LSR's) and what was done."""
     info: dict[str, Any] = {"ran": False}
     limit = problem.nonlinear_iterations
     gap = float((f_after - f_lin).norm())
@@ -251,32 +291,34 @@ def exact_step(
     info["lsr_step_residual_loss"] = global_mean_square(f_after, comm)
     if limit == 0:
         info["reason"] = "pde.nonlinear_iterations: 0"
-        return sub.dz, info
+        return None, info
     if sub.basis is None or sub.z is None:
         info["reason"] = "LSR kept the input (rank 0)"
-        return sub.dz, info
+        return None, info
     if gap <= 1e-8 * max(float(ops.f0.norm()), 1e-300):
         info["reason"] = "the equation is linear here: the predictor's residual equals the linearized one"
-        return sub.dz, info
+        return None, info
     if comm.world > 1:
         info["reason"] = "not available in distributed runs yet"
-        return sub.dz, info
-    need = table_bytes(problem, module, int(sub.z.shape[0]))
+        return None, info
+    layout = layouts(problem, module)
+    need = table_bytes(problem, layout, int(sub.z.shape[0]))
     budget = resolve_memory_budget(cfg.lsr.max_memory, ops.f0.device)
     info["table_bytes"] = need
     if need > budget // 2:
         info["reason"] = f"its tables need {need / 2**20:.0f} MiB, more than half of the memory budget"
-        return sub.dz, info
+        return None, info
+    time_limit = stage_time_limit(sub)
     t0 = time.perf_counter()
     try:
         dense = ops.jacobian["path"] == "dense"
-        tables = tabulate(module, problem, space, sub.basis, cfg.lsr.tangent_chunk, dense)
+        tables = tabulate(module, problem, space, sub.basis, cfg.lsr.tangent_chunk, dense, layout)
         info["tables"] = "per-point Jacobians x P" if dense else "JVPs"
         check = torch.cat([t.at(sub.z) for t in tables])
         mismatch = float((check - f_after).norm() / max(float(f_after.norm()), 1e-300))
         if mismatch > 1e-6:
             info["reason"] = f"the tabulated residual differs from the predictor's by {mismatch:.1e} (not pointwise?)"
-            return sub.dz, info
+            return None, info
         sel = sub.selection
         result = levenberg_marquardt(
             tables,
@@ -285,12 +327,12 @@ def exact_step(
             sel.fit_rows if sel is not None else None,
             sel.hold_rows if sel is not None else None,
             limit,
-            time_limit=stage_time_limit(sub),
+            time_limit=time_limit,
             progress=sink,
         )
     except RuntimeError as exc:  # a user residual asking for something the tables lack, ...
         info["reason"] = f"skipped: {str(exc).splitlines()[0][:200]}"
-        return sub.dz, info
+        return None, info
     h = result.history
     info.update(
         {
@@ -298,7 +340,7 @@ def exact_step(
             "iterations": result.iterations,
             "stop_reason": result.stop_reason,
             "lambda": sub.lambda_abs,
-            "time_limit": stage_time_limit(sub),
+            "time_limit": time_limit,
             "monitor": "holdout exact residual" if sub.selection and sub.selection.hold_rows is not None else "fit",
             "monitor_start": h[0]["monitor"],
             "monitor_best": min(e["monitor"] for e in h),
@@ -308,8 +350,8 @@ def exact_step(
     )
     if bool(torch.equal(result.z, sub.z)):
         info["reason"] = "no iterate lowered the monitored exact residual; LSR's step kept"
-        return sub.dz, info
-    return sub.basis @ result.z, info
+        return None, info
+    return result.z, info
 
 
 def prepare_pde_run(
@@ -363,22 +405,11 @@ def refine_pde(
         timings.update(sub.timings)
 
         t1 = time.perf_counter()
-        dz = sub.dz
-
-        def residuals_of(dz: Tensor | None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-            delta = (
-                space.unflatten_vector(dz)
-                if dz is not None
-                else {space.names[0]: torch.zeros_like(named[space.names[0]])}
-            )
-            f_lin = ops.f0 + ops.G.matvec(dz) if dz is not None else ops.f0  # the Gauss-Newton model's residual
-            # the residual of the refined predictor q0 + J δ itself (differs from f_lin by the
-            # equation's nonlinear terms, e.g. w·w_x for Burgers with w = J δ)
-            f_after = true_residual(LinearizedModel(module, delta), problem) if dz is not None else ops.f0
-            return delta, f_lin, f_after
-
-        dz, nonlinear = exact_step(module, problem, space, ops, sub, cfg, comm, sink)
-        delta, f_lin, f_after = residuals_of(dz)
+        step = exact_step(module, problem, space, ops, sub, cfg, comm, sink)
+        dz, f_lin, f_after, nonlinear = step.dz, step.f_lin, step.f_after, step.info
+        delta = (
+            space.unflatten_vector(dz) if dz is not None else {space.names[0]: torch.zeros_like(named[space.names[0]])}
+        )
         timings["nonlinear"] = float(nonlinear.get("time", 0.0))
         net_params = {k: named[k].detach() + v for k, v in delta.items()}
         f_net = torch.cat([op.forward(net_params).reshape(-1) for op in ops.blocks])
@@ -477,6 +508,8 @@ def refine_pde(
 
 
 __all__ = [
+    "ExactStep",
+    "exact_step",
     "prepare_pde_run",
     "ResidualOperators",
     "block_losses",

@@ -94,11 +94,17 @@ def _capture(block: Block, layout: list[list[Key]]) -> Any:
     return fn
 
 
-def table_bytes(problem: PdeProblem, module: nn.Module, rank: int, itemsize: int = 8) -> int:
+def layouts(problem: PdeProblem, module: nn.Module) -> list[list[list[Key]]]:
+    """Per block, the quantities its residual asks of each field it builds (one evaluation on
+    a few points)."""
+    return [_layout(b, module) for b in problem.blocks]
+
+
+def table_bytes(problem: PdeProblem, layout: list[list[list[Key]]], rank: int, itemsize: int = 8) -> int:
     """Memory of the tables and Jacobians for ``rank`` basis functions."""
     total = 0
-    for b in problem.blocks:
-        cols = sum(len(k) for k in _layout(b, module))
+    for b, fields in zip(problem.blocks, layout, strict=True):
+        cols = sum(len(k) for k in fields)
         total += b.points.shape[0] * (cols + 2) * rank * itemsize
     return total
 
@@ -110,16 +116,16 @@ def tabulate(
     P: Tensor,
     tangent_chunk: int,
     dense: bool = False,
+    layout: list[list[list[Key]]] | None = None,
 ) -> list[BlockTables]:
-    """The tables of every block. ``dense``: per-point Jacobians of the quantities,
+    """The tables of every block (``layout``: from :func:`layouts`, computed when not given). ``dense``: per-point Jacobians of the quantities,
     materialized a few MiB at a time and multiplied by ``P`` (BLAS-3, the faster path for
     hundreds of basis functions); otherwise ``r`` batched JVPs."""
     out = []
     r = P.shape[1]
-    for b in problem.blocks:
-        layout = _layout(b, module)
-        op = JacobianOperator(module, space, b.inputs, ROW_CHUNK, tangent_chunk, residual=_capture(b, layout))
-        n, cols = b.points.shape[0], sum(len(k) for k in layout)
+    for b, fields in zip(problem.blocks, layout or layouts(problem, module), strict=True):
+        op = JacobianOperator(module, space, b.inputs, ROW_CHUNK, tangent_chunk, residual=_capture(b, fields))
+        n, cols = b.points.shape[0], sum(len(k) for k in fields)
         base = op.forward().reshape(n, cols)
         if dense:
             V = P.new_empty(n, cols, r)
@@ -129,7 +135,7 @@ def tabulate(
                 V[s:e] = (op.jacobian_rows(s, e) @ P).reshape(e - s, cols, r)
         else:
             V = op.matmat(P).reshape(n, cols, r)
-        out.append(BlockTables(b, layout, base, V))
+        out.append(BlockTables(b, fields, base, V))
     return out
 
 
@@ -176,9 +182,7 @@ def levenberg_marquardt(
     f = residual(z)
     phi = _objective(part(f, fit_rows), z, lam)
     best_metric, best_z = monitor(f), z.clone()
-    history = [
-        {"iteration": 0, "fit_objective": phi, "monitor": best_metric, "damping": 0.0}
-    ]
+    history = [{"iteration": 0, "fit_objective": phi, "monitor": best_metric, "damping": 0.0}]
     r = z.shape[0]
     eye = torch.eye(r, dtype=z.dtype, device=z.device)
     mu: float | None = None
@@ -232,4 +236,4 @@ def levenberg_marquardt(
     return NewtonResult(best_z, it, history, stop)
 
 
-__all__ = ["BlockTables", "NewtonResult", "levenberg_marquardt", "table_bytes", "tabulate"]
+__all__ = ["BlockTables", "NewtonResult", "layouts", "levenberg_marquardt", "table_bytes", "tabulate"]
