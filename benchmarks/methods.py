@@ -13,11 +13,14 @@ Methods, per task:
 - ``last_layer``: least squares in the last layer's parameters only (the classical "refit the
   head" baseline; exact, because the output is linear in them).
 
-Tasks: the shipped samples (regression, Poisson 2-D PINN, Burgers PINN, DeepONet Burgers operator
-when present) and a harder regression whose Adam residual sits in the tail of the spectrum
-(``sin(πx) sin(πy) + 0.3 cos(4πxy)``, a tanh MLP 64×4 trained here). Errors: relative L2 on the
-test split, or against ``/reference`` for PINNs, of the refined predictor (linearized methods)
-or of the network (Adam, L-BFGS).
+Tasks: the shipped samples (regression, Poisson 2-D PINN, Burgers PINN, DeepONet Burgers operator,
+PI-DeepONet antiderivative) and a harder regression whose Adam residual sits in the tail of the
+spectrum (``sin(πx) sin(πy) + 0.3 cos(4πxy)``, a tanh MLP 64×4 trained here). Errors: relative L2
+on the test split, or against ``/reference`` for PINNs, of the refined predictor (linearized
+methods) or of the network (Adam, L-BFGS). The antiderivative task is per instance, as
+``lsr instances`` runs it: every method refines the network with one test function's input held
+fixed on that function's physics residual alone, for 10 of the 200 test functions; its row is the
+mean over them (errors and times).
 
     OMP_NUM_THREADS=1 python benchmarks/methods.py --out docs/benchmarks     # ~20-30 min on 2 cores
     OMP_NUM_THREADS=1 python benchmarks/methods.py --tasks regression poisson2d --out /tmp/b
@@ -45,11 +48,14 @@ import torch
 from torch import Tensor, nn
 
 from lsr_cli import load_checkpoint, load_config, read_data
+from lsr_cli.checkpoint import LoadedCheckpoint
 from lsr_cli.config import Config
+from lsr_cli.data import read_datasets, read_row
 from lsr_cli.linearization import JacobianOperator, ParameterSpace, materialize
 from lsr_cli.linearized import LinearizedModel
 from lsr_cli.models import MLP
 from lsr_cli.pde import parse_problem, refine_pde
+from lsr_cli.pde.instances import InstanceModel, parse_instances
 from lsr_cli.pde.refine_pde import build_operators
 from lsr_cli.refine import predict, refine
 from lsr_cli.runtime import cast_module, no_tf32
@@ -72,6 +78,7 @@ class Task:
     jacobian: Callable[[nn.Module, ParameterSpace], tuple[Any, Tensor]]  # (G operator, f0)
     run_lsr: Callable[[], Any]
     last_layer: list[str] = field(default_factory=list)
+    fresh: Callable[[], nn.Module] | None = None  # a new float64 network at θ0 (default: the checkpoint)
 
 
 def _rel(pred: Tensor, y: Tensor) -> float:
@@ -150,6 +157,55 @@ def pde_task(name: str, config_path: Path) -> Task:
     return Task(name, cfg, base, ckpt_path, module, loss, error, jac, run_lsr, _last_layer(module))
 
 
+def instance_task(name: str, config_path: Path, index: int) -> Task:
+    """One instance of a per-instance config (``lsr instances``): the operator network with that
+    instance's inputs held fixed is a PINN for that instance's equation (no solution labels);
+    errors against the instance's exact solution."""
+    cfg = load_config(config_path)
+    base = config_path.parent
+    ckpt_path = (base / str(cfg.model.checkpoint)).resolve()
+    data_path = (base / str(cfg.data.path)).resolve()
+    spec, _ = parse_instances(cfg.instances, data_path)
+    assert spec.reference is not None, f"{config_path}: instances.reference needed"
+    x_ref = read_datasets(data_path, ["/reference/inputs"], torch.float64)["/reference/inputs"]
+    u_ref = read_row(data_path, f"{spec.group}/{spec.reference}", index, torch.float64).reshape(-1, 1)
+
+    def make_problem() -> Any:
+        prob = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base, (spec.group, index))
+        prob.reference = (x_ref, u_ref)
+        return prob
+
+    problem = make_problem()
+    problem.to(DEVICE, torch.float64)
+
+    def fresh() -> nn.Module:
+        net = cast_module(load_checkpoint(ckpt_path, cfg.model, base).module, torch.float64, DEVICE)
+        fixed = tuple(read_row(data_path, f"{spec.group}/{n}", index, torch.float64) for n in spec.inputs)
+        return InstanceModel(net, fixed, spec.layout).eval()
+
+    module = fresh()
+
+    def loss(m: nn.Module) -> Tensor:
+        total, rows = 0.0, 0
+        for b in problem.blocks:
+            r = b.residual(m, b.inputs)
+            total = total + (r * r).sum()
+            rows += r.shape[0]
+        return total / rows  # type: ignore[return-value]
+
+    def error(m: nn.Module) -> float:
+        return _rel(predict(m, (x_ref,), 4096), u_ref)
+
+    def jac(m: nn.Module, space: ParameterSpace) -> tuple[Any, Tensor]:
+        ops = build_operators(m, problem, space, cfg)
+        return ops.G, ops.f0
+
+    def run_lsr() -> Any:
+        return refine_pde(LoadedCheckpoint(ckpt_path, "instance", fresh()), make_problem(), cfg)
+
+    return Task(name, cfg, base, ckpt_path, module, loss, error, jac, run_lsr, _last_layer(module), fresh)
+
+
 def hard_regression_task(workdir: Path, steps: int) -> Task:
     """sin(πx)sin(πy) + 0.3 cos(4πxy) on [-1, 1]², tanh MLP 64×4 trained by Adam here."""
     rng = np.random.default_rng(0)
@@ -188,7 +244,10 @@ def hard_regression_task(workdir: Path, steps: int) -> Task:
 
 
 def continued(task: Task, method: str, budget: float, marks: list[float]) -> list[tuple[float, float]]:
-    module = cast_module(load_checkpoint(task.checkpoint, task.config.model, task.base).module, torch.float64, DEVICE)
+    if task.fresh is not None:
+        module = task.fresh()
+    else:
+        module = cast_module(load_checkpoint(task.checkpoint, task.config.model, task.base).module, torch.float64, DEVICE)
     module.train(False)
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:
@@ -309,6 +368,41 @@ def run_task(task: Task) -> dict[str, Any]:
     return out
 
 
+def merge_instances(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over instances of every error and time (the acceptance's "mean error"); curves are
+    averaged point by point (their marks are the same fractions of each instance's LSR time);
+    the rank sweep and spectrum are the first instance's."""
+
+    def mean(values: list[float]) -> float:
+        return float(np.mean(values))
+
+    out: dict[str, Any] = {"instances": len(runs), "before": mean([r["before"] for r in runs])}
+    lsr = dict(runs[0]["lsr"])
+    for key in ("error", "seconds", "peak_memory_bytes"):
+        lsr[key] = mean([r["lsr"][key] for r in runs])
+    lsr["rank"] = int(round(mean([r["lsr"]["rank"] for r in runs])))
+    lsr["errors"] = [r["lsr"]["error"] for r in runs]
+    out["lsr"] = lsr
+    for method in ("adam", "lbfgs"):
+        length = min(len(r[method]["curve"]) for r in runs)
+        curve = [
+            (mean([r[method]["curve"][j][0] for r in runs]), mean([r[method]["curve"][j][1] for r in runs]))
+            for j in range(length)
+        ]
+        out[method] = {
+            "curve": curve,
+            "error_at_lsr_time": mean([r[method]["error_at_lsr_time"] for r in runs]),
+            "error_at_3x": mean([r[method]["error_at_3x"] for r in runs]),
+        }
+    for key in ("gauss_newton", "random_subspace", "last_layer"):
+        done = [r[key] for r in runs if "error" in r[key]]
+        if len(done) < len(runs):
+            out[key] = {"skipped": next(r[key]["skipped"] for r in runs if "skipped" in r[key])}
+        else:
+            out[key] = {"error": mean([d["error"] for d in done]), "seconds": mean([d["seconds"] for d in done])}
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # output
 # ------------------------------------------------------------------------------------------
@@ -325,6 +419,7 @@ def write_markdown(results: dict[str, Any], path: Path, machine: str) -> None:
         f"Machine: {machine}. Regenerate with `OMP_NUM_THREADS=1 python benchmarks/methods.py --out docs/benchmarks`.",
         "Relative L2 error on the test split (regression, operator) or against the reference solution (PINNs);",
         "`adam`/`lbfgs` continue training the checkpoint for the same wall time as LSR (and 3×).",
+        "antiderivative: per instance (one test function's physics residual, no labels), mean over 10 of the 200 test functions.",
         "LSR is the refinement as `lsr refine` runs it (for a nonlinear PDE such as Burgers, with the exact-residual stage in its subspace); Gauss–Newton, random subspace and last layer are single linearized steps.",
         "",
         "| task | before | LSR | LSR time | rank | Adam @ LSR time | L-BFGS @ LSR time | Adam @ 3× | L-BFGS @ 3× | Gauss–Newton (dense) | random subspace | last layer |",
@@ -405,6 +500,8 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
+INSTANCES = tuple(range(0, 200, 20))  # antiderivative: 10 of the 200 test instances
+
 TASKS = {
     "regression": lambda w, s: supervised_task(
         "regression", ROOT / "configs/regression.yaml", ROOT / "sample_data/regression_torchscript.pt"
@@ -413,6 +510,10 @@ TASKS = {
     "poisson2d": lambda w, s: pde_task("poisson2d", ROOT / "configs/poisson2d.yaml"),
     "burgers": lambda w, s: pde_task("burgers", ROOT / "configs/burgers.yaml"),
     "burgers_operator": lambda w, s: supervised_task("burgers_operator", ROOT / "configs/burgers_operator.yaml"),
+    # per-instance PI-DeepONet: INSTANCES test functions spread over the 200, each its own problem
+    "antiderivative": lambda w, s: [
+        instance_task(f"antiderivative[{i}]", ROOT / "configs/antiderivative.yaml", i) for i in INSTANCES
+    ],
 }
 
 
@@ -432,8 +533,8 @@ def main() -> None:
     if args.keep and previous.is_file():  # add to / replace tasks of an earlier run
         results = json.loads(previous.read_text())["results"]
     for name in args.tasks:
-        task = TASKS[name](workdir, args.hard_steps)
-        results[name] = run_task(task)
+        made = TASKS[name](workdir, args.hard_steps)
+        results[name] = merge_instances([run_task(t) for t in made]) if isinstance(made, list) else run_task(made)
         (args.out / "methods.json").write_text(json.dumps({"machine": machine, "results": results}, indent=1))
     write_markdown(results, args.out / "methods.md", machine)
     for p in write_plots(results, args.out):
