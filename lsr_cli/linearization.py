@@ -15,6 +15,7 @@ interpreter) and restored afterwards.
 from __future__ import annotations
 
 import fnmatch
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -225,6 +226,7 @@ class JacobianOperator:
         self.shared = tuple(shared)
         self.num_samples = num_rows(inputs, self.shared)
         self.row_chunk = max(1, int(row_chunk))
+        self.vjp_row_chunk = self.row_chunk  # samples per reverse-mode chunk (see tune_row_chunks)
         self.tangent_chunk = max(1, int(tangent_chunk))
         self._call = make_functional(module)
         named = dict(module.named_parameters())
@@ -242,9 +244,10 @@ class JacobianOperator:
     def shape(self) -> tuple[int, int]:
         return (self.num_samples * self.out_numel, self.space.num)
 
-    def _chunks(self) -> list[tuple[int, int]]:
+    def _chunks(self, size: int | None = None) -> list[tuple[int, int]]:
         n = self.num_samples
-        return [(s, min(s + self.row_chunk, n)) for s in range(0, n, self.row_chunk)]
+        size = size or self.row_chunk
+        return [(s, min(s + size, n)) for s in range(0, n, size)]
 
     def _rows(self, s: int, e: int) -> Inputs:
         return take_rows(self.inputs, s, e, self.shared)
@@ -312,7 +315,7 @@ class JacobianOperator:
         out = U.new_zeros(m, k)
         primals = self._primals
         N = self.num_samples
-        for s, e in self._chunks():
+        for s, e in self._chunks(self.vjp_row_chunk):
             rows = self._rows(s, e)
 
             def f(p: dict[str, Tensor], rows: Inputs = rows) -> Tensor:
@@ -357,6 +360,48 @@ class JacobianOperator:
             blocks[n] = torch.view_as_complex(t.contiguous()) if n in cplx else t
         flat = self.space.flatten(blocks)  # [m, k]
         return flat.T.detach()
+
+
+def _time_call(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def tune_row_chunk(
+    op: JacobianOperator, max_rows: int = 1 << 20, max_seconds: float = 0.5, factor: int = 4
+) -> int:
+    """Samples per chunk for forward-mode products (``matmat``), chosen by timing one tangent
+    block on growing chunks of ``op``'s first samples.
+
+    Starting from ``op.row_chunk``, the chunk grows by ``factor`` while the chunk holds at most
+    ``max_rows`` scalar rows, one timed call takes under ``max_seconds`` and the time per
+    sample does not rise; the largest chunk whose time per sample is within 15 % of the best is
+    kept (fewer, larger calls when they cost the same). Cheap models with many outputs per
+    sample (a Cartesian DeepONet: a few samples per default chunk) gain most: their products
+    are dominated by per-call overhead. Every row of ``J V`` is computed from its own sample, so
+    the chunk does not enter the result (reverse-mode products sum over the rows of a chunk,
+    which is why their chunk is not chosen by timing).
+    """
+    n = op.num_samples
+    size = max(1, min(op.row_chunk, n))
+    cols = op.tangent_chunk
+    gen = torch.Generator().manual_seed(0)  # timing only; keeps the run's random stream untouched
+    V = torch.randn(op.shape[1], cols, generator=gen, dtype=op.dtype).to(op.device)
+    timings: list[tuple[int, float]] = []
+    while True:
+        sub = JacobianOperator(op.module, op.space, op._rows(0, size), size, cols, op.residual, op.shared)
+        if not timings:
+            sub.matmat(V)  # warm-up
+        seconds = _time_call(lambda sub=sub: sub.matmat(V))
+        timings.append((size, seconds / size))
+        nxt = size * factor
+        slower = seconds / size > 1.15 * min(t for _, t in timings)
+        if slower or seconds > max_seconds or size >= n or nxt * op.out_numel > max_rows:
+            break
+        size = min(nxt, n)
+    best = min(t for _, t in timings)
+    return max(sz for sz, t in timings if t <= 1.15 * best)
 
 
 class DenseOperator:

@@ -70,6 +70,29 @@ def test_jvp_vjp_match_dense_jacobian(tiny, scripted, fraction, include):
     assert abs(float(lhs - rhs)) < ROUNDOFF * max(1.0, abs(float(lhs)))
 
 
+def test_tuned_row_chunk_is_valid_and_leaves_products_unchanged(tiny):
+    from lsr_cli.linearization import tune_row_chunk
+
+    model, _ = tiny
+    x = torch.randn(300, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    space = ParameterSpace(dict(model.named_parameters()))
+    op = JacobianOperator(model, space, (x,), row_chunk=2, tangent_chunk=4)
+    J = dense_jacobian(model, x, space)
+    gen = torch.Generator().manual_seed(1)
+    V = torch.randn(space.num, 5, generator=gen, dtype=torch.float64)
+    U = torch.randn(op.shape[0], 3, generator=gen, dtype=torch.float64)
+    before = op.matmat(V)
+    chunk = tune_row_chunk(op, max_seconds=0.05)
+    assert chunk in (2, 8, 32, 128, 300)  # grows from the default by factors of 4, up to all samples
+    op.row_chunk = chunk
+    torch.testing.assert_close(op.matmat(V), J @ V, rtol=0, atol=ROUNDOFF)
+    torch.testing.assert_close(op.matmat(V), before, rtol=0, atol=ROUNDOFF)
+    # separate chunks for the two directions: still the operator and its adjoint
+    op.row_chunk, op.vjp_row_chunk = 7, 64
+    torch.testing.assert_close(op.matmat(V), J @ V, rtol=0, atol=ROUNDOFF)
+    torch.testing.assert_close(op.rmatmat(U), J.T @ U, rtol=0, atol=ROUNDOFF)
+
+
 def test_parameter_space_roundtrip_and_selection(tiny):
     model, _ = tiny
     params = dict(model.named_parameters())
