@@ -247,7 +247,9 @@ def continued(task: Task, method: str, budget: float, marks: list[float]) -> lis
     if task.fresh is not None:
         module = task.fresh()
     else:
-        module = cast_module(load_checkpoint(task.checkpoint, task.config.model, task.base).module, torch.float64, DEVICE)
+        module = cast_module(
+            load_checkpoint(task.checkpoint, task.config.model, task.base).module, torch.float64, DEVICE
+        )
     module.train(False)
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:

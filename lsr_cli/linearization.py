@@ -362,15 +362,7 @@ class JacobianOperator:
         return flat.T.detach()
 
 
-def _time_call(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def tune_row_chunk(
-    op: JacobianOperator, max_rows: int = 1 << 20, max_seconds: float = 0.5, factor: int = 4
-) -> int:
+def tune_row_chunk(op: JacobianOperator, max_rows: int = 1 << 20, max_seconds: float = 0.5, factor: int = 4) -> int:
     """Samples per chunk for forward-mode products (``matmat``), chosen by timing one tangent
     block on growing chunks of ``op``'s first samples.
 
@@ -393,7 +385,9 @@ def tune_row_chunk(
         sub = JacobianOperator(op.module, op.space, op._rows(0, size), size, cols, op.residual, op.shared)
         if not timings:
             sub.matmat(V)  # warm-up
-        seconds = _time_call(lambda sub=sub: sub.matmat(V))
+        t0 = time.perf_counter()
+        sub.matmat(V)
+        seconds = time.perf_counter() - t0
         timings.append((size, seconds / size))
         nxt = size * factor
         slower = seconds / size > 1.15 * min(t for _, t in timings)

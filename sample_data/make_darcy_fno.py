@@ -173,8 +173,12 @@ def main() -> None:
     GRID = args.grid
     SPLITS["train"] = args.train
     MODEL_KWARGS.update(
-        width=args.width, modes1=args.modes, modes2=args.modes, layers=args.layers,
-        projection=args.projection, padding=args.padding,
+        width=args.width,
+        modes1=args.modes,
+        modes2=args.modes,
+        layers=args.layers,
+        projection=args.projection,
+        padding=args.padding,
     )
     torch.set_num_threads(1)
 
