@@ -462,7 +462,11 @@ def refine(
             # time a few chunk sizes: a cheap model with many outputs per sample (a Cartesian
             # DeepONet) runs ~9x faster in chunks of hundreds of samples than in the default
             t_tune = time.perf_counter()
-            row_chunk = tune_row_chunk(ops["train"])
+            # a chunk's block of J P (rows x rank) and its copies stay within 1/16 of the budget
+            ranks = [lsr.max_rank] if lsr.rank == "auto" else (lsr.rank if isinstance(lsr.rank, list) else [lsr.rank])
+            cols = min(n, m, max(int(r) for r in ranks)) + lsr.oversampling
+            max_rows = max(row_chunk * out_numel, budget // (16 * 8 * cols))
+            row_chunk = tune_row_chunk(ops["train"], max_rows=max_rows)
             for op in [*ops.values(), basis_op]:
                 if isinstance(op, JacobianOperator):
                     op.row_chunk = row_chunk
