@@ -396,7 +396,10 @@ def refine(
             name: JacobianOperator(module, space, s.inputs, row_chunk, cfg.lsr.tangent_chunk, shared=s.shared)
             for name, s in data.items()
         }
-        vjp_chunk = _vjp_chunk_rows(out_numel, cfg.lsr.row_chunk)
+        # streamed data (larger than the budget allows in memory): reverse mode keeps the
+        # forward chunk, so that the budget holds (the larger chunk cost 45 MB more there)
+        streamed_train = any(isinstance(x, LazyArray) for x in train.inputs)
+        vjp_chunk = row_chunk if streamed_train else _vjp_chunk_rows(out_numel, cfg.lsr.row_chunk)
         for op in ops.values():
             op.vjp_row_chunk = vjp_chunk
         before = {
