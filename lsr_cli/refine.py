@@ -99,14 +99,6 @@ def _chunk_rows(out_numel: int, cfg_row_chunk: int | str) -> int:
     return int(cfg_row_chunk)
 
 
-def _vjp_chunk_rows(out_numel: int, cfg_row_chunk: int | str) -> int:
-    """Samples per reverse-mode chunk: 8x the forward default (one forward pass per chunk serves
-    all cotangents; measured 1.1-10x faster than the forward chunk here), or the configured chunk."""
-    if cfg_row_chunk == "auto":
-        return max(1, ROW_BUDGET // max(1, out_numel) // 4)
-    return int(cfg_row_chunk)
-
-
 def prepare_module(ckpt: LoadedCheckpoint, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """The base network in the refinement dtype on the device, eval mode (floating buffers cast too)."""
     try:
@@ -396,12 +388,9 @@ def refine(
             name: JacobianOperator(module, space, s.inputs, row_chunk, cfg.lsr.tangent_chunk, shared=s.shared)
             for name, s in data.items()
         }
-        # streamed data (larger than the budget allows in memory): reverse mode keeps the
-        # forward chunk, so that the budget holds (the larger chunk cost 45 MB more there)
-        streamed_train = any(isinstance(x, LazyArray) for x in train.inputs)
-        vjp_chunk = row_chunk if streamed_train else _vjp_chunk_rows(out_numel, cfg.lsr.row_chunk)
-        for op in ops.values():
-            op.vjp_row_chunk = vjp_chunk
+        # reverse mode sums over a chunk's rows, so its chunk stays the default: the same
+        # everywhere (streamed or not, any machine load) keeps results identical to round-off
+        vjp_chunk = row_chunk
         before = {
             name: predict(before_model, s.inputs, row_chunk, shared=s.shared).reshape(s.targets.shape)
             for name, s in data.items()
@@ -431,7 +420,6 @@ def refine(
                 shared=train.shared,
                 probe=take_rows(train.inputs, 0, 1, train.shared),
             )
-            basis_op.vjp_row_chunk = vjp_chunk
         jac_info = {"path": "matrix_free", "reason": "lsr.jacobian: matrix_free"}
         streamed_data = any(isinstance(x, LazyArray) for sp in data.values() for x in sp.inputs)
         if lsr.jacobian != "matrix_free":
