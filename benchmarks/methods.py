@@ -123,16 +123,11 @@ def supervised_task(name: str, config_path: Path, checkpoint: Path | None = None
     return Task(name, cfg, base, ckpt_path, module, loss, error, jac, run_lsr, _last_layer(module))
 
 
-def pde_task(name: str, config_path: Path) -> Task:
-    cfg = load_config(config_path)
-    base = config_path.parent
-    ckpt_path = (base / str(cfg.model.checkpoint)).resolve()
-    data_path = (base / str(cfg.data.path)).resolve() if cfg.data.path else None
-    problem = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base)
-    problem.to(DEVICE, torch.float64)
-    module = cast_module(load_checkpoint(ckpt_path, cfg.model, base).module, torch.float64, DEVICE).eval()
-    assert problem.reference is not None
-    x_ref, u_ref = problem.reference
+def _pde_methods(
+    problem: Any, cfg: Config, x_ref: Tensor, u_ref: Tensor
+) -> tuple[Callable[[nn.Module], Tensor], Callable[[nn.Module], float], Callable[..., tuple[Any, Tensor]]]:
+    """A PINN task's training loss (mean square of the weighted residual), its error against the
+    reference, and its residual Jacobian ``(G, f0)``."""
 
     def loss(m: nn.Module) -> Tensor:
         total, rows = 0.0, 0
@@ -148,6 +143,22 @@ def pde_task(name: str, config_path: Path) -> Task:
     def jac(m: nn.Module, space: ParameterSpace) -> tuple[Any, Tensor]:
         ops = build_operators(m, problem, space, cfg)
         return ops.G, ops.f0
+
+    return loss, error, jac
+
+
+def pde_task(name: str, config_path: Path) -> Task:
+    cfg = load_config(config_path)
+    base = config_path.parent
+    ckpt_path = (base / str(cfg.model.checkpoint)).resolve()
+    data_path = (base / str(cfg.data.path)).resolve() if cfg.data.path else None
+    problem = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base)
+    problem.to(DEVICE, torch.float64)
+    module = cast_module(load_checkpoint(ckpt_path, cfg.model, base).module, torch.float64, DEVICE).eval()
+    assert problem.reference is not None
+    x_ref, u_ref = problem.reference
+
+    loss, error, jac = _pde_methods(problem, cfg, x_ref, u_ref)
 
     def run_lsr() -> Any:
         ckpt = load_checkpoint(ckpt_path, cfg.model, base)
@@ -185,20 +196,7 @@ def instance_task(name: str, config_path: Path, index: int) -> Task:
 
     module = fresh()
 
-    def loss(m: nn.Module) -> Tensor:
-        total, rows = 0.0, 0
-        for b in problem.blocks:
-            r = b.residual(m, b.inputs)
-            total = total + (r * r).sum()
-            rows += r.shape[0]
-        return total / rows  # type: ignore[return-value]
-
-    def error(m: nn.Module) -> float:
-        return _rel(predict(m, (x_ref,), 4096), u_ref)
-
-    def jac(m: nn.Module, space: ParameterSpace) -> tuple[Any, Tensor]:
-        ops = build_operators(m, problem, space, cfg)
-        return ops.G, ops.f0
+    loss, error, jac = _pde_methods(problem, cfg, x_ref, u_ref)
 
     def run_lsr() -> Any:
         return refine_pde(LoadedCheckpoint(ckpt_path, "instance", fresh()), make_problem(), cfg)

@@ -226,7 +226,7 @@ class JacobianOperator:
         self.shared = tuple(shared)
         self.num_samples = num_rows(inputs, self.shared)
         self.row_chunk = max(1, int(row_chunk))
-        self.vjp_row_chunk = self.row_chunk  # samples per reverse-mode chunk (see tune_row_chunks)
+        self.vjp_row_chunk = self.row_chunk  # reverse-mode chunk: not tuned (see tune_row_chunk)
         self.tangent_chunk = max(1, int(tangent_chunk))
         self._call = make_functional(module)
         named = dict(module.named_parameters())

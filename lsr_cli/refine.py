@@ -194,6 +194,13 @@ SKETCH_ROWS_MIN = 8192
 """``lsr.sketch_rows: auto`` sketches every residual row up to ``max(SKETCH_ROWS_MIN, 16 k)``."""
 
 
+def largest_rank(lsr: LsrConfig) -> int:
+    """The largest rank a run may reach: the largest fixed rank, or ``max_rank`` for ``auto``."""
+    if lsr.rank == "auto":
+        return int(lsr.max_rank)
+    return max(int(r) for r in lsr.rank) if isinstance(lsr.rank, list) else int(lsr.rank)
+
+
 def sketch_samples(lsr: LsrConfig, num_samples: int, out_numel: int) -> int:
     """How many samples the basis sketch uses (all, or a random subset for very large data).
 
@@ -203,8 +210,7 @@ def sketch_samples(lsr: LsrConfig, num_samples: int, out_numel: int) -> int:
     streamed run gives the in-memory run's result.
     """
     if lsr.sketch_rows == "auto":
-        top = max(lsr.rank) if isinstance(lsr.rank, list) else (lsr.max_rank if lsr.rank == "auto" else int(lsr.rank))
-        rows = max(SKETCH_ROWS_MIN, 16 * (top + lsr.oversampling))
+        rows = max(SKETCH_ROWS_MIN, 16 * (largest_rank(lsr) + lsr.oversampling))
     else:
         rows = int(lsr.sketch_rows)
     return min(num_samples, max(1, rows // max(1, out_numel)))
@@ -454,8 +460,7 @@ def refine(
             # DeepONet) runs ~9x faster in chunks of hundreds of samples than in the default
             t_tune = time.perf_counter()
             # a chunk's block of J P (rows x rank) and its copies stay within 1/16 of the budget
-            ranks = [lsr.max_rank] if lsr.rank == "auto" else (lsr.rank if isinstance(lsr.rank, list) else [lsr.rank])
-            cols = min(n, m, max(int(r) for r in ranks)) + lsr.oversampling
+            cols = min(n, m, largest_rank(lsr)) + lsr.oversampling
             max_rows = max(row_chunk * out_numel, budget // (16 * 8 * cols))
             row_chunk = tune_row_chunk(ops["train"], max_rows=max_rows)
             for op in [*ops.values(), basis_op]:

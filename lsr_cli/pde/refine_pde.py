@@ -30,6 +30,7 @@ from lsr_cli.refine import (
     DENSE_MIN_COLUMNS,
     RefineResult,
     choose_dense,
+    largest_rank,
     planned_columns,
     predict,
     prepare_module,
@@ -198,7 +199,7 @@ def lsr_step(
     else:
         pts = problem.all_points()
         total = int(to_local.shape[0])
-        r_max = lsr.max_rank if lsr.rank == "auto" else max(lsr.rank if isinstance(lsr.rank, list) else [lsr.rank])
+        r_max = largest_rank(lsr)
         count = problem.basis_points if problem.basis_points != "auto" else int(r_max) + lsr.oversampling + 1000
         count = min(int(count), total)
         idx = torch.randperm(total, generator=gen)[:count]
