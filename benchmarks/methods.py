@@ -6,8 +6,9 @@ Methods, per task:
 - ``adam`` / ``lbfgs``: continued training of the checkpoint on the same loss (Adam, lr 1e-4;
   ``torch.optim.LBFGS`` with strong Wolfe line search) for the same wall time as ``lsr``, then
   for 3× that time;
-- ``gauss_newton``: one full Gauss–Newton step with the dense Jacobian (``lstsq`` with the
-  truncation ``eps · max(n, m)``), where ``J`` fits in memory;
+- ``gauss_newton``: one full Gauss–Newton step with the dense Jacobian (truncated SVD at
+  ``eps · max(n, m)``), where ``J`` fits in memory; also ``torch.linalg.lstsq`` with the same
+  rcond and drivers gelsd and gelsy (time includes building ``J``);
 - ``random_subspace``: the LSR reduced problem in a random Gaussian subspace of the rank LSR
   chose (ablation of the sketch);
 - ``last_layer``: least squares in the last layer's parameters only (the classical "refit the
@@ -308,6 +309,7 @@ def linear_step(task: Task, names: list[str] | None, subspace: str, rank: int) -
                 J = torch.cat([getattr(o, "J", None) if hasattr(o, "J") else _dense(o) for o in op.ops])
             else:
                 J = _dense(op)
+        t_build = time.perf_counter() - t0
         rcond = torch.finfo(torch.float64).eps * max(n, m)
         U, S, Vh = torch.linalg.svd(J, full_matrices=False)
         keep = S > rcond * S[0]
@@ -315,7 +317,21 @@ def linear_step(task: Task, names: list[str] | None, subspace: str, rank: int) -
     seconds = time.perf_counter() - t0
     delta = space.unflatten_vector(dz)
     err = task.error(LinearizedModel(module, delta))
-    return {"error": err, "seconds": seconds, "n": n, "m": m, "rank": rank if subspace == "random" else None}
+    out: dict[str, Any] = {
+        "error": err,
+        "seconds": seconds,
+        "n": n,
+        "m": m,
+        "rank": rank if subspace == "random" else None,
+    }
+    if subspace == "dense" and names is None:  # the same step by LAPACK least squares (J built once)
+        for driver in ("gelsd", "gelsy"):
+            t1 = time.perf_counter()
+            sol = torch.linalg.lstsq(J, -f0[:, None], rcond=rcond, driver=driver).solution[:, 0]
+            secs = t_build + time.perf_counter() - t1
+            e = task.error(LinearizedModel(module, space.unflatten_vector(sol)))
+            out[f"lstsq_{driver}"] = {"error": e, "seconds": secs}
+    return out
 
 
 def _dense(op: JacobianOperator) -> Tensor:
@@ -421,6 +437,7 @@ def write_markdown(results: dict[str, Any], path: Path, machine: str) -> None:
         "`adam`/`lbfgs` continue training the checkpoint for the same wall time as LSR (and 3×).",
         "antiderivative: per instance (one test function's physics residual, no labels), mean over 10 of the 200 test functions.",
         "LSR is the refinement as `lsr refine` runs it (for a nonlinear PDE such as Burgers, with the exact-residual stage in its subspace); Gauss–Newton, random subspace and last layer are single linearized steps.",
+        "Gauss–Newton: truncated-SVD pseudo-inverse (`torch.linalg.svd`); where listed, also `torch.linalg.lstsq` with the same rcond, drivers gelsd (SVD) and gelsy (pivoted QR, torch's CPU default), times including building J (only in rows re-run since they were added, and not in the per-instance mean).",
         "",
         "| task | before | LSR | LSR time | rank | Adam @ LSR time | L-BFGS @ LSR time | Adam @ 3× | L-BFGS @ 3× | Gauss–Newton (dense) | random subspace | last layer |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -429,7 +446,15 @@ def write_markdown(results: dict[str, Any], path: Path, machine: str) -> None:
         gn, rs, ll = r["gauss_newton"], r["random_subspace"], r["last_layer"]
 
         def cell(x: dict[str, Any]) -> str:
-            return "skipped" if "skipped" in x else f"{_fmt(x['error'])} ({x['seconds']:.1f} s)"
+            if "skipped" in x:
+                return "skipped"
+            text = f"{_fmt(x['error'])} ({x['seconds']:.1f} s)"
+            extra = [
+                f"{d}: {_fmt(x[k]['error'])} ({x[k]['seconds']:.1f} s)"
+                for d in ("gelsd", "gelsy")
+                if (k := f"lstsq_{d}") in x
+            ]
+            return text + ("; lstsq " + ", ".join(extra) if extra else "")
 
         lines.append(
             f"| {name} | {_fmt(r['before'])} | {_fmt(r['lsr']['error'])} | {r['lsr']['seconds']:.1f} s | {r['lsr']['rank']} "

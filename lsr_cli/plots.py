@@ -152,7 +152,9 @@ def _rank_sweep(fig: Any, report: dict[str, Any]) -> bool:
     )
     series = {
         "train_loss": "train loss",
-        "val_loss": f"{(report.get('selection_metric') or 'val_loss').replace('_', ' ')} (selection rows)",
+        "val_loss": "GCV score (every row)"
+        if report.get("selection_metric") == "gcv"
+        else f"{(report.get('selection_metric') or 'val_loss').replace('_', ' ')} (selection rows)",
         "linearized_residual": "‖f0 + A z‖ / ‖f0‖",
     }
     have = {k: [(e["rank"], v) for e in sweep if (v := _positive(e.get(k))) is not None] for k in series}

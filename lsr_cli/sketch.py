@@ -29,7 +29,7 @@ class LinearOperator(Protocol):
     def rmatmat(self, U: Tensor, progress: Callable[[int], None] | None = None) -> Tensor: ...
 
 
-def _orthonormalize_against(Y: Tensor, Q: Tensor | None, comm: Comm = SINGLE) -> Tensor:
+def _orthonormalize_against(Y: Tensor, Q: Tensor | None, comm: Comm = SINGLE, passes: int = 2) -> Tensor:
     """Orthonormal basis of ``(I - Q Qᵀ) Y``.
 
     Two passes of (project out ``Q``, Householder QR): the QR after each projection
@@ -40,7 +40,7 @@ def _orthonormalize_against(Y: Tensor, Q: Tensor | None, comm: Comm = SINGLE) ->
     """
     if Q is None or Q.shape[1] == 0:
         return orthonormalize(Y, comm)
-    for _ in range(2):
+    for _ in range(passes):
         Y = Y - Q @ comm.allreduce_sum(Q.T @ Y)
         Y = orthonormalize(Y, comm)
     return Y
@@ -81,7 +81,7 @@ class RangeSketch:
         self.B = torch.zeros(m, 0, dtype=dtype, device=device)
         self.block_size = max(1, int(block_size))
         self.exhausted = False
-        self._svd: tuple[Tensor, Tensor] | None = None
+        self._svd: tuple[Tensor, Tensor, Tensor] | None = None
 
     @property
     def num_columns(self) -> int:
@@ -112,7 +112,10 @@ class RangeSketch:
                     if progress is not None:
                         progress(size + 2 * num_new)  # the skipped VJPs and blocks
                     break
-            Qn = _orthonormalize_against(Y, self.Q, comm)
+                # the test's projection is the first Gram–Schmidt pass; one more keeps Q orthonormal
+                Qn = _orthonormalize_against(orthonormalize(left, comm), self.Q, comm, passes=1)
+            else:
+                Qn = _orthonormalize_against(Y, self.Q, comm)
             for _ in range(self.power_iterations):
                 Z = comm.allreduce_sum(self.op.rmatmat(Qn))
                 Z = torch.linalg.qr(Z, mode="reduced").Q
@@ -127,9 +130,13 @@ class RangeSketch:
         return self._decompose()[1]
 
     def _decompose(self) -> tuple[Tensor, Tensor]:
+        W, S, _ = self.svd()
+        return W, S
+
+    def svd(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``B = W diag(S) Vh`` (so ``J ≈ Q Vhᵀ diag(S) Wᵀ``), computed once per size of the sketch."""
         if self._svd is None:
-            W, S, _ = torch.linalg.svd(self.B, full_matrices=False)
-            self._svd = (W, S)
+            self._svd = torch.linalg.svd(self.B, full_matrices=False)
         return self._svd
 
     def basis(self, rank: int) -> tuple[Tensor, Tensor]:

@@ -558,9 +558,9 @@ def parse_problem(
     if len(set(names)) != len(names):
         raise ConfigError(f"config.pde.blocks: block names repeat: {names}")
     set_scales(blocks)
-    basis = raw.get("basis", "output")
-    if basis not in ("output", "residual"):
-        raise ConfigError(f"config.pde.basis: expected 'output' or 'residual', got {basis!r}")
+    basis = raw.get("basis", "auto")
+    if basis not in ("auto", "output", "residual"):
+        raise ConfigError(f"config.pde.basis: expected 'auto', 'output' or 'residual', got {basis!r}")
     basis_points = raw.get("basis_points", "auto")
     if basis_points != "auto" and (
         isinstance(basis_points, bool) or not isinstance(basis_points, int) or basis_points < 1

@@ -4,8 +4,11 @@ The residual ``f(θ)`` stacks every block of the problem (PDE interior, boundary
 each scaled by ``√(w_b N / N_b)``; ``G = ∂f/∂θ`` is applied matrix-free by JVPs/VJPs through the
 exact input derivatives of :mod:`.fields`. The basis ``P`` comes from a sketch of the output
 Jacobian ``J`` on a random subset of the collocation points (``pde.basis: output``, the
-authors' choice, cheaper) or of ``G`` itself (``pde.basis: residual``); the reduced problem
-uses every residual row; rank and λ are chosen on held-out residual rows (``lsr.holdout``).
+authors' choice, cheaper) or of ``G`` itself (``pde.basis: residual``); ``auto`` (the default)
+takes ``residual`` for a small ``G`` held dense on a linear equation (:func:`choose_basis`),
+which then runs the exact spectral path (:mod:`lsr_cli.spectral`, rank by generalized
+cross-validation). Otherwise the reduced problem uses every residual row and rank and λ are
+chosen on held-out residual rows (``lsr.holdout``).
 The refined predictor ``q(θ0, x) + J(x) δ`` is compared with the reference solution when the
 data file has one.
 """
@@ -37,6 +40,7 @@ from lsr_cli.refine import (
     select_parameters,
 )
 from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, resolve_memory_budget, start_run
+from lsr_cli.spectral import SPECTRAL_MAX_ENTRIES, solve_spectral
 from lsr_cli.subspace import Selection, SubspaceResult, solve_subspace, stratified_holdout_rows
 
 from .problem import PdeProblem
@@ -193,7 +197,17 @@ def lsr_step(
         if split is not None
         else Selection("train_loss")
     )
-    if problem.basis == "residual":
+    basis, why = choose_basis(module, problem, space, ops, comm)
+    ops.jacobian["basis"], ops.jacobian["basis_reason"] = basis, why
+    if basis == "residual" and ops.jacobian["path"] == "dense" and comm.world == 1:
+        n, m = ops.G.shape
+        if n * m <= SPECTRAL_MAX_ENTRIES:
+            G = torch.cat([op.J for op in ops.blocks])
+            spectral = solve_spectral(G, ops.f0, selection, lsr, gen, sink)
+            del G
+            if spectral is not None:
+                return spectral
+    if basis == "residual":
         basis_op: Any = ops.G
         label = "G"
     else:
@@ -215,6 +229,57 @@ def lsr_step(
     return solve_subspace(
         basis_op, ops.G, ops.f0, selection, lsr, gen, ops.f0.dtype, ops.f0.device, sink, label, comm=comm
     )
+
+
+LINEARITY_ROWS = 256
+"""Rows per block on which ``auto`` checks that the equation is linear in ``u``."""
+
+
+def equation_is_linear(module: nn.Module, problem: PdeProblem, space: ParameterSpace, ops: ResidualOperators) -> bool:
+    """Whether the residual of ``q0 + J v`` equals its linearization ``f0 + G v`` (to 1e-8) for a
+    random step ``v`` as large as ``f0``, on the first :data:`LINEARITY_ROWS` points of each block
+    (``G`` held dense; a private generator, so the run's random stream is unchanged)."""
+    gen = torch.Generator().manual_seed(1234)
+    v = torch.randn(space.num, generator=gen, dtype=ops.f0.dtype).to(ops.f0.device)
+    Gv = ops.G.matvec(v)
+    v = v * (float(ops.f0.norm()) / max(float(Gv.norm()), 1e-300))
+    model = LinearizedModel(module, space.unflatten_vector(v))
+    start, gap, size = 0, 0.0, 0.0
+    with torch.no_grad():
+        for b, op in zip(problem.blocks, ops.blocks, strict=True):
+            n = int(b.points.shape[0])
+            k = min(n, LINEARITY_ROWS)
+            lin = ops.f0[start : start + k] + op.J[:k] @ v
+            exact = b.residual(model, tuple(x[:k] for x in b.inputs)).reshape(-1)
+            gap += float((exact - lin).square().sum())
+            size += float(lin.square().sum())
+            start += n
+    return gap <= 1e-16 * max(size, 1e-300)
+
+
+def choose_basis(
+    module: nn.Module, problem: PdeProblem, space: ParameterSpace, ops: ResidualOperators, comm: Comm = SINGLE
+) -> tuple[str, str]:
+    """``pde.basis`` resolved, and why. ``auto`` is ``residual`` when ``G`` is held dense on one
+    process, has at most :data:`~lsr_cli.spectral.SPECTRAL_MAX_ENTRIES` entries and the equation
+    is linear in ``u`` (its exact singular basis is then affordable and keeps directions that the
+    output Jacobian loses to round-off); else ``output`` (on a nonlinear equation such as Burgers
+    the residual basis gives large linearized steps that the true residual does not follow)."""
+    if problem.basis != "auto":
+        return problem.basis, f"pde.basis: {problem.basis}"
+    n, m = ops.G.shape
+    if ops.jacobian["path"] != "dense":
+        return (
+            "output",
+            "auto: G is applied matrix-free; the output Jacobian on a subset of points is cheaper to sketch",
+        )
+    if comm.world > 1:
+        return "output", "auto: distributed run"
+    if n * m > SPECTRAL_MAX_ENTRIES:
+        return "output", f"auto: G ({n} x {m}) has more than {SPECTRAL_MAX_ENTRIES} entries"
+    if not equation_is_linear(module, problem, space, ops):
+        return "output", "auto: the equation is nonlinear in u (the linearized residual differs from the exact one)"
+    return "residual", f"auto: G ({n} x {m}) is held dense and small, and the equation is linear in u"
 
 
 STAGE_MIN_SECONDS = 120.0
@@ -517,6 +582,7 @@ __all__ = [
     "build_operators",
     "check_blocks",
     "check_points_fit",
+    "choose_basis",
     "lsr_step",
     "refine_pde",
 ]
