@@ -686,7 +686,11 @@ CONFIG_ERRORS: list[tuple[str, Any, str]] = [
         poisson_config(blocks=[{"name": "a", "points": {"sample": "sobol", "count": 4}}] * 2),
         r"config\.pde\.blocks: block names repeat: \['a', 'a'\]",
     ),
-    ("bad-basis", poisson_config(basis="input"), r"config\.pde\.basis: expected 'auto', 'output' or 'residual', got 'input'"),
+    (
+        "bad-basis",
+        poisson_config(basis="input"),
+        r"config\.pde\.basis: expected 'auto', 'output' or 'residual', got 'input'",
+    ),
     (
         "bad-basis-points",
         poisson_config(basis_points=0),
