@@ -110,6 +110,10 @@ def solve_spectral(
     t2 = time.perf_counter()
     f_sq = float(f0.square().sum())
     b_cum = torch.cumsum(b.square(), 0)  # ‖U_rᵀ f0‖² for r = 1..k
+    # ‖f0 − U_r U_rᵀ f0‖² as (part outside range(U_k)) + Σ_{i>r} b_i², not ‖f0‖² − ‖b_r‖²:
+    # no cancellation when the residual falls many orders below ‖f0‖
+    perp = float((f0 - sketch.Q @ (Vh[:k].T @ b)).square().sum())
+    tail = torch.flip(torch.cumsum(torch.flip(b.square(), (0,)), 0), (0,)) - b.square()
     use_gcv = selection.kind != "train_loss"
     grid = tikhonov_grid(lsr, use_gcv)
     if lsr.rank == "auto":
@@ -122,7 +126,7 @@ def solve_spectral(
     train_rows, gcv_rows = [], []
     for lam in grid:
         shrink = 1.0 / (1.0 + lam * lam)  # A = G P = U: Tikhonov shrinks every z_i alike
-        res_sq = (f_sq - b_cum * (1.0 - (lam * lam * shrink) ** 2)).clamp_min(0.0)[idx]
+        res_sq = (perp + tail + b_cum * (lam * lam * shrink) ** 2)[idx]
         train_rows.append(res_sq / n)
         dof = (1.0 - ranks * shrink / n).clamp_min(0.0)
         gcv_rows.append(torch.where(dof > 0, res_sq / n / dof.square(), torch.inf))
