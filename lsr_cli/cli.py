@@ -223,7 +223,10 @@ def _apply_overrides(
     seed: int | None,
     rank: str | None,
     max_memory: str | None = None,
+    use_compile: bool = False,
 ) -> None:
+    if use_compile:
+        cfg.lsr.compile = "inductor"
     if device is not None:
         cfg.device = parse_device("device (--device)", device)
     if dtype is not None:
@@ -363,6 +366,14 @@ MemoryOpt = Annotated[
     ),
 ]
 DtypeOpt = Annotated[str | None, Option("--dtype", help="float64 (default) | float32 (fast).")]
+CompileOpt = Annotated[
+    bool,
+    Option(
+        "--compile",
+        help="Run the matrix-free JVPs through torch.compile (inductor; plain modules only; sets lsr.compile). "
+        "Pays off on long matrix-free runs; compiling takes seconds to a minute.",
+    ),
+]
 SeedOpt = Annotated[int | None, Option("--seed", help="Seed of every random draw.")]
 ForceOpt = Annotated[bool, Option("--force", help="Overwrite existing outputs.")]
 QuietOpt = Annotated[bool, Option("--quiet", "-q", help="No progress, table or warnings.")]
@@ -423,7 +434,7 @@ def _refine_argv(command: str = "refine", **opts: Any) -> list[str]:
     """``command`` arguments that reproduce the options given (for the workers of ``--nproc``)."""
     checkpoint = opts.pop("checkpoint")
     argv = [command] + ([str(checkpoint)] if checkpoint is not None else [])
-    flags = {"as_json": "--json", "max_memory": "--max-memory"}
+    flags = {"as_json": "--json", "max_memory": "--max-memory", "use_compile": "--compile"}
     for key, value in opts.items():
         flag = flags.get(key, "--" + key.replace("_", "-"))
         if value is None or value is False:
@@ -526,6 +537,7 @@ def refine_cmd(
     dtype: DtypeOpt = None,
     seed: SeedOpt = None,
     max_memory: MemoryOpt = None,
+    use_compile: CompileOpt = False,
     plots: PlotsOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -548,6 +560,7 @@ def refine_cmd(
             dtype,
             seed,
             max_memory,
+            use_compile,
             plots,
             force,
             quiet,
@@ -574,6 +587,7 @@ def _refine_cmd(
     dtype: str | None,
     seed: int | None,
     max_memory: str | None,
+    use_compile: bool,
     plots: Path | None,
     force: bool,
     quiet: bool,
@@ -596,6 +610,7 @@ def _refine_cmd(
                 dtype=dtype,
                 seed=seed,
                 max_memory=max_memory,
+                use_compile=use_compile,
                 plots=plots,
                 force=force,
                 quiet=quiet,
@@ -607,7 +622,9 @@ def _refine_cmd(
                 raise typer.Exit(code)
             return
         cfg, base = _config(config)
-        _apply_overrides(cfg, device=device, dtype=dtype, seed=seed, rank=rank, max_memory=max_memory)
+        _apply_overrides(
+            cfg, device=device, dtype=dtype, seed=seed, rank=rank, max_memory=max_memory, use_compile=use_compile
+        )
         comm, cfg.device = init_from_env(cfg.device)
         _comm["comm"] = comm
         try:

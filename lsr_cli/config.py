@@ -72,6 +72,7 @@ class LsrConfig:
     max_memory: int | str = "auto"  # bytes, or "auto" (half of the free host / device memory)
     sketch_rows: int | str = "auto"  # residual rows sketched for the basis (see refine.sketch_samples)
     jacobian: str = "auto"  # auto | dense | matrix_free
+    compile: str | None = None  # torch.compile backend for the matrix-free JVPs (None: off)
 
 
 @dataclass
@@ -286,6 +287,8 @@ def parse_config(raw: Any) -> Config:
         if s["jacobian"] not in ("auto", "dense", "matrix_free"):
             raise ConfigError(f"config.lsr.jacobian: expected auto, dense or matrix_free, got {s['jacobian']!r}")
         lsr.jacobian = s["jacobian"]
+    if "compile" in s:
+        lsr.compile = parse_compile("lsr.compile", s["compile"])
     if "sketch_rows" in s:
         v = s["sketch_rows"]
         lsr.sketch_rows = "auto" if v == "auto" else _int("lsr.sketch_rows", v, lo=1)
@@ -375,6 +378,18 @@ _SIZE_UNITS = {
     "tib": 2**40,
 }
 _SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$")
+
+
+def parse_compile(where: str, v: Any) -> str | None:
+    """``false`` (off), ``true`` (``inductor``) or a backend name from ``COMPILE_BACKENDS``."""
+    backends = ("inductor", "aot_eager")
+    if v is False or v is None:
+        return None
+    if v is True:
+        return "inductor"
+    if isinstance(v, str) and v in backends:
+        return v
+    raise ConfigError(f"config.{where}: expected true, false or one of {', '.join(backends)}, got {v!r}")
 
 
 def parse_memory(path: str, value: Any) -> int | str:

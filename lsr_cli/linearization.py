@@ -18,6 +18,7 @@ import fnmatch
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +43,7 @@ def _set_attr(module: nn.Module, name: str, value: Tensor) -> None:
     setattr(module, leaf, value)
 
 
-def _params_in_torchscript(module: nn.Module) -> bool:
+def params_in_torchscript(module: nn.Module) -> bool:
     """Whether every parameter of ``module`` belongs to a TorchScript (sub)module, so that its
     parameters are swapped by attribute assignment (``functional_call`` refuses them)."""
     if is_torchscript(module):
@@ -60,7 +61,7 @@ def make_functional(module: nn.Module) -> Callable[[dict[str, Tensor], Inputs], 
     TorchScript modules alike, and for plain wrappers whose parameters all live in TorchScript
     submodules (e.g. an operator network with some inputs held fixed).
     """
-    if not _params_in_torchscript(module):
+    if not params_in_torchscript(module):
 
         def call_plain(params: dict[str, Tensor], inputs: Inputs) -> Tensor:
             return torch.func.functional_call(module, params, inputs, strict=False)
@@ -196,6 +197,77 @@ class ParameterSpace:
         return {n: t[0].clone() for n, t in self.unflatten(v[:, None]).items()}  # own storage
 
 
+COMPILE_BACKENDS = ("inductor", "aot_eager")
+"""``torch.compile`` backends ``lsr.compile`` accepts (``true`` means ``inductor``)."""
+
+
+class CompiledJvp:
+    """``vmap(jvp)`` of one row chunk through ``torch.compile`` (``lsr.compile``), shared by the
+    operators of one module, parameter space and residual so that it compiles once.
+
+    Shapes are kept static (the caller pads the last row and tangent chunks), so the graph is
+    compiled on the first call only. If compiling or running the compiled graph fails, the
+    failure is recorded in :attr:`status` and every later call runs eagerly (same results)."""
+
+    def __init__(self, backend: str | Callable[..., Any]) -> None:
+        self.backend = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom")
+        self.status: dict[str, object] = {"backend": self.backend, "used": True}
+        self._fn: Callable[..., Tensor] | None = torch.compile(_jvp_block, backend=backend, dynamic=False)
+
+    def __call__(
+        self,
+        apply: Callable[[dict[str, Tensor], Inputs], Tensor],
+        primals: dict[str, Tensor],
+        tan: dict[str, Tensor],
+        rows: Inputs,
+    ) -> Tensor:
+        if self._fn is not None:
+            first = "first_call_seconds" not in self.status
+            t0 = time.perf_counter()
+            try:
+                out = self._fn(apply, primals, tan, rows)
+                if first:
+                    self.status["first_call_seconds"] = time.perf_counter() - t0
+                return out
+            except Exception as exc:  # no C++ compiler, an op the backend lacks, ...
+                root = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
+                text = [ln for ln in str(root).strip().splitlines() if ln.strip()]
+                self.status = {
+                    "backend": self.backend,
+                    "used": False,
+                    "reason": f"torch.compile failed, ran eagerly: {type(root).__name__}: {(text[0] if text else '')[:200]}",
+                }
+                self._fn = None
+        return _jvp_block(apply, primals, tan, rows)
+
+
+def _jvp_block(
+    apply: Callable[[dict[str, Tensor], Inputs], Tensor],
+    primals: dict[str, Tensor],
+    tan: dict[str, Tensor],
+    rows: Inputs,
+) -> Tensor:
+    """``J_rows t`` for a batch of tangents ``tan`` (leading dimension): ``[k, rows, *out]``."""
+
+    def f(p: dict[str, Tensor]) -> Tensor:
+        return apply(p, rows)
+
+    def one(t: dict[str, Tensor]) -> Tensor:
+        return torch.func.jvp(f, (primals,), (t,))[1]
+
+    return torch.func.vmap(one)(tan)
+
+
+def _pad_rows(rows: Inputs, count: int, shared: Sequence[bool]) -> Inputs:
+    """``rows`` with their last sample repeated ``count`` more times (shared inputs unchanged)."""
+    if count <= 0:
+        return rows
+    return tuple(
+        x if (i < len(shared) and shared[i]) else torch.cat([x, x[-1:].expand(count, *x.shape[1:])])
+        for i, x in enumerate(rows)
+    )
+
+
 class JacobianOperator:
     """``J``: ``n × m`` Jacobian of ``vec q(θ, X)`` at ``θ0`` w.r.t. a :class:`ParameterSpace`.
 
@@ -228,6 +300,8 @@ class JacobianOperator:
         self.row_chunk = max(1, int(row_chunk))
         self.vjp_row_chunk = self.row_chunk  # reverse-mode chunk: not tuned (see tune_row_chunk)
         self.tangent_chunk = max(1, int(tangent_chunk))
+        self.compiled: CompiledJvp | None = None  # lsr.compile: see use_compiled
+        self._compiled_apply: Callable[[dict[str, Tensor], Inputs], Tensor] = self._apply
         self._call = make_functional(module)
         named = dict(module.named_parameters())
         self._primals = {n: named[n].detach() for n in space.names}
@@ -243,6 +317,16 @@ class JacobianOperator:
     @property
     def shape(self) -> tuple[int, int]:
         return (self.num_samples * self.out_numel, self.space.num)
+
+    def use_compiled(self, compiled: CompiledJvp, like: JacobianOperator | None = None) -> None:
+        """Run the JVPs through ``compiled``; with ``like`` (an operator of the same module,
+        parameter space and residual) its function is traced, so the graph compiled for one
+        serves both (the row chunk must match too: shapes are static)."""
+        self.compiled = compiled
+        same = like is not None and like.module is self.module and like.space is self.space
+        self._compiled_apply = (
+            like._apply if same and like is not None and like.residual is self.residual else self._apply
+        )
 
     def _chunks(self, size: int | None = None) -> list[tuple[int, int]]:
         n = self.num_samples
@@ -278,19 +362,20 @@ class JacobianOperator:
             for c0 in range(0, k, self.tangent_chunk)
         ]
         N = self.num_samples
+        compiled = self.compiled if k >= self.tangent_chunk else None  # a few columns: padding would waste more
         for s, e in self._chunks():
             rows = self._rows(s, e)
-
-            def f(p: dict[str, Tensor], rows: Inputs = rows) -> Tensor:
-                return self._apply(p, rows)
-
-            def one(t: dict[str, Tensor], f=f) -> Tensor:
-                return torch.func.jvp(f, (primals,), (t,))[1]
-
+            if compiled is not None:  # static shapes: one compiled graph for every chunk
+                rows = _pad_rows(rows, self.row_chunk - (e - s), self.shared)
             block = V.new_empty((e - s) * self.out_numel, k)
             for c0, c1, tan in tangents:
                 with torch.no_grad():
-                    jv = torch.func.vmap(one)(tan)  # [kc, rows, *out]
+                    if compiled is None:
+                        jv = _jvp_block(self._apply, primals, tan, rows)  # [kc, rows, *out]
+                    else:
+                        pad = self.tangent_chunk - (c1 - c0)  # static shapes and strides: no recompiles
+                        tan = {n: torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) for n, t in tan.items()}
+                        jv = compiled(self._compiled_apply, primals, tan, rows)[: c1 - c0, : e - s]
                 block[:, c0:c1] = jv.reshape(c1 - c0, -1).T
             if progress is not None:
                 progress(round(k * e / N) - round(k * s / N))

@@ -27,12 +27,14 @@ from .data import LazyArray, Split
 from .distributed import SINGLE, Comm, local_rows
 from .errors import CheckpointError, ConfigError, NumericalError
 from .linearization import (
+    CompiledJvp,
     DenseOperator,
     JacobianOperator,
     ParameterSpace,
     make_functional,
     materialize,
     num_rows,
+    params_in_torchscript,
     real_numel,
     take_rows,
     tune_row_chunk,
@@ -90,6 +92,7 @@ class RefineResult:
     residual_loss: dict[str, float] | None = None  # PDE: weighted total before/after
     memory: dict[str, Any] | None = None  # budget, peak above start, what was streamed
     jacobian: dict[str, str] | None = None  # which Jacobian path ran (dense / matrix_free) and why
+    compile: dict[str, Any] | None = None  # lsr.compile: backend, whether it ran, first-call seconds or why not
     nonlinear: dict[str, Any] | None = None  # PDE: the exact-residual stage in the subspace (subspace_newton)
 
 
@@ -467,6 +470,22 @@ def refine(
                 if isinstance(op, JacobianOperator):
                     op.row_chunk = row_chunk
             timings["tune_chunks"] = time.perf_counter() - t_tune
+        compiled = None
+        compile_info: dict[str, Any] | None = None
+        if lsr.compile is not None:
+            compile_info = {"backend": lsr.compile, "used": False}
+            if jac_info["path"] != "matrix_free":
+                compile_info["reason"] = "the dense path ran: its products are matrix products, nothing to compile"
+            elif params_in_torchscript(module):
+                compile_info["reason"] = (
+                    "a TorchScript model: torch.compile applies to plain modules (a state-dict checkpoint "
+                    "with model.factory)"
+                )
+            else:  # after tuning: the compiled graph has the final, static chunk shapes
+                compiled = CompiledJvp(lsr.compile)
+                for op in {id(o): o for o in [*ops.values(), basis_op]}.values():
+                    if isinstance(op, JacobianOperator):
+                        op.use_compiled(compiled, like=ops["train"])
         k_max = min(n, m, num_sketch * out_numel)
         sketch_bytes = 8 * 6 * (num_sketch * out_numel + m) * k_max  # Y, Q, B and QR work copies
         if sketch_bytes > budget:
@@ -501,6 +520,10 @@ def refine(
             comm=comm,
         )
         timings.update(sub.timings)
+        if compiled is not None:
+            compile_info = dict(compiled.status)
+            if not compiled.status["used"]:
+                warnings.append(f"lsr.compile: {compiled.status['reason']}")
         stage_peaks["sketch_project_solve"] = meter.peak_above_start()
         metric_name = selection.kind
         if sub.rank == 0 and sub.stop_reason.startswith("the Jacobian sketch has no direction"):
@@ -587,6 +610,7 @@ def refine(
         stop_reason=sub.stop_reason,
         memory=memory,
         jacobian=jac_info,
+        compile=compile_info,
     )
 
 

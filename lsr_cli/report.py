@@ -88,6 +88,7 @@ def refine_report(
             "peak_memory_kind": result.peak_memory_kind,
             **({"memory": result.memory} if result.memory is not None else {}),
             **({"jacobian": result.jacobian} if result.jacobian is not None else {}),
+            **({"compile": result.compile} if result.compile is not None else {}),
             **({"nonlinear": result.nonlinear} if result.nonlinear is not None else {}),
             "device": result.device,
             "dtype": result.dtype,

@@ -570,6 +570,15 @@ def refine_pde(
         },
         jacobian=ops.jacobian,
         nonlinear=nonlinear,
+        compile=(
+            {
+                "backend": cfg.lsr.compile,
+                "used": False,
+                "reason": "not applied to physics residuals yet: they run eagerly",
+            }
+            if cfg.lsr.compile is not None
+            else None
+        ),
     )
 
 
