@@ -381,7 +381,7 @@ _SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$")
 
 
 def parse_compile(where: str, v: Any) -> str | None:
-    """``false`` (off), ``true`` (``inductor``) or a backend name from ``COMPILE_BACKENDS``."""
+    """``false`` (off), ``true`` (``inductor``) or a backend name (inductor, aot_eager)."""
     backends = ("inductor", "aot_eager")
     if v is False or v is None:
         return None

@@ -197,10 +197,6 @@ class ParameterSpace:
         return {n: t[0].clone() for n, t in self.unflatten(v[:, None]).items()}  # own storage
 
 
-COMPILE_BACKENDS = ("inductor", "aot_eager")
-"""``torch.compile`` backends ``lsr.compile`` accepts (``true`` means ``inductor``)."""
-
-
 class CompiledJvp:
     """``vmap(jvp)`` of one row chunk through ``torch.compile`` (``lsr.compile``), shared by the
     operators of one module, parameter space and residual so that it compiles once.
