@@ -319,10 +319,14 @@ class JacobianOperator:
         parameter space and residual) its function is traced, so the graph compiled for one
         serves both (the row chunk must match too: shapes are static)."""
         self.compiled = compiled
-        same = like is not None and like.module is self.module and like.space is self.space
-        self._compiled_apply = (
-            like._apply if same and like is not None and like.residual is self.residual else self._apply
-        )
+        self._compiled_apply = self._apply
+        if (
+            like is not None
+            and like.module is self.module
+            and like.space is self.space
+            and like.residual is self.residual
+        ):
+            self._compiled_apply = like._apply
 
     def _chunks(self, size: int | None = None) -> list[tuple[int, int]]:
         n = self.num_samples

@@ -483,7 +483,7 @@ def refine(
                 )
             else:  # after tuning: the compiled graph has the final, static chunk shapes
                 compiled = CompiledJvp(lsr.compile)
-                for op in {id(o): o for o in [*ops.values(), basis_op]}.values():
+                for op in [*ops.values(), basis_op]:
                     if isinstance(op, JacobianOperator):
                         op.use_compiled(compiled, like=ops["train"])
         k_max = min(n, m, num_sketch * out_numel)

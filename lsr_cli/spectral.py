@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from .config import LsrConfig
 from .runtime import ProgressSink
-from .sketch import RangeSketch
+from .sketch import LinearOperator, RangeSketch
 from .subspace import Selection, SubspaceResult, SweepEntry, tikhonov_grid
 
 SPECTRAL_MAX_ENTRIES = 1 << 24
@@ -43,27 +42,6 @@ REPORTED_RANKS = 32
 """Ranks listed in the report's sweep (geometrically spaced, plus the chosen one)."""
 
 
-class _Matrix:
-    """A dense matrix as a :class:`~.sketch.LinearOperator`."""
-
-    def __init__(self, M: Tensor) -> None:
-        self.M = M
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (int(self.M.shape[0]), int(self.M.shape[1]))
-
-    def matmat(self, V: Tensor, progress: Any = None) -> Tensor:
-        if progress is not None:
-            progress(V.shape[1])
-        return self.M @ V
-
-    def rmatmat(self, U: Tensor, progress: Any = None) -> Tensor:
-        if progress is not None:
-            progress(U.shape[1])
-        return self.M.T @ U
-
-
 def _reported(ranks: int, chosen: int) -> list[int]:
     """About :data:`REPORTED_RANKS` ranks from 1 to ``ranks``, geometrically spaced, with ``chosen``."""
     grid = {max(1, round(ranks ** (i / (REPORTED_RANKS - 1)))) for i in range(REPORTED_RANKS)}
@@ -71,7 +49,7 @@ def _reported(ranks: int, chosen: int) -> list[int]:
 
 
 def solve_spectral(
-    G: Tensor,
+    G: LinearOperator,
     f0: Tensor,
     selection: Selection,
     lsr: LsrConfig,
@@ -90,7 +68,7 @@ def solve_spectral(
     timings = {"sketch": 0.0, "project": 0.0, "solve": 0.0}
 
     t0 = time.perf_counter()
-    sketch = RangeSketch(_Matrix(G), gen, G.dtype, G.device, lsr.power_iterations, block_size=SPECTRAL_BLOCK)
+    sketch = RangeSketch(G, gen, f0.dtype, f0.device, lsr.power_iterations, block_size=SPECTRAL_BLOCK)
     k_target = min(lsr.max_rank + SPECTRAL_BLOCK, limit)
     advance = sink.begin(f"sketch {label} (exact, k≤{k_target})", 2 * k_target)
     sketch.extend(k_target, advance)

@@ -17,6 +17,7 @@ from lsr_cli.pde.refine_pde import choose_basis, equation_is_linear, prepare_pde
 from lsr_cli.runtime import NoProgress, start_run
 from lsr_cli.spectral import solve_spectral
 from lsr_cli.subspace import Selection
+from tests.test_engine import DenseOperator
 
 F64 = torch.float64
 
@@ -42,7 +43,9 @@ def test_spectral_step_is_the_truncated_svd_solution_at_the_gcv_rank():
     G, f0 = low_rank_problem()
     n = G.shape[0]
     cfg = lsr_config()
-    sub = solve_spectral(G, f0, Selection("holdout_loss"), cfg.lsr, torch.Generator().manual_seed(0), NoProgress())
+    sub = solve_spectral(
+        DenseOperator(G), f0, Selection("holdout_loss"), cfg.lsr, torch.Generator().manual_seed(0), NoProgress()
+    )
     assert sub is not None and sub.regularization["chosen_by"] == "gcv"
     assert sub.rounds[0]["usable_rank"] == 30  # the exact rank, found by exhaustion
 
@@ -65,7 +68,9 @@ def test_spectral_step_is_the_truncated_svd_solution_at_the_gcv_rank():
 def test_spectral_train_loss_selection_takes_every_direction():
     G, f0 = low_rank_problem(seed=1)
     cfg = lsr_config()
-    sub = solve_spectral(G, f0, Selection("train_loss"), cfg.lsr, torch.Generator().manual_seed(0), NoProgress())
+    sub = solve_spectral(
+        DenseOperator(G), f0, Selection("train_loss"), cfg.lsr, torch.Generator().manual_seed(0), NoProgress()
+    )
     assert sub is not None and sub.rank == 30 and sub.regularization["chosen_by"] == "train_loss"
     x = torch.linalg.lstsq(G, -f0[:, None], rcond=1e-10, driver="gelsd").solution[:, 0]
     assert sub.dz is not None and torch.allclose(sub.dz, x, rtol=1e-6, atol=1e-9 * float(x.abs().max()))
@@ -75,13 +80,15 @@ def test_spectral_fixed_rank_and_fallback_when_the_range_is_not_exhausted():
     G, _ = low_rank_problem(seed=2)
     f0 = G @ torch.randn(G.shape[1], generator=torch.Generator().manual_seed(5), dtype=F64)  # in the range
     cfg = lsr_config(rank=[5, 12])
-    sub = solve_spectral(G, f0, Selection("holdout_loss"), cfg.lsr, torch.Generator().manual_seed(0), NoProgress())
+    sub = solve_spectral(
+        DenseOperator(G), f0, Selection("holdout_loss"), cfg.lsr, torch.Generator().manual_seed(0), NoProgress()
+    )
     assert sub is not None and sub.rank in (5, 12) and {e.rank for e in sub.sweep} == {0, 5, 12}
     # full rank 400 x 300, capped at rank 16: the sketch stops at 16 + 128 columns, not exhausted
     g = torch.Generator().manual_seed(3)
     G = torch.randn(400, 300, generator=g, dtype=F64)
     cfg = lsr_config(max_rank=16)
-    assert solve_spectral(G, G[:, 0], Selection("holdout_loss"), cfg.lsr, g, NoProgress()) is None
+    assert solve_spectral(DenseOperator(G), G[:, 0], Selection("holdout_loss"), cfg.lsr, g, NoProgress()) is None
 
 
 def poisson_1d(count: int = 48) -> dict:

@@ -201,10 +201,8 @@ def lsr_step(
     ops.jacobian["basis"], ops.jacobian["basis_reason"] = basis, why
     if basis == "residual" and ops.jacobian["path"] == "dense" and comm.world == 1:
         n, m = ops.G.shape
-        if n * m <= SPECTRAL_MAX_ENTRIES:
-            G = torch.cat([op.J for op in ops.blocks])
-            spectral = solve_spectral(G, ops.f0, selection, lsr, gen, sink)
-            del G
+        if n * m <= SPECTRAL_MAX_ENTRIES:  # ops.G: the dense blocks, products are matrix products
+            spectral = solve_spectral(ops.G, ops.f0, selection, lsr, gen, sink)
             if spectral is not None:
                 return spectral
     if basis == "residual":
