@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .blas import mm
+
 Inputs = tuple[Tensor, ...]
 ProgressFn = Callable[[int], None]
 ModelFn = Callable[..., Tensor]
@@ -499,7 +501,7 @@ class DenseOperator:
         return self.op.forward(params)
 
     def matmat(self, V: Tensor, progress: ProgressFn | None = None) -> Tensor:
-        out = self.J @ V
+        out = mm(self.J, V)
         if progress is not None:
             progress(V.shape[1])
         return out
@@ -508,7 +510,7 @@ class DenseOperator:
         n = self.J.shape[0]
         step = max(1, 8192)
         for s in range(0, n, step):
-            yield s, self.J[s : s + step] @ V
+            yield s, mm(self.J[s : s + step], V)
         if progress is not None:
             progress(V.shape[1])
 
@@ -516,7 +518,7 @@ class DenseOperator:
         return self.J @ v
 
     def rmatmat(self, U: Tensor, progress: ProgressFn | None = None) -> Tensor:
-        out = self.J.T @ U
+        out = mm(self.J.T, U)
         if progress is not None:
             progress(U.shape[1])
         return out

@@ -55,7 +55,9 @@ from .runtime import (
     start_run,
     warm_up_autodiff,
 )
-from .subspace import Selection, SweepEntry, fold_rows, holdout_rows, solve_subspace
+from .sketch import RangeSketch
+from .spectral import SPECTRAL_BLOCK, SPECTRAL_MAX_WORK, solve_spectral
+from .subspace import Selection, SubspaceResult, SweepEntry, fold_rows, holdout_rows, solve_subspace
 
 __all__ = ["TORCH_DTYPES", "ProgressSink", "RefineResult", "evaluate", "refine", "resolve_device"]
 
@@ -352,6 +354,25 @@ def _finite_or_raise(t: Tensor, what: str, comm: Comm = SINGLE) -> None:
         raise NumericalError(f"{what}: {bad} non-finite value(s)")
 
 
+def spectral_applies(
+    path: str, basis_is_train: bool, selection: Selection, lsr: LsrConfig, shape: tuple[int, int], comm: Comm
+) -> bool:
+    """Whether the supervised run tries the exact spectral path (:mod:`.spectral`): ``J`` is held
+    (the dense path) on one process, the basis is ``J`` itself (no ``lsr.sketch_rows`` subset),
+    the rank is chosen on a validation split or by the training loss (held-out rows of ``J``
+    would have to leave the basis too), and the sketch to exhaustion is bounded by
+    :data:`~.spectral.SPECTRAL_MAX_WORK`."""
+    n, m = shape
+    k_max = min(n, m, lsr.max_rank + SPECTRAL_BLOCK)
+    return (
+        path == "dense"
+        and comm.world == 1
+        and basis_is_train
+        and selection.kind in ("val_loss", "train_loss")
+        and n * m * k_max <= SPECTRAL_MAX_WORK
+    )
+
+
 def refine(
     ckpt: LoadedCheckpoint,
     splits: dict[str, Split],
@@ -506,19 +527,32 @@ def refine(
                 if split_rows is not None
                 else Selection("train_loss")
             )
-        sub = solve_subspace(
-            basis_op,
-            ops["train"],
-            f0["train"],
-            selection,
-            lsr,
-            gen,
-            dtype,
-            device,
-            sink,
-            memory_budget=budget,
-            comm=comm,
-        )
+        sketch: RangeSketch | None = None
+        sub: SubspaceResult | None = None
+        spent = 0.0
+        if spectral_applies(jac_info["path"], basis_op is ops["train"], selection, lsr, (n, m), comm):
+            # the held J sketched to exhaustion: every rank scored at once (spectral.py); when
+            # it does not exhaust, the adaptive path continues from the same sketch
+            t_spec = time.perf_counter()
+            sketch = RangeSketch(basis_op, gen, dtype, device, lsr.power_iterations, block_size=SPECTRAL_BLOCK)
+            sub = solve_spectral(ops["train"], f0["train"], selection, lsr, gen, sink, "J", sketch)
+            spent = time.perf_counter() - t_spec if sub is None else 0.0
+        if sub is None:
+            sub = solve_subspace(
+                basis_op,
+                ops["train"],
+                f0["train"],
+                selection,
+                lsr,
+                gen,
+                dtype,
+                device,
+                sink,
+                memory_budget=budget,
+                comm=comm,
+                sketch=sketch,
+            )
+            sub.timings["sketch"] = sub.timings.get("sketch", 0.0) + spent
         timings.update(sub.timings)
         if compiled is not None:
             compile_info = dict(compiled.status)

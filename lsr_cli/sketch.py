@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .blas import mm
 from .distributed import SINGLE, Comm, global_norm, orthonormalize
 
 
@@ -41,7 +42,7 @@ def _orthonormalize_against(Y: Tensor, Q: Tensor | None, comm: Comm = SINGLE, pa
     if Q is None or Q.shape[1] == 0:
         return orthonormalize(Y, comm)
     for _ in range(passes):
-        Y = Y - Q @ comm.allreduce_sum(Q.T @ Y)
+        Y = Y - mm(Q, comm.allreduce_sum(mm(Q.T, Y)))
         Y = orthonormalize(Y, comm)
     return Y
 
@@ -81,6 +82,7 @@ class RangeSketch:
         self.B = torch.zeros(m, 0, dtype=dtype, device=device)
         self.block_size = max(1, int(block_size))
         self.exhausted = False
+        self._top = 0.0  # largest singular value of the first block's Qᵀ J (≈ that of J)
         self._svd: tuple[Tensor, Tensor, Tensor] | None = None
 
     @property
@@ -106,7 +108,7 @@ class RangeSketch:
             omega = torch.randn(m, size, generator=self.generator, dtype=self.dtype)
             Y = self.op.matmat(omega.to(self.device), progress)
             if self.Q.shape[1] > 0:
-                left = Y - self.Q @ comm.allreduce_sum(self.Q.T @ Y)
+                left = Y - mm(self.Q, comm.allreduce_sum(mm(self.Q.T, Y)))
                 if global_norm(left, comm) <= rtol * global_norm(Y, comm):
                     self.exhausted = True
                     if progress is not None:
@@ -121,6 +123,14 @@ class RangeSketch:
                 Z = torch.linalg.qr(Z, mode="reduced").Q
                 Qn = _orthonormalize_against(self.op.matmat(Z), self.Q, comm)
             Bn = comm.allreduce_sum(self.op.rmatmat(Qn, progress))
+            top = float(torch.linalg.matrix_norm(Bn, 2))  # largest singular value of Qnᵀ J
+            if self.Q.shape[1] == 0:
+                self._top = top
+            elif top <= rtol * self._top:  # nothing in this block above round-off: not kept
+                self.exhausted = True
+                if progress is not None:
+                    progress(2 * num_new)
+                break
             self.Q = torch.cat([self.Q, Qn], dim=1)
             self.B = torch.cat([self.B, Bn], dim=1)
             self._svd = None

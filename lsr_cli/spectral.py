@@ -1,22 +1,28 @@
-"""One-shot LSR in the exact singular basis of a small residual Jacobian held in memory.
+"""One-shot LSR in the exact singular basis of a Jacobian held in memory.
 
-When ``G`` (``n × m``) is dense and small, the randomized range finder usually exhausts the
-range of ``G``: a whole block of new columns adds nothing above round-off. The sketch is then an
-SVD of ``G`` to round-off, ``G = U S Wᵀ`` with ``U = Q V_B`` (``B = Gᵀ Q = W S V_Bᵀ``), and with
-``P = W S⁻¹`` the reduced matrix is ``A = G P = U``, orthonormal. Every truncation rank and λ is
-then solved and scored at once (``z_r = −U_rᵀ f0 / (1 + λ²)``); no projection ``G P``, QR or
-per-rank SVD is needed, which on a problem of a few thousand rows is most of the cost of the
-adaptive path (:func:`~.subspace.solve_subspace`). At full rank the step is the dense
-Gauss–Newton step (the truncated-SVD pseudo-inverse).
+When ``G`` (``n × m``) is dense and not too large, the randomized range finder usually exhausts
+the range of ``G``: a whole block of new columns adds nothing above round-off. The sketch is
+then an SVD of ``G`` to round-off, ``G = U S Wᵀ`` with ``U = Q V_B`` (``B = Gᵀ Q = W S V_Bᵀ``),
+and with ``P = W S⁻¹`` the reduced matrix is ``A = G P = U``, orthonormal. Every truncation rank
+and λ is then solved and scored at once (``z_r = −U_rᵀ f0 / (1 + λ²)``); no projection ``G P``,
+QR or per-rank SVD is needed, which is most of the cost of the adaptive path
+(:func:`~.subspace.solve_subspace`) when the Jacobian is held. At full rank the step is the
+dense Gauss–Newton step (the truncated-SVD pseudo-inverse).
 
-The rank and λ are chosen by generalized cross-validation (Golub, Heath & Wahba 1979):
-``GCV(r, λ) = (‖f0 + A z‖² / n) / (1 − tr(H)/n)²`` with ``tr(H) = r / (1 + λ²)``, which uses
-every row. Held-out rows would have to be left out of the basis as well as of the fit, and the
-basis from the other rows alone is measurably weaker (Poisson 2-D sample: 2.6e-7 at best
-against 1.3e-7). With ``lsr.holdout: 0`` the training loss chooses, as on the adaptive path.
+What chooses the rank and λ:
 
-When the sketch does not exhaust within ``lsr.max_rank``, nothing is returned and the caller
-runs the adaptive path.
+- a separate validation operator (supervised data with a ``val`` split): ``Z = J_val P`` is
+  formed once, row block by row block, and the validation loss of every rank and λ follows from
+  cumulative sums of its columns (:func:`_selection_losses`);
+- otherwise generalized cross-validation (Golub, Heath & Wahba 1979),
+  ``GCV(r, λ) = (‖f0 + A z‖² / n) / (1 − tr(H)/n)²`` with ``tr(H) = r / (1 + λ²)``, which uses
+  every row. Held-out rows would have to be left out of the basis as well as of the fit, and the
+  basis from the other rows alone is measurably weaker (Poisson 2-D sample: 2.6e-7 at best
+  against 1.3e-7);
+- with ``lsr.holdout: 0`` (``train_loss``) the training loss, as on the adaptive path.
+
+When the sketch does not exhaust within ``lsr.max_rank``, nothing is returned; the caller runs
+the adaptive path, which can reuse the sketch (pass the same :class:`~.sketch.RangeSketch`).
 """
 
 from __future__ import annotations
@@ -30,10 +36,16 @@ from torch import Tensor
 from .config import LsrConfig
 from .runtime import ProgressSink
 from .sketch import LinearOperator, RangeSketch
-from .subspace import Selection, SubspaceResult, SweepEntry, tikhonov_grid
+from .subspace import Selection, SubspaceResult, SweepEntry, _plan_ranks, row_blocks, tikhonov_grid
 
 SPECTRAL_MAX_ENTRIES = 1 << 24
-"""Entries of ``G`` (``n · m``, 128 MB in float64) up to which the spectral path is tried."""
+"""Entries of a PDE's ``G`` (``n · m``, 128 MB in float64) up to which its spectral path is tried
+(and ``pde.basis: auto`` may choose the residual basis)."""
+
+SPECTRAL_MAX_WORK = 1 << 38
+"""Largest ``n · m · min(n, m, lsr.max_rank + block)`` for which a held supervised Jacobian is
+sketched to exhaustion (the worst case: about half a minute of products on one core here, then
+the adaptive path reuses the sketch)."""
 
 SPECTRAL_BLOCK = 128
 """Sketch columns per block: a block that adds nothing above round-off ends the sketch."""
@@ -48,6 +60,19 @@ def _reported(ranks: int, chosen: int) -> list[int]:
     return sorted(grid | {ranks, chosen} - {0})
 
 
+def _selection_losses(op: LinearOperator, f_sel: Tensor, P: Tensor, w: Tensor, shrinks: list[float]) -> Tensor:
+    """``[len(shrinks), k]``: ``‖f_sel + s · Σ_{i≤r} (op P)_i w_i‖²`` for every rank ``r`` and
+    shrink factor ``s``, streamed over ``op``'s row blocks (``op P`` is never held whole)."""
+    out = torch.zeros(len(shrinks), P.shape[1], dtype=f_sel.dtype, device=f_sel.device)
+    for start, Z in row_blocks(op, P):
+        f = f_sel[start : start + Z.shape[0], None]
+        C = torch.cumsum(Z * w, dim=1)  # row block of the predictions' change at every rank
+        del Z
+        for j, shrink in enumerate(shrinks):
+            out[j] += (f + shrink * C).square().sum(0)
+    return out
+
+
 def solve_spectral(
     G: LinearOperator,
     f0: Tensor,
@@ -56,23 +81,28 @@ def solve_spectral(
     gen: torch.Generator,
     sink: ProgressSink,
     label: str = "G",
+    sketch: RangeSketch | None = None,
 ) -> SubspaceResult | None:
     """LSR of ``min ‖f0 + G P z‖`` with ``P`` the exact right singular vectors of ``G`` (scaled by
-    ``S⁻¹``), every rank up to the numerical rank scored by generalized cross-validation (or by
-    the training loss when the selection is ``train_loss``); ``None`` when the sketch of ``G``
-    does not exhaust within ``lsr.max_rank`` or the selection is a separate operator."""
-    if selection.op is not None:
+    ``S⁻¹``), every rank up to the numerical rank scored on the selection's validation operator,
+    by generalized cross-validation, or by the training loss (``train_loss``); ``None`` when the
+    sketch of ``G`` (``sketch``, a new one if not given) does not exhaust within ``lsr.max_rank``."""
+    if (selection.op is None) != (selection.f0 is None) or (selection.kind == "val_loss" and selection.op is None):
         return None
     n, m = G.shape
     limit = min(n, m)
+    _plan_ranks(lsr, limit, n, m)  # fixed ranks above the limit are a config error, as on the adaptive path
     timings = {"sketch": 0.0, "project": 0.0, "solve": 0.0}
 
     t0 = time.perf_counter()
-    sketch = RangeSketch(G, gen, f0.dtype, f0.device, lsr.power_iterations, block_size=SPECTRAL_BLOCK)
+    if sketch is None:
+        sketch = RangeSketch(G, gen, f0.dtype, f0.device, lsr.power_iterations, block_size=SPECTRAL_BLOCK)
     k_target = min(lsr.max_rank + SPECTRAL_BLOCK, limit)
-    advance = sink.begin(f"sketch {label} (exact, k≤{k_target})", 2 * k_target)
-    sketch.extend(k_target, advance)
-    sink.end()
+    new_cols = k_target - sketch.num_columns
+    if new_cols > 0:
+        advance = sink.begin(f"sketch {label} (exact, k≤{k_target})", 2 * new_cols)
+        sketch.extend(new_cols, advance)
+        sink.end()
     complete = sketch.exhausted or sketch.num_columns >= limit
     usable = sketch.usable_rank()
     timings["sketch"] = time.perf_counter() - t0
@@ -83,6 +113,15 @@ def solve_spectral(
     W, S, Vh = sketch.svd()
     k = min(usable, lsr.max_rank)
     b = Vh[:k] @ (sketch.Q.T @ f0)  # U_kᵀ f0 with G ≈ U S Wᵀ, U = Q Vhᵀ
+    kind = "gcv" if selection.kind in ("holdout_loss", "gcv") else selection.kind
+    grid = tikhonov_grid(lsr, kind != "train_loss")
+    shrinks = [1.0 / (1.0 + lam * lam) for lam in grid]  # A = G P = U: Tikhonov shrinks every z_i alike
+    sel_sq: Tensor | None = None
+    if selection.op is not None and selection.f0 is not None:
+        advance = sink.begin(f"validation rows x P (k={k})", 1)
+        sel_sq = _selection_losses(selection.op, selection.f0, W[:, :k] / S[:k], -b, shrinks)
+        advance(1)
+        sink.end()
     timings["project"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -92,8 +131,6 @@ def solve_spectral(
     # no cancellation when the residual falls many orders below ‖f0‖
     perp = float((f0 - sketch.Q @ (Vh[:k].T @ b)).square().sum())
     tail = torch.flip(torch.cumsum(torch.flip(b.square(), (0,)), 0), (0,)) - b.square()
-    use_gcv = selection.kind != "train_loss"
-    grid = tikhonov_grid(lsr, use_gcv)
     if lsr.rank == "auto":
         candidates = torch.arange(1, k + 1)
     else:
@@ -101,20 +138,28 @@ def solve_spectral(
         candidates = torch.tensor(sorted({min(int(r), k) for r in wanted}))
     idx = candidates - 1
     ranks = candidates.to(f0.dtype)
-    train_rows, gcv_rows = [], []
-    for lam in grid:
-        shrink = 1.0 / (1.0 + lam * lam)  # A = G P = U: Tikhonov shrinks every z_i alike
+    train_rows, sel_rows = [], []
+    for j, (lam, shrink) in enumerate(zip(grid, shrinks, strict=True)):
         res_sq = (perp + tail + b_cum * (lam * lam * shrink) ** 2)[idx]
         train_rows.append(res_sq / n)
-        dof = (1.0 - ranks * shrink / n).clamp_min(0.0)
-        gcv_rows.append(torch.where(dof > 0, res_sq / n / dof.square(), torch.inf))
-    train = torch.stack(train_rows)  # [λ, candidate]
-    gcv = torch.stack(gcv_rows)
-    metric = torch.where(torch.isfinite(gcv if use_gcv else train), gcv if use_gcv else train, torch.inf)
+        if sel_sq is not None:
+            sel_rows.append(sel_sq[j][idx.to(sel_sq.device)].cpu() / max(selection.f0.numel(), 1))  # type: ignore[union-attr]
+        else:
+            dof = (1.0 - ranks * shrink / n).clamp_min(0.0)
+            sel_rows.append(torch.where(dof > 0, res_sq / n / dof.square(), torch.inf))
+    train = torch.stack(train_rows).cpu()  # [λ, candidate]
+    sel = torch.stack(sel_rows)
+    scored = train if kind == "train_loss" else sel
+    metric = torch.where(torch.isfinite(scored), scored, torch.inf)
     lam_of = metric.argmin(0)
     best_per_rank = metric.min(0).values
     j = int(best_per_rank.argmin())
     base_train = f_sq / max(n, 1)
+    if sel_sq is not None:
+        base_sel: float | None = float(selection.f0.square().mean())  # type: ignore[union-attr]
+    else:
+        base_sel = base_train if kind == "gcv" else None
+    base_metric = base_train if kind == "train_loss" else float(base_sel)  # type: ignore[arg-type]
     norm_f = math.sqrt(f_sq)
 
     def entry(i: int) -> SweepEntry:
@@ -122,7 +167,7 @@ def solve_spectral(
         return SweepEntry(
             int(candidates[i]),
             float(train[li, i]),
-            float(gcv[li, i]) if use_gcv else None,
+            float(sel[li, i]) if kind != "train_loss" else None,
             math.sqrt(float(train[li, i]) * n) / max(norm_f, 1e-300),
             grid[li],
             0,
@@ -130,11 +175,11 @@ def solve_spectral(
         )
 
     shown = set(_reported(int(candidates[-1]), int(candidates[j]))) if lsr.rank == "auto" else None
-    sweep = [SweepEntry(0, base_train, base_train if use_gcv else None, 1.0, 0.0, 0, 1.0)]
+    sweep = [SweepEntry(0, base_train, base_sel, 1.0, 0.0, 0, 1.0)]
     sweep += [entry(i) for i in range(len(candidates)) if shown is None or int(candidates[i]) in shown]
     chosen = sweep[0]
     dz = z = basis = None
-    if float(best_per_rank[j]) < base_train:
+    if float(best_per_rank[j]) < base_metric:
         chosen = entry(j)
         r = chosen.rank
         z = -b[:r] / (1.0 + chosen.tikhonov**2)
@@ -142,7 +187,6 @@ def solve_spectral(
         dz = basis @ z
     timings["solve"] = time.perf_counter() - t2
     top = entry(len(candidates) - 1)
-    kind = "gcv" if use_gcv else "train_loss"
     if usable > k:
         stop = f"exact: {usable} directions of {label} above round-off, capped at lsr.max_rank {k}"
     else:
@@ -179,8 +223,8 @@ def solve_spectral(
         basis=basis,
         z=z,
         lambda_abs=float(chosen.tikhonov),
-        selection=Selection(kind),
+        selection=Selection(kind) if selection.op is None else selection,
     )
 
 
-__all__ = ["SPECTRAL_MAX_ENTRIES", "solve_spectral"]
+__all__ = ["SPECTRAL_MAX_ENTRIES", "SPECTRAL_MAX_WORK", "solve_spectral"]

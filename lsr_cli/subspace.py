@@ -268,8 +268,10 @@ def solve_subspace(
     label: str = "J",
     memory_budget: int | None = None,
     comm: Comm = SINGLE,
+    sketch: RangeSketch | None = None,
 ) -> SubspaceResult:
-    """One-shot LSR: ``min_z ‖f0 + G P z‖`` over ranks/λ, ``P`` from a sketch of ``basis_op``.
+    """One-shot LSR: ``min_z ‖f0 + G P z‖`` over ranks/λ, ``P`` from a sketch of ``basis_op``
+    (``sketch``: one already begun on ``basis_op``, e.g. by the spectral path, to continue).
 
     ``train_op`` is ``G`` (``n × m``) and ``f0`` its residual ``[n]``; the selection's operator
     (if any) has the same columns. Returns the best step ``dz = P z`` (``[m]``) or rank 0.
@@ -304,7 +306,8 @@ def solve_subspace(
     best_metric = sel_base if sel_base is not None else train_base
     best: dict[str, Any] = {"rank": 0, "dz": None, "entry": sweep[0]}
     rounds: list[dict[str, Any]] = []
-    sketch = RangeSketch(basis_op, gen, dtype, device, lsr.power_iterations, comm=comm)
+    if sketch is None:
+        sketch = RangeSketch(basis_op, gen, dtype, device, lsr.power_iterations, comm=comm)
     rising = 0
     stop_reason = ""
     while True:

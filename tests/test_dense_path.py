@@ -76,7 +76,11 @@ def test_refine_dense_equals_matrix_free(regression_files, kind):
     reports = {}
     for path in ("dense", "matrix_free"):
         cfg = files["dir"] / f"{path}.yaml"
-        cfg.write_text(f"model:\n  factory: mlp\n  kwargs: {{hidden: [16, 16]}}\nlsr:\n  jacobian: {path}\n")
+        # no validation split: the rank is chosen on held-out rows, so the dense path runs the
+        # adaptive sketch too (with a val split it runs the exact spectral path, tested below)
+        cfg.write_text(
+            f"model:\n  factory: mlp\n  kwargs: {{hidden: [16, 16]}}\ndata: {{val: null}}\nlsr:\n  jacobian: {path}\n"
+        )
         out, rep = files["dir"] / f"{path}.pt", files["dir"] / f"{path}.json"
         result = run(*refine_args(files[kind], files, out, rep, "--json", rank="40,80,160", config=cfg))
         assert_ok(result)
@@ -84,7 +88,8 @@ def test_refine_dense_equals_matrix_free(regression_files, kind):
     dense, free = reports["dense"], reports["matrix_free"]
     assert dense["jacobian"]["path"] == "dense" and free["jacobian"]["path"] == "matrix_free"
     assert dense["rank"] == free["rank"]
-    for split in ("train", "val", "test"):
+    assert "path" not in dense["rounds"][0]
+    for split in ("train", "test"):
         assert dense["splits"][split]["after"]["rel_l2"] == pytest.approx(
             free["splits"][split]["after"]["rel_l2"], rel=1e-6
         )
@@ -143,3 +148,26 @@ def test_materialized_jacobian_with_complex_parameters():
     V = torch.randn(m, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ref = op.matmat(V)
     torch.testing.assert_close(dense.matmat(V), ref, rtol=0, atol=PRODUCT_RTOL * float(ref.abs().max()))
+
+
+def test_dense_path_with_a_val_split_runs_the_exact_spectral_path(regression_files):
+    """With ``J`` held and a validation split, the sketch of ``J`` runs to exhaustion and every
+    rank is scored on the val split: as accurate as the adaptive matrix-free path, and the
+    report says so."""
+    files = regression_files
+    reports = {}
+    for path in ("dense", "matrix_free"):
+        cfg = files["dir"] / f"{path}.yaml"
+        cfg.write_text(f"model:\n  factory: mlp\n  kwargs: {{hidden: [16, 16]}}\nlsr:\n  jacobian: {path}\n")
+        out, rep = files["dir"] / f"{path}.pt", files["dir"] / f"{path}.json"
+        result = run(*refine_args(files["state_dict"], files, out, rep, "--json", rank="auto", config=cfg))
+        assert_ok(result)
+        reports[path] = json.loads(result.stdout)
+    dense, free = reports["dense"], reports["matrix_free"]
+    assert dense["rounds"][0]["path"] == "spectral" and len(dense["rounds"]) == 1
+    assert dense["regularization"]["chosen_by"] == "val_loss" and "exhausted" in dense["adaptive_stop"]
+    assert "path" not in free["rounds"][0]
+    # every rank up to the numerical rank was scored: the chosen one is at least as good on val
+    # as the adaptive path's few candidates (up to the basis: exact SVD against a sketch)
+    assert dense["splits"]["val"]["after"]["rel_l2"] <= 1.5 * free["splits"]["val"]["after"]["rel_l2"]
+    assert dense["splits"]["test"]["after"]["rel_l2"] < 1e-2 * dense["splits"]["test"]["before"]["rel_l2"]

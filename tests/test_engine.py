@@ -411,3 +411,30 @@ def test_cuda_matches_cpu(regression_files):
     cpu, gpu = results["cpu"].errors["test"]["after"]["rel_l2"], results["cuda"].errors["test"]["after"]["rel_l2"]
     assert results["cuda"].device.startswith("cuda")
     assert math.isclose(cpu, gpu, rel_tol=1e-6)
+
+
+def test_sketch_stops_when_a_block_adds_nothing_above_round_off():
+    """Low rank plus noise just below the usable level in every direction but above it in
+    Frobenius norm: the sketch stops a block after the rank, not at the full dimension."""
+    gen = torch.Generator().manual_seed(0)
+    n = m = 200
+    U, _ = torch.linalg.qr(torch.randn(n, 20, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(m, 20, generator=gen, dtype=torch.float64))
+    M = (U * torch.logspace(0, -6, 20, dtype=torch.float64)) @ V.T
+    M = M + 1e-15 * torch.randn(n, m, generator=gen, dtype=torch.float64)  # σ_max ≈ 3e-14 < rtol = 4.4e-14
+    sketch = RangeSketch(DenseOperator(M), torch.Generator().manual_seed(1), torch.float64, torch.device("cpu"), 0, 16)
+    sketch.extend(200)
+    assert sketch.exhausted and sketch.num_columns <= 64  # the Frobenius test alone: 160
+    assert sketch.usable_rank() == 20
+
+
+@pytest.mark.parametrize("shape", [(50, 30, 7), (50, 30, 1), (9, 700, 600), (40, 20, 2)])
+def test_mm_is_the_matrix_product(shape):
+    from lsr_cli.blas import mm
+
+    n, k, b = shape
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    B = torch.randn(k, b, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(mm(A, B), A @ B, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mm(A.T.contiguous().T, B[:, : max(1, b - 1)]), A @ B[:, : max(1, b - 1)])

@@ -155,3 +155,40 @@ def test_auto_basis_keeps_the_output_jacobian_on_a_nonlinear_equation():
         assert equation_is_linear(module, problem, space, ops) is linear
         basis, why = choose_basis(module, problem, space, ops)
         assert basis == ("residual" if linear else "output"), why
+
+
+def test_spectral_with_a_validation_operator_scores_every_rank_on_it():
+    """A supervised run with a val split: every rank and λ scored on ``J_val``, as brute force."""
+    G, f0 = low_rank_problem(n=90, m=60, rank=30, seed=4)
+    g = torch.Generator().manual_seed(6)
+    # validation rows: nearby rows of the same operator, noisy targets
+    Gv = G[:40] + 1e-3 * torch.randn(40, G.shape[1], generator=g, dtype=F64) @ torch.linalg.pinv(G) @ G
+    fv = f0[:40] + 0.05 * torch.randn(40, generator=g, dtype=F64)
+    cfg = lsr_config(tikhonov=[0.0, 1e-2])
+    sel = Selection("val_loss", op=DenseOperator(Gv), f0=fv)
+    sub = solve_spectral(DenseOperator(G), f0, sel, cfg.lsr, torch.Generator().manual_seed(0), NoProgress())
+    assert sub is not None and sub.regularization["chosen_by"] == "val_loss" and sub.rounds[0]["path"] == "spectral"
+
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    b = U[:, :30].T @ f0
+    losses = {}
+    for r in range(1, 31):
+        for lam in (0.0, 1e-2):
+            dz = -(Vh[:r].T @ (b[:r] / S[:r])) / (1 + lam * lam)
+            losses[(r, lam)] = float((fv + Gv @ dz).square().mean())
+    best = min(losses, key=lambda key: losses[key])
+    assert (sub.rank, sub.chosen.tikhonov) == best
+    assert sub.chosen.val_loss == pytest.approx(losses[best], rel=1e-8)
+    dz = -(Vh[: best[0]].T @ (b[: best[0]] / S[: best[0]])) / (1 + best[1] ** 2)
+    assert sub.dz is not None and torch.allclose(sub.dz, dz, rtol=1e-7, atol=1e-9 * float(dz.abs().max()))
+    assert sub.sweep[0].val_loss == pytest.approx(float(fv.square().mean()))
+
+
+def test_spectral_fixed_rank_above_the_limit_is_a_config_error():
+    from lsr_cli.errors import ConfigError
+
+    G, f0 = low_rank_problem()
+    with pytest.raises(ConfigError, match="between 1 and 60"):
+        solve_spectral(
+            DenseOperator(G), f0, Selection("train_loss"), lsr_config(rank=500).lsr, torch.Generator(), NoProgress()
+        )

@@ -40,7 +40,8 @@ from lsr_cli.refine import (
     select_parameters,
 )
 from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, resolve_memory_budget, start_run
-from lsr_cli.spectral import SPECTRAL_MAX_ENTRIES, solve_spectral
+from lsr_cli.sketch import RangeSketch
+from lsr_cli.spectral import SPECTRAL_BLOCK, SPECTRAL_MAX_ENTRIES, solve_spectral
 from lsr_cli.subspace import Selection, SubspaceResult, solve_subspace, stratified_holdout_rows
 
 from .problem import PdeProblem
@@ -199,12 +200,17 @@ def lsr_step(
     )
     basis, why = choose_basis(module, problem, space, ops, comm)
     ops.jacobian["basis"], ops.jacobian["basis_reason"] = basis, why
+    sketch: RangeSketch | None = None
+    t_spectral = time.perf_counter()
     if basis == "residual" and ops.jacobian["path"] == "dense" and comm.world == 1:
         n, m = ops.G.shape
         if n * m <= SPECTRAL_MAX_ENTRIES:  # ops.G: the dense blocks, products are matrix products
-            spectral = solve_spectral(ops.G, ops.f0, selection, lsr, gen, sink)
+            dtype, device = ops.f0.dtype, ops.f0.device
+            sketch = RangeSketch(ops.G, gen, dtype, device, lsr.power_iterations, block_size=SPECTRAL_BLOCK)
+            spectral = solve_spectral(ops.G, ops.f0, selection, lsr, gen, sink, sketch=sketch)
             if spectral is not None:
-                return spectral
+                return spectral  # else the adaptive path below continues from the same sketch
+    spent = time.perf_counter() - t_spectral if sketch is not None else 0.0
     if basis == "residual":
         basis_op: Any = ops.G
         label = "G"
@@ -224,9 +230,22 @@ def lsr_step(
             if dense is not None:
                 basis_op = dense["basis"]
         label = "J"
-    return solve_subspace(
-        basis_op, ops.G, ops.f0, selection, lsr, gen, ops.f0.dtype, ops.f0.device, sink, label, comm=comm
+    sub = solve_subspace(
+        basis_op,
+        ops.G,
+        ops.f0,
+        selection,
+        lsr,
+        gen,
+        ops.f0.dtype,
+        ops.f0.device,
+        sink,
+        label,
+        comm=comm,
+        sketch=sketch if basis_op is ops.G else None,
     )
+    sub.timings["sketch"] = sub.timings.get("sketch", 0.0) + spent
+    return sub
 
 
 LINEARITY_ROWS = 256
