@@ -417,7 +417,7 @@ def merge_instances(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     out: dict[str, Any] = {"instances": len(runs), "before": mean([r["before"] for r in runs])}
     lsr = dict(runs[0]["lsr"])
-    for key in ("error", "seconds", "peak_memory_bytes"):
+    for key in ("error", "seconds", "first_run_seconds", "peak_memory_bytes"):
         lsr[key] = mean([r["lsr"][key] for r in runs])
     lsr["rank"] = int(round(mean([r["lsr"]["rank"] for r in runs])))
     lsr["errors"] = [r["lsr"]["error"] for r in runs]
@@ -439,6 +439,9 @@ def merge_instances(runs: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = {"skipped": next(r[key]["skipped"] for r in runs if "skipped" in r[key])}
         else:
             out[key] = {"error": mean([d["error"] for d in done]), "seconds": mean([d["seconds"] for d in done])}
+            for extra in ("lstsq_gelsd", "lstsq_gelsy"):
+                if all(extra in d for d in done):
+                    out[key][extra] = {k: mean([d[extra][k] for d in done]) for k in ("error", "seconds")}
     return out
 
 
@@ -460,7 +463,7 @@ def write_markdown(results: dict[str, Any], path: Path, machine: str) -> None:
         "`adam`/`lbfgs` continue training the checkpoint for the same wall time as LSR (and 3×).",
         "antiderivative: per instance (one test function's physics residual, no labels), mean over 10 of the 200 test functions.",
         "LSR is the refinement as `lsr refine` runs it (for a nonlinear PDE such as Burgers, with the exact-residual stage in its subspace); Gauss–Newton, random subspace and last layer are single linearized steps.",
-        "Gauss–Newton: truncated-SVD pseudo-inverse (`torch.linalg.svd`); where listed, also `torch.linalg.lstsq` with the same rcond, drivers gelsd (SVD) and gelsy (pivoted QR, torch's CPU default), times including building J (only in rows re-run since they were added, and not in the per-instance mean).",
+        "Gauss–Newton: truncated-SVD pseudo-inverse (`torch.linalg.svd`); where listed, also `torch.linalg.lstsq` with the same rcond, drivers gelsd (SVD) and gelsy (pivoted QR, torch's CPU default), times including building J.",
         "LSR time: computing the step, warm when the first run took under a minute; loading the checkpoint and evaluating errors are charged to no method. Path: `spectral` (the held Jacobian sketched to exhaustion, every rank scored) or `adaptive` (rank grown in rounds).",
         "",
         "| task | before | LSR | LSR time | path | rank | Adam @ LSR time | L-BFGS @ LSR time | Adam @ 3× | L-BFGS @ 3× | Gauss–Newton (dense) | random subspace | last layer |",
