@@ -73,6 +73,7 @@ class LsrConfig:
     sketch_rows: int | str = "auto"  # residual rows sketched for the basis (see refine.sketch_samples)
     jacobian: str = "auto"  # auto | dense | matrix_free
     compile: str | None = None  # torch.compile backend for the matrix-free JVPs (None: off)
+    exact: bool = True  # the exact spectral path where it applies (spectral.py); false: adaptive rounds only
 
 
 @dataclass
@@ -289,6 +290,10 @@ def parse_config(raw: Any) -> Config:
         lsr.jacobian = s["jacobian"]
     if "compile" in s:
         lsr.compile = parse_compile("lsr.compile", s["compile"])
+    if "exact" in s:
+        if not isinstance(s["exact"], bool):
+            raise _fail("lsr.exact", "true or false", s["exact"])
+        lsr.exact = s["exact"]
     if "sketch_rows" in s:
         v = s["sketch_rows"]
         lsr.sketch_rows = "auto" if v == "auto" else _int("lsr.sketch_rows", v, lo=1)

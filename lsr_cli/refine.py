@@ -357,7 +357,7 @@ def _finite_or_raise(t: Tensor, what: str, comm: Comm = SINGLE) -> None:
 def spectral_applies(
     path: str, basis_is_train: bool, selection: Selection, lsr: LsrConfig, shape: tuple[int, int], comm: Comm
 ) -> bool:
-    """Whether the supervised run tries the exact spectral path (:mod:`.spectral`): ``J`` is held
+    """Whether the supervised run tries the exact spectral path (:mod:`.spectral`): ``lsr.exact``, ``J`` is held
     (the dense path) on one process, the basis is ``J`` itself (no ``lsr.sketch_rows`` subset),
     the rank is chosen on a validation split or by the training loss (held-out rows of ``J``
     would have to leave the basis too), and the sketch to exhaustion is bounded by
@@ -365,7 +365,8 @@ def spectral_applies(
     n, m = shape
     k_max = min(n, m, lsr.max_rank + SPECTRAL_BLOCK)
     return (
-        path == "dense"
+        lsr.exact
+        and path == "dense"
         and comm.world == 1
         and basis_is_train
         and selection.kind in ("val_loss", "train_loss")

@@ -126,11 +126,13 @@ def solve_spectral(
 
     t2 = time.perf_counter()
     f_sq = float(f0.square().sum())
-    b_cum = torch.cumsum(b.square(), 0)  # ‖U_rᵀ f0‖² for r = 1..k
+    # the scores are computed on the CPU (k numbers per λ), whatever the device
+    b2 = b.square().cpu()
+    b_cum = torch.cumsum(b2, 0)  # ‖U_rᵀ f0‖² for r = 1..k
     # ‖f0 − U_r U_rᵀ f0‖² as (part outside range(U_k)) + Σ_{i>r} b_i², not ‖f0‖² − ‖b_r‖²:
     # no cancellation when the residual falls many orders below ‖f0‖
     perp = float((f0 - sketch.Q @ (Vh[:k].T @ b)).square().sum())
-    tail = torch.flip(torch.cumsum(torch.flip(b.square(), (0,)), 0), (0,)) - b.square()
+    tail = torch.flip(torch.cumsum(torch.flip(b2, (0,)), 0), (0,)) - b2
     if lsr.rank == "auto":
         candidates = torch.arange(1, k + 1)
     else:
@@ -143,7 +145,7 @@ def solve_spectral(
         res_sq = (perp + tail + b_cum * (lam * lam * shrink) ** 2)[idx]
         train_rows.append(res_sq / n)
         if sel_sq is not None:
-            sel_rows.append(sel_sq[j][idx.to(sel_sq.device)].cpu() / max(selection.f0.numel(), 1))  # type: ignore[union-attr]
+            sel_rows.append(sel_sq[j].cpu()[idx] / max(selection.f0.numel(), 1))  # type: ignore[union-attr]
         else:
             dof = (1.0 - ranks * shrink / n).clamp_min(0.0)
             sel_rows.append(torch.where(dof > 0, res_sq / n / dof.square(), torch.inf))

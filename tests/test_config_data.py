@@ -32,6 +32,7 @@ from lsr_cli.config import load_config, parse_rank
         ({"lsr": {"parameters": {"fraction": 0}}}, "config.lsr.parameters.fraction: must be in (0, 1]"),
         ({"lsr": {"parameters": {"include": [1]}}}, "config.lsr.parameters.include: expected a list of strings"),
         ({"lsr": {"row_chunk": 0}}, "config.lsr.row_chunk: must be at least 1"),
+        ({"lsr": {"exact": "no"}}, "config.lsr.exact: expected true or false, got a string ('no')"),
         ({"lsr": []}, "config.lsr: expected a mapping, got a list"),
         ({"model": {"kwargs": [1]}}, "config.model.kwargs: expected a mapping"),
         ({"model": {"factory": 3}}, "config.model.factory: expected a string or null"),

@@ -156,14 +156,22 @@ def test_dense_path_with_a_val_split_runs_the_exact_spectral_path(regression_fil
     report says so."""
     files = regression_files
     reports = {}
-    for path in ("dense", "matrix_free"):
-        cfg = files["dir"] / f"{path}.yaml"
-        cfg.write_text(f"model:\n  factory: mlp\n  kwargs: {{hidden: [16, 16]}}\nlsr:\n  jacobian: {path}\n")
-        out, rep = files["dir"] / f"{path}.pt", files["dir"] / f"{path}.json"
+    for name, path, exact in (
+        ("dense", "dense", "true"),
+        ("matrix_free", "matrix_free", "true"),
+        ("off", "dense", "false"),
+    ):
+        cfg = files["dir"] / f"{name}.yaml"
+        cfg.write_text(
+            f"model:\n  factory: mlp\n  kwargs: {{hidden: [16, 16]}}\nlsr:\n  jacobian: {path}\n  exact: {exact}\n"
+        )
+        out, rep = files["dir"] / f"{name}.pt", files["dir"] / f"{name}.json"
         result = run(*refine_args(files["state_dict"], files, out, rep, "--json", rank="auto", config=cfg))
         assert_ok(result)
-        reports[path] = json.loads(result.stdout)
+        reports[name] = json.loads(result.stdout)
     dense, free = reports["dense"], reports["matrix_free"]
+    # lsr.exact: false keeps the adaptive rounds on the held Jacobian
+    assert reports["off"]["jacobian"]["path"] == "dense" and "path" not in reports["off"]["rounds"][0]
     assert dense["rounds"][0]["path"] == "spectral" and len(dense["rounds"]) == 1
     assert dense["regularization"]["chosen_by"] == "val_loss" and "exhausted" in dense["adaptive_stop"]
     assert "path" not in free["rounds"][0]

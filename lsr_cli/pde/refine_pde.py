@@ -202,7 +202,7 @@ def lsr_step(
     ops.jacobian["basis"], ops.jacobian["basis_reason"] = basis, why
     sketch: RangeSketch | None = None
     t_spectral = time.perf_counter()
-    if basis == "residual" and ops.jacobian["path"] == "dense" and comm.world == 1:
+    if lsr.exact and basis == "residual" and ops.jacobian["path"] == "dense" and comm.world == 1:
         n, m = ops.G.shape
         if n * m <= SPECTRAL_MAX_ENTRIES:  # ops.G: the dense blocks, products are matrix products
             dtype, device = ops.f0.dtype, ops.f0.device
