@@ -56,7 +56,7 @@ from .runtime import (
     warm_up_autodiff,
 )
 from .sketch import RangeSketch
-from .spectral import SPECTRAL_BLOCK, SPECTRAL_MAX_WORK, solve_spectral
+from .spectral import SPECTRAL_BLOCK, SPECTRAL_MAX_WORK, solve_exact_first
 from .subspace import Selection, SubspaceResult, SweepEntry, fold_rows, holdout_rows, solve_subspace
 
 __all__ = ["TORCH_DTYPES", "ProgressSink", "RefineResult", "evaluate", "refine", "resolve_device"]
@@ -528,18 +528,9 @@ def refine(
                 if split_rows is not None
                 else Selection("train_loss")
             )
-        sketch: RangeSketch | None = None
-        sub: SubspaceResult | None = None
-        spent = 0.0
-        if spectral_applies(jac_info["path"], basis_op is ops["train"], selection, lsr, (n, m), comm):
-            # the held J sketched to exhaustion: every rank scored at once (spectral.py); when
-            # it does not exhaust, the adaptive path continues from the same sketch
-            t_spec = time.perf_counter()
-            sketch = RangeSketch(basis_op, gen, dtype, device, lsr.power_iterations, block_size=SPECTRAL_BLOCK)
-            sub = solve_spectral(ops["train"], f0["train"], selection, lsr, gen, sink, "J", sketch)
-            spent = time.perf_counter() - t_spec if sub is None else 0.0
-        if sub is None:
-            sub = solve_subspace(
+
+        def adaptive(sketch: RangeSketch | None = None) -> SubspaceResult:
+            return solve_subspace(
                 basis_op,
                 ops["train"],
                 f0["train"],
@@ -553,7 +544,12 @@ def refine(
                 comm=comm,
                 sketch=sketch,
             )
-            sub.timings["sketch"] = sub.timings.get("sketch", 0.0) + spent
+
+        if spectral_applies(jac_info["path"], basis_op is ops["train"], selection, lsr, (n, m), comm):
+            # the held J sketched to exhaustion, every rank scored at once (spectral.py)
+            sub = solve_exact_first(ops["train"], f0["train"], selection, lsr, gen, sink, "J", adaptive)
+        else:
+            sub = adaptive()
         timings.update(sub.timings)
         if compiled is not None:
             compile_info = dict(compiled.status)

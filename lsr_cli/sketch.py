@@ -137,11 +137,7 @@ class RangeSketch:
 
     def singular_values(self) -> Tensor:
         """Singular values ``S`` ``[k]`` of ``Qᵀ J`` (estimates of those of ``J``), descending."""
-        return self._decompose()[1]
-
-    def _decompose(self) -> tuple[Tensor, Tensor]:
-        W, S, _ = self.svd()
-        return W, S
+        return self.svd()[1]
 
     def svd(self) -> tuple[Tensor, Tensor, Tensor]:
         """``B = W diag(S) Vh`` (so ``J ≈ Q Vhᵀ diag(S) Wᵀ``), computed once per size of the sketch."""
@@ -155,7 +151,7 @@ class RangeSketch:
         The scaling makes ``J P`` nearly orthonormal, so the reduced matrix is well
         conditioned. ``rank`` must not exceed :meth:`usable_rank`.
         """
-        W, S = self._decompose()
+        W, S, _ = self.svd()
         return W[:, :rank] / S[:rank], S[:rank]
 
     def usable_rank(self, rtol: float | None = None) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -91,7 +92,7 @@ def solve_spectral(
         return None
     n, m = G.shape
     limit = min(n, m)
-    _plan_ranks(lsr, limit, n, m)  # fixed ranks above the limit are a config error, as on the adaptive path
+    ranks_wanted, _ = _plan_ranks(lsr, limit, n, m)  # fixed ranks above the limit: a config error, as adaptive
     timings = {"sketch": 0.0, "project": 0.0, "solve": 0.0}
 
     t0 = time.perf_counter()
@@ -133,11 +134,10 @@ def solve_spectral(
     # no cancellation when the residual falls many orders below ‖f0‖
     perp = float((f0 - sketch.Q @ (Vh[:k].T @ b)).square().sum())
     tail = torch.flip(torch.cumsum(torch.flip(b2, (0,)), 0), (0,)) - b2
-    if lsr.rank == "auto":
-        candidates = torch.arange(1, k + 1)
+    if ranks_wanted:
+        candidates = torch.tensor(sorted({min(r, k) for r in ranks_wanted}))
     else:
-        wanted = list(lsr.rank) if isinstance(lsr.rank, list) else [int(lsr.rank)]
-        candidates = torch.tensor(sorted({min(int(r), k) for r in wanted}))
+        candidates = torch.arange(1, k + 1)
     idx = candidates - 1
     ranks = candidates.to(f0.dtype)
     train_rows, sel_rows = [], []
@@ -176,7 +176,7 @@ def solve_spectral(
             float(S[0] / S[int(candidates[i]) - 1]),
         )
 
-    shown = set(_reported(int(candidates[-1]), int(candidates[j]))) if lsr.rank == "auto" else None
+    shown = None if ranks_wanted else set(_reported(int(candidates[-1]), int(candidates[j])))
     sweep = [SweepEntry(0, base_train, base_sel, 1.0, 0.0, 0, 1.0)]
     sweep += [entry(i) for i in range(len(candidates)) if shown is None or int(candidates[i]) in shown]
     chosen = sweep[0]
@@ -229,4 +229,28 @@ def solve_spectral(
     )
 
 
-__all__ = ["SPECTRAL_MAX_ENTRIES", "SPECTRAL_MAX_WORK", "solve_spectral"]
+def solve_exact_first(
+    G: LinearOperator,
+    f0: Tensor,
+    selection: Selection,
+    lsr: LsrConfig,
+    gen: torch.Generator,
+    sink: ProgressSink,
+    label: str,
+    adaptive: Callable[[RangeSketch], SubspaceResult],
+) -> SubspaceResult:
+    """:func:`solve_spectral` on a new sketch of ``G``; when it does not exhaust, ``adaptive``
+    (the caller's :func:`~.subspace.solve_subspace` with ``G`` as its basis operator) continues
+    from that sketch, and the time of the attempt counts in its ``sketch`` stage."""
+    t0 = time.perf_counter()
+    sketch = RangeSketch(G, gen, f0.dtype, f0.device, lsr.power_iterations, block_size=SPECTRAL_BLOCK)
+    sub = solve_spectral(G, f0, selection, lsr, gen, sink, label, sketch)
+    if sub is not None:
+        return sub
+    spent = time.perf_counter() - t0
+    sub = adaptive(sketch)
+    sub.timings["sketch"] = sub.timings.get("sketch", 0.0) + spent
+    return sub
+
+
+__all__ = ["SPECTRAL_MAX_ENTRIES", "SPECTRAL_MAX_WORK", "solve_exact_first", "solve_spectral"]

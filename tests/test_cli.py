@@ -99,6 +99,17 @@ def assert_ok(result: Any) -> None:
     assert result.exit_code == 0, f"exit {result.exit_code}: {all_output(result)}\n{result.exception!r}"
 
 
+def refine_json(files: dict[str, Path], name: str, config_text: str, kind: str = "state_dict", rank: str = RANK) -> Any:
+    """The JSON report of a fast ``lsr refine --json`` of ``files[kind]`` with the config
+    ``config_text`` (written to ``NAME.yaml``; outputs ``NAME.pt`` and ``NAME.json``)."""
+    cfg = files["dir"] / f"{name}.yaml"
+    cfg.write_text(config_text)
+    out, rep = files["dir"] / f"{name}.pt", files["dir"] / f"{name}.json"
+    result = run(*refine_args(files[kind], files, out, rep, "--json", rank=rank, config=cfg))
+    assert_ok(result)
+    return json.loads(result.stdout)
+
+
 def tmp_leftovers(directory: Path) -> list[Path]:
     return sorted(directory.glob(".*.tmp"))
 

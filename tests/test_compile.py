@@ -6,8 +6,6 @@ generating C++ code, so these tests need no compiler and stay fast."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -15,7 +13,7 @@ from lsr_cli.config import parse_compile
 from lsr_cli.errors import ConfigError
 from lsr_cli.linearization import CompiledJvp, JacobianOperator, ParameterSpace
 from lsr_cli.models import MLP
-from tests.test_cli import assert_ok, refine_args, run
+from tests.test_cli import refine_json
 
 PRODUCT_RTOL = 1e-12
 
@@ -76,12 +74,8 @@ def test_refine_report_says_whether_compile_ran(regression_files):
         ("script", "torchscript", "{jacobian: matrix_free, compile: aot_eager}"),
         ("dense", "state_dict", "{jacobian: dense, compile: true}"),
     ):
-        cfg = files["dir"] / f"{name}.yaml"
-        cfg.write_text(f"model:\n  factory: mlp\n  kwargs: {{hidden: [16, 16]}}\nlsr: {lsr}\n")
-        out, rep = files["dir"] / f"{name}.pt", files["dir"] / f"{name}.json"
-        result = run(*refine_args(files[kind], files, out, rep, "--json", rank="40,80", config=cfg))
-        assert_ok(result)
-        reports[name] = json.loads(result.stdout)
+        text = f"model:\n  factory: mlp\n  kwargs: {{hidden: [16, 16]}}\nlsr: {lsr}\n"
+        reports[name] = refine_json(files, name, text, kind, rank="40,80")
     assert "compile" not in reports["eager"]
     assert reports["compiled"]["compile"]["used"] is True and reports["compiled"]["compile"]["backend"] == "aot_eager"
     assert reports["compiled"]["rank"] == reports["eager"]["rank"]

@@ -11,7 +11,7 @@ from torch import nn
 
 from lsr_cli.linearization import JacobianOperator, ParameterSpace, materialize
 from lsr_cli.models import MLP
-from tests.test_cli import assert_ok, refine_args, run
+from tests.test_cli import assert_ok, refine_args, refine_json, run
 
 PRODUCT_RTOL = 1e-12
 
@@ -75,16 +75,12 @@ def test_refine_dense_equals_matrix_free(regression_files, kind):
     files = regression_files
     reports = {}
     for path in ("dense", "matrix_free"):
-        cfg = files["dir"] / f"{path}.yaml"
         # no validation split: the rank is chosen on held-out rows, so the dense path runs the
         # adaptive sketch too (with a val split it runs the exact spectral path, tested below)
-        cfg.write_text(
+        text = (
             f"model:\n  factory: mlp\n  kwargs: {{hidden: [16, 16]}}\ndata: {{val: null}}\nlsr:\n  jacobian: {path}\n"
         )
-        out, rep = files["dir"] / f"{path}.pt", files["dir"] / f"{path}.json"
-        result = run(*refine_args(files[kind], files, out, rep, "--json", rank="40,80,160", config=cfg))
-        assert_ok(result)
-        reports[path] = json.loads(result.stdout)
+        reports[path] = refine_json(files, path, text, kind, rank="40,80,160")
     dense, free = reports["dense"], reports["matrix_free"]
     assert dense["jacobian"]["path"] == "dense" and free["jacobian"]["path"] == "matrix_free"
     assert dense["rank"] == free["rank"]
@@ -161,14 +157,8 @@ def test_dense_path_with_a_val_split_runs_the_exact_spectral_path(regression_fil
         ("matrix_free", "matrix_free", "true"),
         ("off", "dense", "false"),
     ):
-        cfg = files["dir"] / f"{name}.yaml"
-        cfg.write_text(
-            f"model:\n  factory: mlp\n  kwargs: {{hidden: [16, 16]}}\nlsr:\n  jacobian: {path}\n  exact: {exact}\n"
-        )
-        out, rep = files["dir"] / f"{name}.pt", files["dir"] / f"{name}.json"
-        result = run(*refine_args(files["state_dict"], files, out, rep, "--json", rank="auto", config=cfg))
-        assert_ok(result)
-        reports[name] = json.loads(result.stdout)
+        text = f"model:\n  factory: mlp\n  kwargs: {{hidden: [16, 16]}}\nlsr:\n  jacobian: {path}\n  exact: {exact}\n"
+        reports[name] = refine_json(files, name, text, rank="auto")
     dense, free = reports["dense"], reports["matrix_free"]
     # lsr.exact: false keeps the adaptive rounds on the held Jacobian
     assert reports["off"]["jacobian"]["path"] == "dense" and "path" not in reports["off"]["rounds"][0]

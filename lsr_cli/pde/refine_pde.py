@@ -41,7 +41,7 @@ from lsr_cli.refine import (
 )
 from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, resolve_memory_budget, start_run
 from lsr_cli.sketch import RangeSketch
-from lsr_cli.spectral import SPECTRAL_BLOCK, SPECTRAL_MAX_ENTRIES, solve_spectral
+from lsr_cli.spectral import SPECTRAL_MAX_ENTRIES, solve_exact_first
 from lsr_cli.subspace import Selection, SubspaceResult, solve_subspace, stratified_holdout_rows
 
 from .problem import PdeProblem
@@ -200,17 +200,6 @@ def lsr_step(
     )
     basis, why = choose_basis(module, problem, space, ops, comm)
     ops.jacobian["basis"], ops.jacobian["basis_reason"] = basis, why
-    sketch: RangeSketch | None = None
-    t_spectral = time.perf_counter()
-    if lsr.exact and basis == "residual" and ops.jacobian["path"] == "dense" and comm.world == 1:
-        n, m = ops.G.shape
-        if n * m <= SPECTRAL_MAX_ENTRIES:  # ops.G: the dense blocks, products are matrix products
-            dtype, device = ops.f0.dtype, ops.f0.device
-            sketch = RangeSketch(ops.G, gen, dtype, device, lsr.power_iterations, block_size=SPECTRAL_BLOCK)
-            spectral = solve_spectral(ops.G, ops.f0, selection, lsr, gen, sink, sketch=sketch)
-            if spectral is not None:
-                return spectral  # else the adaptive path below continues from the same sketch
-    spent = time.perf_counter() - t_spectral if sketch is not None else 0.0
     if basis == "residual":
         basis_op: Any = ops.G
         label = "G"
@@ -230,22 +219,23 @@ def lsr_step(
             if dense is not None:
                 basis_op = dense["basis"]
         label = "J"
-    sub = solve_subspace(
-        basis_op,
-        ops.G,
-        ops.f0,
-        selection,
-        lsr,
-        gen,
-        ops.f0.dtype,
-        ops.f0.device,
-        sink,
-        label,
-        comm=comm,
-        sketch=sketch if basis_op is ops.G else None,
-    )
-    sub.timings["sketch"] = sub.timings.get("sketch", 0.0) + spent
-    return sub
+
+    def adaptive(sketch: RangeSketch | None = None) -> SubspaceResult:
+        dtype, device = ops.f0.dtype, ops.f0.device
+        return solve_subspace(
+            basis_op, ops.G, ops.f0, selection, lsr, gen, dtype, device, sink, label, comm=comm, sketch=sketch
+        )
+
+    n, m = ops.G.shape
+    if (
+        lsr.exact
+        and basis == "residual"
+        and ops.jacobian["path"] == "dense"
+        and comm.world == 1
+        and n * m <= SPECTRAL_MAX_ENTRIES  # ops.G: the dense blocks, products are matrix products
+    ):
+        return solve_exact_first(ops.G, ops.f0, selection, lsr, gen, sink, label, adaptive)
+    return adaptive()
 
 
 LINEARITY_ROWS = 256
