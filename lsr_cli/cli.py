@@ -27,6 +27,7 @@ import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from . import __version__
 from .checkpoint import LoadedCheckpoint, load_checkpoint, save_refined_state_dict
@@ -40,13 +41,15 @@ from .pde.instances import fingerprint, parse_instances, run_instances
 from .pde.iterate import IterateResult, iterate
 from .refine import RefineResult, evaluate, refine
 from .report import (
-    RichProgress,
     clean_json,
     errors_table,
     instances_report,
     instances_table,
     iterate_table,
+    output_console,
+    progress_sink,
     refine_report,
+    refine_summary,
     refine_table,
     versions,
     write_json,
@@ -64,7 +67,7 @@ from .scripted import build_refined_script
 
 app = typer.Typer(
     name="lsr",
-    help="Linearized Subspace Refinement: make a trained network more accurate after training.",
+    help="Linearized Subspace Refinement: make a trained network more accurate.",
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
@@ -160,6 +163,15 @@ def _warn(messages: list[str], quiet: bool) -> None:
     if not quiet:
         for m in messages:
             _err.print(f"[yellow]warning:[/] {escape(m)}", highlight=False, soft_wrap=True)
+
+
+def _print_results(table: Table, summary: str, out_path: Path, report_path: Path, html: Path | None) -> None:
+    """The table, the closing line and the files written, on stdout (see :func:`output_console`)."""
+    console = output_console()
+    console.print(table)
+    console.print(escape(f"{summary}\nwrote {out_path} and {report_path}"), highlight=False)
+    if html is not None:
+        console.print(escape(f"plots: {html}"), highlight=False)
 
 
 def _config(path: Path | None) -> tuple[Config, Path | None]:
@@ -545,8 +557,11 @@ def refine_cmd(
     debug: DebugOpt = False,
     nproc: NprocOpt = None,
 ) -> None:
-    """One-shot LSR: refine CHECKPOINT on the training split of the HDF5 data, or on the
-    physics residual of the config's `pde:` section."""
+    """One-shot LSR of CHECKPOINT on training data or a PDE residual.
+
+    Fits the training split of the HDF5 data, or the physics residual of a config's `pde:` section.
+
+    Writes the refined checkpoint and a JSON report."""
     t_start = time.perf_counter()
     try:
         _refine_cmd(
@@ -699,7 +714,7 @@ def _refine_run(
     t_load = time.perf_counter() - t0
     _warn(ckpt.warnings, quiet or as_json or not root)
     show = not (quiet or as_json) and root
-    with RichProgress(_err, enabled=show) as progress:
+    with progress_sink(_err, enabled=show) as progress:
         result = (
             refine_pde(ckpt, problem, cfg, progress, comm)
             if pde_mode
@@ -799,10 +814,7 @@ def _write_refine_outputs(
     if as_json:
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
     elif not quiet:
-        Console().print(refine_table(payload))
-        Console().print(escape(f"{result.message}\nwrote {out_path} and {report_path}"), highlight=False)
-        if html is not None:
-            Console().print(escape(f"plots: {html}"), highlight=False)
+        _print_results(refine_table(payload), refine_summary(payload), out_path, report_path, html)
 
 
 @app.command("evaluate")
@@ -815,7 +827,7 @@ def evaluate_cmd(
     as_json: Annotated[bool, Option("--json", help="Print the errors as JSON on stdout and nothing else.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Errors of CHECKPOINT on every split of the data (rel L2, RMSE, max |err|)."""
+    """Errors of CHECKPOINT on every split (rel L2, RMSE, max |err|)."""
     with _guard(debug):
         cfg, base = _config(config)
         _apply_overrides(cfg, device=device, dtype=dtype, seed=None, rank=None)
@@ -836,7 +848,7 @@ def evaluate_cmd(
             sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         else:
             _warn(ckpt.warnings, False)
-            Console().print(errors_table(escape(f"{checkpoint} ({ckpt.format})"), errors))
+            output_console().print(errors_table(escape(f"{checkpoint} ({ckpt.format})"), errors))
 
 
 @app.command("inspect")
@@ -849,8 +861,6 @@ def inspect_cmd(
     debug: DebugOpt = False,
 ) -> None:
     """Format, parameter count and shapes, dtypes of CHECKPOINT."""
-    from rich.table import Table
-
     with _guard(debug):
         cfg, base = _config(config)
         ckpt = load_checkpoint(checkpoint, cfg.model, base)
@@ -883,7 +893,7 @@ def inspect_cmd(
             sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
             return
         _warn(ckpt.warnings, False)
-        con = Console()
+        con = output_console()
         con.print(
             f"[bold]{escape(str(checkpoint))}[/]: {ckpt.format}, {info['num_parameters']:,} parameters "
             f"({', '.join(info['dtypes'])})"
@@ -903,7 +913,7 @@ def report_cmd(
     force: ForceOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Plots and an HTML page from an existing report (needs matplotlib)."""
+    """Plots and an HTML page from a saved report (needs matplotlib)."""
     with _guard(debug):
         from .plots import write_html, write_plots
 
@@ -921,7 +931,7 @@ def report_cmd(
         images = write_plots(payload, folder)
         with atomic_outputs(html) as (tmp_html,):
             write_html(payload, tmp_html, images)
-        Console().print(escape(f"wrote {html} ({len(images)} plots in {folder})"), highlight=False)
+        output_console().print(escape(f"wrote {html} ({len(images)} plots in {folder})"), highlight=False)
 
 
 @app.command("instances")
@@ -950,8 +960,9 @@ def instances_cmd(
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Per-instance physics-informed LSR of an operator network: one-shot LSR on each
-    instance's physics residual; an interrupted run continues where it stopped."""
+    """Per-instance physics-informed LSR of an operator network.
+
+    One-shot LSR on each instance's physics residual; an interrupted run continues where it stopped."""
     t_start = time.perf_counter()
     with _guard(debug):
         _single_process_only("instances")
@@ -988,7 +999,7 @@ def instances_cmd(
         parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base, (spec.group, 0))
         show = not (quiet or as_json)
         try:
-            with RichProgress(_err, enabled=show) as progress:
+            with progress_sink(_err, enabled=show) as progress:
                 result = run_instances(
                     ckpt, cfg, spec, num, data_path, partial, fingerprint(cfg, start, data_path), base, force, progress
                 )
@@ -1016,10 +1027,7 @@ def instances_cmd(
         if as_json:
             sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         elif not quiet:
-            Console().print(instances_table(payload))
-            Console().print(escape(f"{result.message}\nwrote {out_path} and {report_path}"), highlight=False)
-            if html is not None:
-                Console().print(escape(f"plots: {html}"), highlight=False)
+            _print_results(instances_table(payload), result.message, out_path, report_path, html)
 
 
 @app.command("iterate")
@@ -1044,8 +1052,11 @@ def iterate_cmd(
     debug: DebugOpt = False,
     nproc: NprocOpt = None,
 ) -> None:
-    """Iterative LSR for PDEs: alternate one-shot LSR with an L-BFGS fit of the network to the
-    refined predictor; writes a plain network in the input's format."""
+    """Iterative LSR for PDEs: alternate LSR and L-BFGS network fits.
+
+    Alternates one-shot LSR with an L-BFGS fit of the network to the refined predictor.
+
+    Writes a plain network in the input's format."""
     opts: dict[str, Any] = {
         "checkpoint": checkpoint,
         "config": config,
@@ -1168,10 +1179,10 @@ def _iterate_run(
 
     def on_iteration(entry: dict[str, Any]) -> None:
         if show:
-            _err.print(escape(_iteration_line(entry)), highlight=False)
+            _err.print(escape(_iteration_line(entry)), highlight=False, soft_wrap=not _err.is_terminal)
 
     start_it = previous[-1]["iteration"] + 1 if previous else 0
-    with RichProgress(_err, enabled=show) as progress:
+    with progress_sink(_err, enabled=show) as progress:
         result = iterate(ckpt, problem, cfg, progress, data_path, base, start_it, on_iteration, comm)
     _warn(result.warnings, quiet or as_json or not root)
 
@@ -1274,10 +1285,7 @@ def _write_iterate_outputs(
     if as_json:
         sys.stdout.write(json.dumps(clean_json(payload), indent=2) + "\n")
     elif not quiet:
-        Console().print(iterate_table(payload))
-        Console().print(escape(f"{result.message}\nwrote {out_path} and {report_path}"), highlight=False)
-        if html is not None:
-            Console().print(escape(f"plots: {html}"), highlight=False)
+        _print_results(iterate_table(payload), result.message, out_path, report_path, html)
 
 
 def _iteration_line(e: dict[str, Any]) -> str:

@@ -65,3 +65,27 @@ def global_error_metrics(pred: Tensor, target: Tensor, comm: Comm = SINGLE) -> d
         "max_abs": max_abs,
         "mse": mse,
     }
+
+
+def format_error(value: float | None) -> str:
+    """An error or loss as the tables show it (``1.62e-01``); ``n/a`` when missing."""
+    return "n/a" if value is None else f"{value:.2e}"
+
+
+def describe_change(before: float | None, after: float | None) -> str:
+    """``before → after`` of an error or loss in words: a factor from 1.1 on (``"332x lower"``,
+    ``"67,600x lower"``, ``"1.5x higher"``), a percentage below it (``"0.41% lower"``),
+    ``"unchanged"`` when equal, ``"n/a"`` when either is missing or not positive and finite."""
+    if before is None or after is None or not (0 < before < math.inf and 0 < after < math.inf):
+        return "n/a"
+    if after == before:
+        return "unchanged"
+    direction = "lower" if after < before else "higher"
+    ratio = max(before, after) / min(before, after)
+    if ratio >= 1000:
+        digits = math.floor(math.log10(ratio)) - 2  # three significant digits, written out
+        return f"{round(ratio, -digits):,.0f}x {direction}"
+    if ratio >= 1.1:
+        return f"{ratio:.3g}x {direction}"
+    percent = abs(after - before) / before * 100
+    return f"{percent:.2g}% {direction}" if percent >= 0.01 else f"less than 0.01% {direction}"

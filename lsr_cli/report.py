@@ -1,7 +1,9 @@
-"""Reports: the JSON document of a run, Rich progress bars and the results table.
+"""Reports: the JSON document of a run, progress, the results table and the closing line.
 
 The only module that imports Rich. Progress and tables go to the given consoles; the JSON
-report is a plain dict (schema in the README).
+report is a plain dict (schema in the README). On a terminal, progress is a set of Rich bars
+and tables fit its width; elsewhere (a pipe, a log file) progress is one plain line per
+finished stage and tables are as wide as their contents, so no digit is cut.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ import datetime as _dt
 import json
 import math
 import platform
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import h5py
 import numpy as np
@@ -22,9 +26,20 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .metrics import describe_change
 from .refine import RefineResult
 
 SPLIT_ORDER = ("train", "val", "test")
+
+LOG_WIDTH = 1000
+"""Columns of stdout when it is not a terminal: wider than any table, so no cell is cut."""
+
+
+def output_console() -> Console:
+    """A console on stdout: the terminal's width on a terminal; :data:`LOG_WIDTH` elsewhere,
+    where Rich would otherwise lay tables out for 80 columns and cut cells (``2.96e+0…``)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=LOG_WIDTH)
 
 
 def versions() -> dict[str, str]:
@@ -125,6 +140,61 @@ def refine_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def _criterion(report: dict[str, Any]) -> str:
+    """What ``lsr refine`` chose its rank on, in words."""
+    pde = "residual_loss" in report
+    fraction = (report.get("regularization") or {}).get("holdout_fraction")
+    held = f"{fraction:.0%} of the" if isinstance(fraction, float) else "some"
+    return {
+        "val_loss": "the validation split",
+        "holdout_loss": (
+            f"the residual loss at {held} collocation points (held out)" if pde else f"{held} training samples held out"
+        ),
+        "train_loss": "the residual loss (no points held out)" if pde else "the training loss (no validation data)",
+        "gcv": "generalized cross-validation on the " + ("residual" if pde else "training split"),
+    }.get(report["selection_metric"], str(report["selection_metric"]))
+
+
+def _error_change(name: str, errs: dict[str, Any]) -> str:
+    b, a = errs["before"]["rel_l2"], errs["after"]["rel_l2"]
+    return f"{name} rel L2 error {_fmt(b)} -> {_fmt(a)} ({describe_change(b, a)})"
+
+
+def refine_summary(report: dict[str, Any]) -> str:
+    """The closing line of ``lsr refine``, in the order a user judges the run: the error on data
+    the rank was not chosen on (test split or PDE reference) first, then the rank and what it
+    was chosen on, then (PDE) the residual loss."""
+    splits = report["splits"]
+    judged = next((s for s in ("test", "reference") if s in splits), None)
+    residual = report.get("residual_loss")
+    parts = []
+    if judged is not None:
+        parts.append(_error_change(judged, splits[judged]))
+    elif residual is None:
+        chosen_on = "val" if "val" in splits else "train"
+        parts.append(_error_change(chosen_on, splits[chosen_on]) + " (no test split)")
+    if report["status"] == "improved":
+        parts.append(f"rank {report['rank']}, chosen on {_criterion(report)}")
+    else:
+        parts.append(f"no rank did better than the input on {_criterion(report)}: the refined predictor equals it")
+    if residual is not None:
+        loss = (
+            f"weighted residual loss {_fmt(residual['before'])} -> {_fmt(residual['after'])} "
+            f"({describe_change(residual['before'], residual['after'])})"
+        )
+        nonlinear = report.get("nonlinear") or {}
+        if nonlinear.get("ran") and not nonlinear.get("reason"):
+            loss += (
+                f" after {nonlinear['iterations']} Levenberg-Marquardt steps on the exact residual in the "
+                f"subspace (LSR's linearized step alone: {_fmt(nonlinear['lsr_step_residual_loss'])})"
+            )
+        if judged is None:
+            parts.insert(0, loss + " (no reference solution to compare with)")
+        else:
+            parts.append(loss)
+    return "; ".join(parts)
+
+
 def errors_table(title: str, errors: dict[str, dict[str, float | None]]) -> Table:
     table = Table(title=title)
     for col in ("split", "rel L2", "RMSE", "max |err|", "mean per-sample rel L2"):
@@ -134,6 +204,61 @@ def errors_table(title: str, errors: dict[str, dict[str, float | None]]) -> Tabl
             e = errors[split]
             table.add_row(split, _fmt(e["rel_l2"]), _fmt(e["rmse"]), _fmt(e["max_abs"]), _fmt(e["rel_l2_mean"]))
     return table
+
+
+@dataclass
+class _Stage:
+    description: str
+    total: int
+    start: float
+    done: int = 0
+
+
+class LineProgress:
+    """A :class:`~lsr_cli.runtime.ProgressSink` for logs: nothing while a stage runs, one
+    flushed line on ``stream`` when it ends (``[lsr] sketch J (k=256): done in 3.2 s``); a
+    stage that stopped before its planned work says how far it got (``stopped at 3 of 20``)."""
+
+    def __init__(self, stream: IO[str], enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._stream = stream
+        self._stages: list[_Stage] = []
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def begin(self, description: str, total: int) -> Callable[[int], None]:
+        stage = _Stage(description, total, time.perf_counter())
+        self._stages.append(stage)
+
+        def advance(amount: int) -> None:
+            stage.done += amount
+
+        return advance
+
+    def end(self) -> None:
+        if not self._stages:
+            return
+        stage = self._stages.pop()
+        if not self.enabled:
+            return
+        line = f"[lsr] {stage.description}: done in {time.perf_counter() - stage.start:.1f} s"
+        if 0 < stage.done < stage.total:
+            line += f" (stopped at {stage.done} of {stage.total})"
+        self._stream.write(line + "\n")
+        self._stream.flush()
+
+
+def progress_sink(console: Console, enabled: bool = True) -> RichProgress | LineProgress:
+    """The progress sink for ``console`` (a context manager): Rich bars on a terminal, one line
+    per finished stage elsewhere (bars cannot redraw in a log, so Rich would print them only
+    at the end of the run)."""
+    if console.is_terminal:
+        return RichProgress(console, enabled)
+    return LineProgress(console.file, enabled)
 
 
 class RichProgress:

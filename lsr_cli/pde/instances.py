@@ -48,6 +48,7 @@ from lsr_cli.checkpoint import LoadedCheckpoint
 from lsr_cli.config import Config
 from lsr_cli.data import read_datasets, read_row
 from lsr_cli.errors import ConfigError, DataError, OutputError
+from lsr_cli.metrics import describe_change, format_error
 from lsr_cli.refine import predict
 from lsr_cli.runtime import NoProgress, ProgressSink, cast_module, peak_memory_bytes, resolve_device
 
@@ -375,16 +376,21 @@ def run_instances(
         summary["improvement_per_instance"] = _stats(ratios)
         summary["num_improved"] = sum(1 for r in ratios if r > 1.0)
         summary["num_worse"] = sum(1 for r in ratios if r < 1.0)
+    # in the order a user judges the run: the reference error, the criterion, the residual loss
+    res_b, res_a = summary["residual_before"]["mean"], summary["residual_after"]["mean"]
+    residual = (
+        f"mean weighted residual loss {format_error(res_b)} -> {format_error(res_a)} ({describe_change(res_b, res_a)})"
+    )
+    chosen = "each instance's rank chosen on its own residual"
     if have_ref:
+        ref_b, ref_a = summary["rel_l2_before"]["mean"], summary["rel_l2_after"]["mean"]
         message = (
-            f"{num} instances: mean relative L2 error {summary['rel_l2_before']['mean']:.3e} -> "
-            f"{summary['rel_l2_after']['mean']:.3e} ({summary['improvement_of_mean']:.3g}x)"
+            f"{num} instances: mean reference rel L2 error {format_error(ref_b)} -> {format_error(ref_a)} "
+            f"({describe_change(ref_b, ref_a)}; {summary['num_improved']} improved, {summary['num_worse']} worse); "
+            f"{chosen}, not on the reference; {residual}"
         )
     else:
-        message = (
-            f"{num} instances: mean weighted residual {summary['residual_before']['mean']:.3e} -> "
-            f"{summary['residual_after']['mean']:.3e} (no references to compare with)"
-        )
+        message = f"{num} instances: {residual} (no references to compare with); {chosen}"
     peak, kind = peak_memory_bytes(device)
     return InstancesResult(
         status="done",

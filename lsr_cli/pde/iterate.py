@@ -42,7 +42,7 @@ from lsr_cli.config import Config
 from lsr_cli.distributed import SINGLE, Comm, global_mean_square, global_norm, merge_accumulators
 from lsr_cli.errors import CheckpointError
 from lsr_cli.linearization import JacobianOperator, ParameterSpace
-from lsr_cli.metrics import global_error_metrics
+from lsr_cli.metrics import describe_change, format_error, global_error_metrics
 from lsr_cli.refine import predict, select_parameters
 from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, start_run
 from lsr_cli.sketch import RangeSketch
@@ -333,7 +333,7 @@ def iterate(
                 resample(problem, gen, data_path, base_dir, comm.rank, comm.world)
             if k > start_iteration:  # the first iteration uses the operators built at the start
                 space = select_parameters(module, cfg, gen)
-                ops = build_operators(module, problem, space, cfg)
+                ops = build_operators(module, problem, space, cfg, comm=comm)
             sub = lsr_step(module, problem, space, ops, cfg, gen, NoProgress(), comm)
             # nonlinear equations: the predictor's exact residual, minimized in LSR's subspace
             step = exact_step(module, problem, space, ops, sub, cfg, comm)
@@ -442,14 +442,26 @@ def iterate(
     if best_it < start_iteration:
         status, message = "unchanged", f"no iteration improved the {criterion}; the network is unchanged"
     else:
+        # in the order a user judges the run: the reference error, the criterion, the residual loss
         status = "improved"
-        message = f"iteration {best_it} has the best {criterion}"
-        if distances:
-            message += f" ({distances[best_it]:.3g} vs {distances[start_iteration - 1]:.3g} at the start)"
-        message += f"; weighted residual loss {start_loss:.3g} -> {best_loss:.3g}"
+        parts = []
         if "reference" in errors:
-            ratio = (start_ref["rel_l2"] or 0.0) / max(final_ref["rel_l2"] or 0.0, 1e-300)  # type: ignore[index]
-            message += f" and the network's error vs the reference {ratio:.3g}x"
+            b, a = start_ref["rel_l2"], final_ref["rel_l2"]  # type: ignore[index]
+            parts.append(
+                f"the network's reference rel L2 error {format_error(b)} -> {format_error(a)} ({describe_change(b, a)})"
+            )
+        chosen = f"kept iteration {best_it}, chosen by its {criterion}"
+        if distances:
+            chosen += f" ({distances[best_it]:.3g} vs {distances[start_iteration - 1]:.3g} at the start)"
+        parts.append(chosen)
+        change = describe_change(start_loss, best_loss)
+        if best_loss > start_loss and it_cfg.select == "distance":
+            change += (
+                "; the kept network is chosen by its distance to the LSR predictor, not by its residual loss, "
+                "which can rise while the error falls"
+            )
+        parts.append(f"weighted residual loss {format_error(start_loss)} -> {format_error(best_loss)} ({change})")
+        message = "; ".join(parts)
     peak, kind = peak_memory_bytes(device)
     return IterateResult(
         status,
