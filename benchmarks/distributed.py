@@ -9,8 +9,13 @@ fall about as ``1/N``, while ``Ω``, ``B = JᵀQ`` (``m × k``) and the triangle
 Prints each rank's peak memory above its start (``MemoryMeter``) and wall time from the
 reports' ``distributed`` field, and the largest difference of ``δ`` against ``N = 1``.
 
+``--path spectral``: the default path of a small supervised problem instead — ``J`` held dense
+(each rank its rows), sketched to exhaustion and every rank scored on the val split
+(:mod:`lsr_cli.spectral`); the row-dependent memory is then ``J`` and ``Q`` (``n_local × (m + k)``).
+
     OMP_NUM_THREADS=1 python benchmarks/distributed.py                       # ~2-3 min on 2 cores
     OMP_NUM_THREADS=1 python benchmarks/distributed.py --samples 20000 --rank 100   # quick
+    OMP_NUM_THREADS=1 python benchmarks/distributed.py --path spectral --samples 40000 --nprocs 1 2 3
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from lsr_cli.distributed import launch_command
 from lsr_cli.models import MLP
 
 
-def make_problem(root: Path, samples: int, width: int, seed: int) -> tuple[Path, Path, Path]:
+def make_problem(root: Path, samples: int, width: int, seed: int, path: str = "matrix_free") -> tuple[Path, Path, Path]:
     rng = np.random.default_rng(seed)
 
     def target(x: np.ndarray) -> np.ndarray:
@@ -58,9 +63,10 @@ def make_problem(root: Path, samples: int, width: int, seed: int) -> tuple[Path,
     ckpt = root / "model.pt"
     torch.save(model.eval().state_dict(), ckpt)
     cfg = root / "cfg.yaml"
+    lsr = "  jacobian: matrix_free\n" if path == "matrix_free" else "  jacobian: dense\n  max_memory: 8GB\n"
     cfg.write_text(
         f"model:\n  factory: mlp\n  kwargs: {{hidden: [{width}, {width}]}}\n"
-        f"lsr:\n  jacobian: matrix_free\n  sketch_rows: {samples * 10}\ndevice: cpu\n",
+        f"lsr:\n{lsr}  sketch_rows: {samples * 10}\ndevice: cpu\n",
         encoding="utf-8",
     )
     return data, ckpt, cfg
@@ -73,13 +79,14 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=200)
     ap.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--path", choices=["matrix_free", "spectral"], default="matrix_free")
     ap.add_argument("--json", type=Path, default=None, help="also write the measurements here")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     rows = []
     with tempfile.TemporaryDirectory(prefix="lsr-dist-bench-") as tmp:
         root = Path(tmp)
-        data, ckpt, cfg = make_problem(root, args.samples, args.width, args.seed)
+        data, ckpt, cfg = make_problem(root, args.samples, args.width, args.seed, args.path)
         m = 2 * args.width + args.width + args.width * args.width + args.width + args.width + 1
         k = args.rank + 10
         print(f"n = {args.samples} training rows, m = {m} parameters, rank {args.rank} (k = {k} sketch columns)")
@@ -108,6 +115,11 @@ def main() -> None:
             if proc.returncode != 0:
                 sys.exit(f"N = {nproc} failed:\n{proc.stderr[-2000:]}")
             rep = json.loads(out.with_name(out.stem + ".report.json").read_text())
+            print(
+                f"N = {nproc}: jacobian {rep['jacobian']['path']}, rounds {[r.get('path') for r in rep['rounds']]}, "
+                f"rank {rep['rank']}, {wall:.1f} s",
+                flush=True,
+            )
             deltas[nproc] = torch.load(out, weights_only=False)["delta"]
             for r in rep["distributed"]["ranks"]:
                 rows.append(

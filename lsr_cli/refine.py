@@ -267,15 +267,29 @@ def estimated_costs(t_col: float, t_mat: float, n: int, m: int, k: int, gemm_rat
     return 3 * k * t_col, t_mat + 3 * 2 * n * m * k / gemm_rate
 
 
-def matrix_free_is_cheaper(op: JacobianOperator, lsr: LsrConfig, probe_samples: int = 32) -> str | None:
+def _on_root(comm: Comm, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` (a decision by timing) on rank 0, its answer broadcast to every
+    rank: the run takes the same path on every rank and for any number of ranks."""
+    if comm.world == 1:
+        return fn(*args, **kwargs)
+    answer = fn(*args, **kwargs) if comm.is_root else None
+    return comm.allgather_object(answer)[0]
+
+
+def matrix_free_is_cheaper(
+    op: JacobianOperator, lsr: LsrConfig, num_rows: int | None = None, probe_samples: int = 32
+) -> str | None:
     """Time both paths on a few samples and extrapolate; the reason when JVPs win, else ``None``.
 
     Matrix-free: about ``3 k`` Jacobian products over every row (sketch ``JΩ``, ``JᵀQ``,
     projection ``JP``). Dense: materializing the per-sample Jacobians plus the same products as
     GEMMs. Cheap models with shared inputs (a Cartesian DeepONet) favour JVPs; deep networks with
-    many parameters favour the dense path. Single-process only (timings differ between ranks).
+    many parameters favour the dense path. ``num_rows``: the rows of the whole run (distributed:
+    every rank's; default ``op``'s), to which the timings on ``op``'s first samples are
+    extrapolated; the caller runs it on one rank (:func:`_on_root`), timings differ between ranks.
     """
-    n_samples = op.num_samples
+    n_rows = op.shape[0] if num_rows is None else int(num_rows)
+    n_samples = max(1, n_rows // max(1, op.out_numel))
     s = min(probe_samples, n_samples)
     sub = JacobianOperator(
         op.module,
@@ -299,7 +313,7 @@ def matrix_free_is_cheaper(op: JacobianOperator, lsr: LsrConfig, probe_samples: 
     except Exception:  # not vmappable over samples: materialize() will say why
         return None
     t_mat = (time.perf_counter() - t0) * (n_samples / s)
-    n, m = op.shape
+    n, m = n_rows, op.shape[1]
     rows = min(n, 2048)
     gen = torch.Generator().manual_seed(0)  # timing only; keeps the global RNG untouched
     A = torch.randn(rows, m, dtype=sub.dtype, generator=gen).to(sub.device)
@@ -319,27 +333,36 @@ def matrix_free_is_cheaper(op: JacobianOperator, lsr: LsrConfig, probe_samples: 
 
 
 def choose_dense(
-    ops: dict[str, JacobianOperator], max_bytes: int, progress: Callable[[int], None] | None = None
+    ops: dict[str, JacobianOperator],
+    max_bytes: int,
+    progress: Callable[[int], None] | None = None,
+    comm: Comm = SINGLE,
 ) -> tuple[dict[str, DenseOperator] | None, str]:
     """Materialize every operator when together they fit ``max_bytes`` and are pointwise
     (:func:`~.linearization.materialize`); else ``(None, why)``. The check vector comes from a
-    fixed private generator, so the run's random stream is the same on either path."""
-    total = sum(op.shape[0] * op.shape[1] for op in ops.values()) * 8
+    fixed private generator, so the run's random stream is the same on either path.
+
+    Distributed (``comm``): the size is that of the whole ``J`` (every rank's rows), so the
+    choice is the one a single process makes, whatever the number of ranks; each rank holds
+    its own rows, and the dense path is taken only when it succeeds on every rank."""
+    n = comm.sum_int(sum(op.shape[0] for op in ops.values()))
+    m = next(iter(ops.values())).shape[1]
+    total = n * m * 8
     if total > max_bytes:
-        n = sum(op.shape[0] for op in ops.values())
-        m = next(iter(ops.values())).shape[1]
         return (
             None,
             f"the dense Jacobian ({n} x {m}, {total / 1e6:.0f} MB) exceeds half of the memory budget ({max_bytes / 1e6:.0f} MB)",
         )
     out: dict[str, DenseOperator] = {}
+    why = ""
     for name, op in ops.items():
         dense, why = materialize(op, max_bytes, torch.Generator().manual_seed(0), progress)
         if dense is None:
-            return None, why
+            break
         out[name] = dense
-    n = sum(op.shape[0] for op in ops.values())
-    m = next(iter(ops.values())).shape[1]
+    here = len(out) == len(ops)
+    if not comm.all_ok(here):  # every rank takes the same path
+        return None, why if not here else "materializing the Jacobian failed on another rank"
     return out, (
         f"the dense Jacobian ({n} x {m}, {total / 1e6:.0f} MB) fits half of the memory budget "
         f"({max_bytes / 1e6:.0f} MB) and the residual is pointwise"
@@ -355,19 +378,19 @@ def _finite_or_raise(t: Tensor, what: str, comm: Comm = SINGLE) -> None:
 
 
 def spectral_applies(
-    path: str, basis_is_train: bool, selection: Selection, lsr: LsrConfig, shape: tuple[int, int], comm: Comm
+    path: str, basis_is_train: bool, selection: Selection, lsr: LsrConfig, shape: tuple[int, int]
 ) -> bool:
     """Whether the supervised run tries the exact spectral path (:mod:`.spectral`): ``lsr.exact``, ``J`` is held
-    (the dense path) on one process, the basis is ``J`` itself (no ``lsr.sketch_rows`` subset),
-    the rank is chosen on a validation split or by the training loss (held-out rows of ``J``
-    would have to leave the basis too), and the sketch to exhaustion is bounded by
-    :data:`~.spectral.SPECTRAL_MAX_WORK`."""
+    (the dense path), the basis is ``J`` itself (no ``lsr.sketch_rows`` subset), the rank is
+    chosen on a validation split or by the training loss (held-out rows of ``J`` would have to
+    leave the basis too), and the sketch to exhaustion of the global ``J`` (``shape``: every
+    rank's rows) is bounded by :data:`~.spectral.SPECTRAL_MAX_WORK`. Every input is the same on
+    every rank and for any number of ranks."""
     n, m = shape
     k_max = min(n, m, lsr.max_rank + SPECTRAL_BLOCK)
     return (
         lsr.exact
         and path == "dense"
-        and comm.world == 1
         and basis_is_train
         and selection.kind in ("val_loss", "train_loss")
         and n * m * k_max <= SPECTRAL_MAX_WORK
@@ -463,11 +486,11 @@ def refine(
                     f"only {planned_columns(lsr)} sketch columns planned: JVPs are cheaper than materializing J "
                     f"(dense pays off from about {DENSE_MIN_COLUMNS}, benchmarks/throughput.py)"
                 )
-            elif lsr.jacobian == "auto" and comm.world == 1 and (slow := matrix_free_is_cheaper(ops["train"], lsr)):
+            elif lsr.jacobian == "auto" and (slow := _on_root(comm, matrix_free_is_cheaper, ops["train"], lsr, n)):
                 jac_info["reason"] = slow
             else:
                 advance = sink.begin("materialize J", sum(data[nm].num_samples for nm in names))
-                dense, why = choose_dense({nm: ops[nm] for nm in names}, budget // 2, advance)
+                dense, why = choose_dense({nm: ops[nm] for nm in names}, budget // 2, advance, comm)
                 sink.end()
                 jac_info = {"path": "dense" if dense else "matrix_free", "reason": why}
                 if dense:
@@ -480,14 +503,16 @@ def refine(
                 elif lsr.jacobian == "dense":
                     warnings.append(f"lsr.jacobian: dense was asked for but {why}; the matrix-free path ran")
             timings["materialize"] = time.perf_counter() - t_mat
-        if jac_info["path"] == "matrix_free" and lsr.row_chunk == "auto" and comm.world == 1 and not streamed_data:
+        if jac_info["path"] == "matrix_free" and lsr.row_chunk == "auto" and not streamed_data:
             # time a few chunk sizes: a cheap model with many outputs per sample (a Cartesian
             # DeepONet) runs ~9x faster in chunks of hundreds of samples than in the default
             t_tune = time.perf_counter()
             # a chunk's block of J P (rows x rank) and its copies stay within 1/16 of the budget
             cols = min(n, m, largest_rank(lsr)) + lsr.oversampling
             max_rows = max(row_chunk * out_numel, budget // (16 * 8 * cols))
-            row_chunk = tune_row_chunk(ops["train"], max_rows=max_rows)
+            # timed on rank 0 and broadcast: the chunk never depends on the number of ranks (it
+            # does not enter the forward products' values either, see tune_row_chunk)
+            row_chunk = _on_root(comm, tune_row_chunk, ops["train"], max_rows=max_rows)
             for op in [*ops.values(), basis_op]:
                 if isinstance(op, JacobianOperator):
                     op.row_chunk = row_chunk
@@ -545,9 +570,9 @@ def refine(
                 sketch=sketch,
             )
 
-        if spectral_applies(jac_info["path"], basis_op is ops["train"], selection, lsr, (n, m), comm):
+        if spectral_applies(jac_info["path"], basis_op is ops["train"], selection, lsr, (n, m)):
             # the held J sketched to exhaustion, every rank scored at once (spectral.py)
-            sub = solve_exact_first(ops["train"], f0["train"], selection, lsr, gen, sink, "J", adaptive)
+            sub = solve_exact_first(ops["train"], f0["train"], selection, lsr, gen, sink, "J", adaptive, comm)
         else:
             sub = adaptive()
         timings.update(sub.timings)

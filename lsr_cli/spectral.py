@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .config import LsrConfig
+from .distributed import SINGLE, Comm
 from .runtime import ProgressSink
 from .sketch import LinearOperator, RangeSketch
 from .subspace import Selection, SubspaceResult, SweepEntry, _plan_ranks, row_blocks, tikhonov_grid
@@ -61,9 +62,12 @@ def _reported(ranks: int, chosen: int) -> list[int]:
     return sorted(grid | {ranks, chosen} - {0})
 
 
-def _selection_losses(op: LinearOperator, f_sel: Tensor, P: Tensor, w: Tensor, shrinks: list[float]) -> Tensor:
+def _selection_losses(
+    op: LinearOperator, f_sel: Tensor, P: Tensor, w: Tensor, shrinks: list[float], comm: Comm = SINGLE
+) -> Tensor:
     """``[len(shrinks), k]``: ``‖f_sel + s · Σ_{i≤r} (op P)_i w_i‖²`` for every rank ``r`` and
-    shrink factor ``s``, streamed over ``op``'s row blocks (``op P`` is never held whole)."""
+    shrink factor ``s``, streamed over ``op``'s row blocks (``op P`` is never held whole);
+    distributed: summed over every rank's rows."""
     out = torch.zeros(len(shrinks), P.shape[1], dtype=f_sel.dtype, device=f_sel.device)
     for start, Z in row_blocks(op, P):
         f = f_sel[start : start + Z.shape[0], None]
@@ -71,7 +75,7 @@ def _selection_losses(op: LinearOperator, f_sel: Tensor, P: Tensor, w: Tensor, s
         del Z
         for j, shrink in enumerate(shrinks):
             out[j] += (f + shrink * C).square().sum(0)
-    return out
+    return comm.allreduce_sum(out)
 
 
 def solve_spectral(
@@ -83,21 +87,28 @@ def solve_spectral(
     sink: ProgressSink,
     label: str = "G",
     sketch: RangeSketch | None = None,
+    comm: Comm = SINGLE,
 ) -> SubspaceResult | None:
     """LSR of ``min ‖f0 + G P z‖`` with ``P`` the exact right singular vectors of ``G`` (scaled by
     ``S⁻¹``), every rank up to the numerical rank scored on the selection's validation operator,
     by generalized cross-validation, or by the training loss (``train_loss``); ``None`` when the
-    sketch of ``G`` (``sketch``, a new one if not given) does not exhaust within ``lsr.max_rank``."""
+    sketch of ``G`` (``sketch``, a new one if not given) does not exhaust within ``lsr.max_rank``.
+
+    Distributed (``comm``): ``G``, ``f0`` and the selection hold this rank's rows; the sketch is
+    the distributed range finder, and every sum over rows (``Uᵀ f0``, the residual norms, the
+    validation losses) is all-reduced, so the scores, the choice and ``z`` are the same on
+    every rank and do not depend on the number of ranks."""
     if (selection.op is None) != (selection.f0 is None) or (selection.kind == "val_loss" and selection.op is None):
         return None
-    n, m = G.shape
+    n_local, m = G.shape
+    n = comm.sum_int(n_local)
     limit = min(n, m)
     ranks_wanted, _ = _plan_ranks(lsr, limit, n, m)  # fixed ranks above the limit: a config error, as adaptive
     timings = {"sketch": 0.0, "project": 0.0, "solve": 0.0}
 
     t0 = time.perf_counter()
     if sketch is None:
-        sketch = RangeSketch(G, gen, f0.dtype, f0.device, lsr.power_iterations, block_size=SPECTRAL_BLOCK)
+        sketch = RangeSketch(G, gen, f0.dtype, f0.device, lsr.power_iterations, SPECTRAL_BLOCK, comm)
     k_target = min(lsr.max_rank + SPECTRAL_BLOCK, limit)
     new_cols = k_target - sketch.num_columns
     if new_cols > 0:
@@ -113,26 +124,26 @@ def solve_spectral(
     t1 = time.perf_counter()
     W, S, Vh = sketch.svd()
     k = min(usable, lsr.max_rank)
-    b = Vh[:k] @ (sketch.Q.T @ f0)  # U_kᵀ f0 with G ≈ U S Wᵀ, U = Q Vhᵀ
+    b = Vh[:k] @ comm.allreduce_sum(sketch.Q.T @ f0)  # U_kᵀ f0 with G ≈ U S Wᵀ, U = Q Vhᵀ
     kind = "gcv" if selection.kind in ("holdout_loss", "gcv") else selection.kind
     grid = tikhonov_grid(lsr, kind != "train_loss")
     shrinks = [1.0 / (1.0 + lam * lam) for lam in grid]  # A = G P = U: Tikhonov shrinks every z_i alike
     sel_sq: Tensor | None = None
     if selection.op is not None and selection.f0 is not None:
         advance = sink.begin(f"validation rows x P (k={k})", 1)
-        sel_sq = _selection_losses(selection.op, selection.f0, W[:, :k] / S[:k], -b, shrinks)
+        sel_sq = _selection_losses(selection.op, selection.f0, W[:, :k] / S[:k], -b, shrinks, comm)
         advance(1)
         sink.end()
     timings["project"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    f_sq = float(f0.square().sum())
+    f_sq = comm.sum_float(float(f0.square().sum()))
     # the scores are computed on the CPU (k numbers per λ), whatever the device
     b2 = b.square().cpu()
     b_cum = torch.cumsum(b2, 0)  # ‖U_rᵀ f0‖² for r = 1..k
     # ‖f0 − U_r U_rᵀ f0‖² as (part outside range(U_k)) + Σ_{i>r} b_i², not ‖f0‖² − ‖b_r‖²:
     # no cancellation when the residual falls many orders below ‖f0‖
-    perp = float((f0 - sketch.Q @ (Vh[:k].T @ b)).square().sum())
+    perp = comm.sum_float(float((f0 - sketch.Q @ (Vh[:k].T @ b)).square().sum()))
     tail = torch.flip(torch.cumsum(torch.flip(b2, (0,)), 0), (0,)) - b2
     if ranks_wanted:
         candidates = torch.tensor(sorted({min(r, k) for r in ranks_wanted}))
@@ -140,12 +151,13 @@ def solve_spectral(
         candidates = torch.arange(1, k + 1)
     idx = candidates - 1
     ranks = candidates.to(f0.dtype)
+    num_sel = comm.sum_int(selection.f0.numel()) if selection.f0 is not None else 0
     train_rows, sel_rows = [], []
     for j, (lam, shrink) in enumerate(zip(grid, shrinks, strict=True)):
         res_sq = (perp + tail + b_cum * (lam * lam * shrink) ** 2)[idx]
         train_rows.append(res_sq / n)
         if sel_sq is not None:
-            sel_rows.append(sel_sq[j].cpu()[idx] / max(selection.f0.numel(), 1))  # type: ignore[union-attr]
+            sel_rows.append(sel_sq[j].cpu()[idx] / max(num_sel, 1))
         else:
             dof = (1.0 - ranks * shrink / n).clamp_min(0.0)
             sel_rows.append(torch.where(dof > 0, res_sq / n / dof.square(), torch.inf))
@@ -158,7 +170,7 @@ def solve_spectral(
     j = int(best_per_rank.argmin())
     base_train = f_sq / max(n, 1)
     if sel_sq is not None:
-        base_sel: float | None = float(selection.f0.square().mean())  # type: ignore[union-attr]
+        base_sel: float | None = comm.sum_float(float(selection.f0.square().sum())) / max(num_sel, 1)  # type: ignore[union-attr]
     else:
         base_sel = base_train if kind == "gcv" else None
     base_metric = base_train if kind == "train_loss" else float(base_sel)  # type: ignore[arg-type]
@@ -187,6 +199,8 @@ def solve_spectral(
         z = -b[:r] / (1.0 + chosen.tikhonov**2)
         basis = W[:, :r] / S[:r]
         dz = basis @ z
+        if comm.world > 1:  # identical everywhere already; rank 0's, as on the adaptive path
+            dz = comm.broadcast(dz)
     timings["solve"] = time.perf_counter() - t2
     top = entry(len(candidates) - 1)
     if usable > k:
@@ -238,13 +252,14 @@ def solve_exact_first(
     sink: ProgressSink,
     label: str,
     adaptive: Callable[[RangeSketch], SubspaceResult],
+    comm: Comm = SINGLE,
 ) -> SubspaceResult:
     """:func:`solve_spectral` on a new sketch of ``G``; when it does not exhaust, ``adaptive``
     (the caller's :func:`~.subspace.solve_subspace` with ``G`` as its basis operator) continues
     from that sketch, and the time of the attempt counts in its ``sketch`` stage."""
     t0 = time.perf_counter()
-    sketch = RangeSketch(G, gen, f0.dtype, f0.device, lsr.power_iterations, block_size=SPECTRAL_BLOCK)
-    sub = solve_spectral(G, f0, selection, lsr, gen, sink, label, sketch)
+    sketch = RangeSketch(G, gen, f0.dtype, f0.device, lsr.power_iterations, SPECTRAL_BLOCK, comm)
+    sub = solve_spectral(G, f0, selection, lsr, gen, sink, label, sketch, comm)
     if sub is not None:
         return sub
     spent = time.perf_counter() - t0

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lsr_cli.checkpoint import LoadedCheckpoint
 from lsr_cli.config import Config
-from lsr_cli.distributed import SINGLE, Comm, global_mean_square
+from lsr_cli.distributed import SINGLE, Comm, global_mean_square, global_norm
 from lsr_cli.errors import CheckpointError, ConfigError, NumericalError
 from lsr_cli.linearization import JacobianOperator, ParameterSpace, StackedOperator
 from lsr_cli.linearized import LinearizedModel
@@ -109,9 +109,11 @@ def build_operators(
     space: ParameterSpace,
     cfg: Config,
     row_chunk: int = ROW_CHUNK,
+    comm: Comm = SINGLE,
 ) -> ResidualOperators:
     """Residual operators of every block; materialized (``lsr.jacobian``: auto when ``G`` fits
-    half of the memory budget, or dense) so that products are BLAS-3, else matrix-free."""
+    half of the memory budget, or dense) so that products are BLAS-3, else matrix-free.
+    Distributed: the size is the whole ``G``'s, so every rank count takes the same path."""
     lsr = cfg.lsr
     ops: list[Any] = [
         JacobianOperator(module, space, b.inputs, row_chunk, lsr.tangent_chunk, residual=b.residual)
@@ -123,7 +125,9 @@ def build_operators(
     elif lsr.jacobian != "matrix_free":
         device = ops[0].device
         budget = resolve_memory_budget(lsr.max_memory, device)
-        dense, why = choose_dense({b.name: op for b, op in zip(problem.blocks, ops, strict=True)}, budget // 2)
+        dense, why = choose_dense(
+            {b.name: op for b, op in zip(problem.blocks, ops, strict=True)}, budget // 2, None, comm
+        )
         info = {"path": "dense" if dense else "matrix_free", "reason": why}
         if dense is not None:
             ops = [dense[b.name] for b in problem.blocks]
@@ -215,7 +219,8 @@ def lsr_step(
         idx = idx.to(pts.device)
         basis_op = JacobianOperator(module, space, (pts[idx],), 4 * ROW_CHUNK, lsr.tangent_chunk, probe=(pts[:1],))
         if ops.jacobian["path"] == "dense":
-            dense, _ = choose_dense({"basis": basis_op}, resolve_memory_budget(lsr.max_memory, basis_op.device) // 2)
+            budget = resolve_memory_budget(lsr.max_memory, basis_op.device)
+            dense, _ = choose_dense({"basis": basis_op}, budget // 2, None, comm)
             if dense is not None:
                 basis_op = dense["basis"]
         label = "J"
@@ -226,15 +231,14 @@ def lsr_step(
             basis_op, ops.G, ops.f0, selection, lsr, gen, dtype, device, sink, label, comm=comm, sketch=sketch
         )
 
-    n, m = ops.G.shape
+    n, m = comm.sum_int(ops.G.shape[0]), ops.G.shape[1]
     if (
         lsr.exact
         and basis == "residual"
         and ops.jacobian["path"] == "dense"
-        and comm.world == 1
         and n * m <= SPECTRAL_MAX_ENTRIES  # ops.G: the dense blocks, products are matrix products
     ):
-        return solve_exact_first(ops.G, ops.f0, selection, lsr, gen, sink, label, adaptive)
+        return solve_exact_first(ops.G, ops.f0, selection, lsr, gen, sink, label, adaptive, comm)
     return adaptive()
 
 
@@ -242,49 +246,52 @@ LINEARITY_ROWS = 256
 """Rows per block on which ``auto`` checks that the equation is linear in ``u``."""
 
 
-def equation_is_linear(module: nn.Module, problem: PdeProblem, space: ParameterSpace, ops: ResidualOperators) -> bool:
+def equation_is_linear(
+    module: nn.Module, problem: PdeProblem, space: ParameterSpace, ops: ResidualOperators, comm: Comm = SINGLE
+) -> bool:
     """Whether the residual of ``q0 + J v`` equals its linearization ``f0 + G v`` (to 1e-8) for a
     random step ``v`` as large as ``f0``, on the first :data:`LINEARITY_ROWS` points of each block
-    (``G`` held dense; a private generator, so the run's random stream is unchanged)."""
+    (``G`` held dense; a private generator, so the run's random stream is unchanged).
+    Distributed: the same global points, on the ranks that hold them, and global sums."""
     gen = torch.Generator().manual_seed(1234)
     v = torch.randn(space.num, generator=gen, dtype=ops.f0.dtype).to(ops.f0.device)
     Gv = ops.G.matvec(v)
-    v = v * (float(ops.f0.norm()) / max(float(Gv.norm()), 1e-300))
+    v = v * (global_norm(ops.f0, comm) / max(global_norm(Gv, comm), 1e-300))
     model = LinearizedModel(module, space.unflatten_vector(v))
     start, gap, size = 0, 0.0, 0.0
     with torch.no_grad():
         for b, op in zip(problem.blocks, ops.blocks, strict=True):
             n = int(b.points.shape[0])
-            k = min(n, LINEARITY_ROWS)
-            lin = ops.f0[start : start + k] + op.J[:k] @ v
-            exact = b.residual(model, tuple(x[:k] for x in b.inputs)).reshape(-1)
-            gap += float((exact - lin).square().sum())
-            size += float(lin.square().sum())
+            k = max(0, min(n, LINEARITY_ROWS - b.first_point))  # this rank's rows among the block's first
+            if k > 0:
+                lin = ops.f0[start : start + k] + op.J[:k] @ v
+                exact = b.residual(model, tuple(x[:k] for x in b.inputs)).reshape(-1)
+                gap += float((exact - lin).square().sum())
+                size += float(lin.square().sum())
             start += n
+    gap, size = comm.sum_float(gap), comm.sum_float(size)
     return gap <= 1e-16 * max(size, 1e-300)
 
 
 def choose_basis(
     module: nn.Module, problem: PdeProblem, space: ParameterSpace, ops: ResidualOperators, comm: Comm = SINGLE
 ) -> tuple[str, str]:
-    """``pde.basis`` resolved, and why. ``auto`` is ``residual`` when ``G`` is held dense on one
-    process, has at most :data:`~lsr_cli.spectral.SPECTRAL_MAX_ENTRIES` entries and the equation
+    """``pde.basis`` resolved, and why (the same for any number of ranks). ``auto`` is ``residual``
+    when ``G`` is held dense, has at most :data:`~lsr_cli.spectral.SPECTRAL_MAX_ENTRIES` entries and the equation
     is linear in ``u`` (its exact singular basis is then affordable and keeps directions that the
     output Jacobian loses to round-off); else ``output`` (on a nonlinear equation such as Burgers
     the residual basis gives large linearized steps that the true residual does not follow)."""
     if problem.basis != "auto":
         return problem.basis, f"pde.basis: {problem.basis}"
-    n, m = ops.G.shape
+    n, m = comm.sum_int(ops.G.shape[0]), ops.G.shape[1]
     if ops.jacobian["path"] != "dense":
         return (
             "output",
             "auto: G is applied matrix-free; the output Jacobian on a subset of points is cheaper to sketch",
         )
-    if comm.world > 1:
-        return "output", "auto: distributed run"
     if n * m > SPECTRAL_MAX_ENTRIES:
         return "output", f"auto: G ({n} x {m}) has more than {SPECTRAL_MAX_ENTRIES} entries"
-    if not equation_is_linear(module, problem, space, ops):
+    if not equation_is_linear(module, problem, space, ops, comm):
         return "output", "auto: the equation is nonlinear in u (the linearized residual differs from the exact one)"
     return "residual", f"auto: G ({n} x {m}) is held dense and small, and the equation is linear in u"
 
@@ -359,7 +366,7 @@ def _exact_stage(
     """The new reduced step ``z`` (``None``: keep LSR's) and what was done."""
     info: dict[str, Any] = {"ran": False}
     limit = problem.nonlinear_iterations
-    gap = float((f_after - f_lin).norm())
+    gap = global_norm(f_after - f_lin, comm)
     info["exact_minus_linearized_norm"] = gap
     info["lsr_step_residual_loss"] = global_mean_square(f_after, comm)
     if limit == 0:
@@ -368,14 +375,11 @@ def _exact_stage(
     if sub.basis is None or sub.z is None:
         info["reason"] = "LSR kept the input (rank 0)"
         return None, info
-    if gap <= 1e-8 * max(float(ops.f0.norm()), 1e-300):
+    if gap <= 1e-8 * max(global_norm(ops.f0, comm), 1e-300):
         info["reason"] = "the equation is linear here: the predictor's residual equals the linearized one"
         return None, info
-    if comm.world > 1:
-        info["reason"] = "not available in distributed runs yet"
-        return None, info
     layout = layouts(problem, module)
-    need = table_bytes(problem, layout, int(sub.z.shape[0]))
+    need = comm.sum_int(table_bytes(problem, layout, int(sub.z.shape[0])))  # all ranks: the same choice for any N
     budget = resolve_memory_budget(cfg.lsr.max_memory, ops.f0.device)
     info["table_bytes"] = need
     if need > budget // 2:
@@ -388,7 +392,7 @@ def _exact_stage(
         tables = tabulate(module, problem, space, sub.basis, cfg.lsr.tangent_chunk, dense, layout)
         info["tables"] = "per-point Jacobians x P" if dense else "JVPs"
         check = torch.cat([t.at(sub.z) for t in tables])
-        mismatch = float((check - f_after).norm() / max(float(f_after.norm()), 1e-300))
+        mismatch = global_norm(check - f_after, comm) / max(global_norm(f_after, comm), 1e-300)
         if mismatch > 1e-6:
             info["reason"] = f"the tabulated residual differs from the predictor's by {mismatch:.1e} (not pointwise?)"
             return None, info
@@ -402,6 +406,7 @@ def _exact_stage(
             limit,
             time_limit=time_limit,
             progress=sink,
+            comm=comm,
         )
     except RuntimeError as exc:  # a user residual asking for something the tables lack, ...
         info["reason"] = f"skipped: {str(exc).splitlines()[0][:200]}"
@@ -443,7 +448,7 @@ def prepare_pde_run(
     check_points_fit(module, problem, str(ckpt.path))
     check_blocks(module, problem)
     space = select_parameters(module, cfg, gen)
-    ops = build_operators(module, problem, space, cfg)
+    ops = build_operators(module, problem, space, cfg, comm=comm)
     bad = int((~torch.isfinite(ops.f0)).sum())
     if (comm.sum_int(bad) if comm.world > 1 else bad) > 0:
         raise NumericalError(f"{ckpt.path}: the physics residual at the checkpoint has non-finite values")

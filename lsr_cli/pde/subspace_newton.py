@@ -33,8 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lsr_cli.distributed import SINGLE, Comm, merge_accumulators
 from lsr_cli.linearization import JacobianOperator, ParameterSpace
 from lsr_cli.runtime import NoProgress, ProgressSink
+from lsr_cli.solve import QRAccumulator
 
 from .fields import Key, TabulatedModel, recording
 from .problem import Block, PdeProblem
@@ -147,8 +149,23 @@ class NewtonResult:
     stop_reason: str = ""
 
 
-def _objective(f: Tensor, z: Tensor, lam: float) -> float:
-    return float(f.square().sum() + lam**2 * z.square().sum())
+def _objective(f: Tensor, z: Tensor, lam: float, comm: Comm = SINGLE) -> float:
+    return comm.sum_float(float(f.square().sum())) + lam**2 * float(z.square().sum())
+
+
+def _reduced_triangle(A: Tensor, b: Tensor, lam: float, z: Tensor, comm: Comm) -> tuple[Tensor, Tensor]:
+    """``(R, Qᵀ rhs)`` of the QR of ``[A; λ I]`` with right-hand side ``[b; −λ z]``: the fit rows
+    (distributed: every rank's, their triangles merged identically on every rank) folded into
+    one ``(r+1) × (r+1)`` triangle, the damping rows added to it."""
+    r = z.shape[0]
+    acc = QRAccumulator(r, A.device)
+    acc.add(A, b)
+    R, c, _ = merge_accumulators(acc, comm).parts()
+    if lam > 0:
+        eye = torch.eye(r, dtype=R.dtype, device=R.device)
+        Q2, R = torch.linalg.qr(torch.cat([R, lam * eye]))
+        c = Q2.T @ torch.cat([c, -lam * z.to(R.dtype)])
+    return R, c
 
 
 def levenberg_marquardt(
@@ -160,9 +177,14 @@ def levenberg_marquardt(
     max_iterations: int,
     time_limit: float = float("inf"),
     progress: ProgressSink | None = None,
+    comm: Comm = SINGLE,
 ) -> NewtonResult:
     """Minimize ``‖R_fit(u_z)‖² + λ²‖z‖²`` from ``z0``; return the iterate with the lowest
-    held-out exact residual (fit rows when there is no hold-out; LSR's own step included)."""
+    held-out exact residual (fit rows when there is no hold-out; LSR's own step included).
+
+    Distributed (``comm``): ``tables`` and the row sets hold this rank's points; every sum over
+    rows is all-reduced and the fit rows' QR triangles are merged, so every rank takes the same
+    steps, and the time limit is rank 0's clock."""
     t0 = time.perf_counter()
 
     def residual(z: Tensor) -> Tensor:
@@ -176,39 +198,39 @@ def levenberg_marquardt(
 
     def monitor(f: Tensor) -> float:
         g = part(f, hold_rows if hold_rows is not None else fit_rows)
-        return float(g.square().mean())
+        return comm.sum_float(float(g.square().sum())) / max(comm.sum_int(g.numel()), 1)
+
+    def out_of_time() -> bool:
+        late = time.perf_counter() - t0 > time_limit
+        return late if comm.world == 1 else bool(comm.allgather_object(late)[0])
 
     z = z0.clone()
     f = residual(z)
-    phi = _objective(part(f, fit_rows), z, lam)
+    phi = _objective(part(f, fit_rows), z, lam, comm)
     best_metric, best_z = monitor(f), z.clone()
     history = [{"iteration": 0, "fit_objective": phi, "monitor": best_metric, "damping": 0.0}]
-    r = z.shape[0]
-    eye = torch.eye(r, dtype=z.dtype, device=z.device)
+    eye = torch.eye(z.shape[0], dtype=torch.float64, device=z.device)  # the triangles are float64
     mu: float | None = None
     stop, it = f"iteration cap {max_iterations}", 0
     bad = 0
     sink = progress or NoProgress()
     advance = sink.begin(f"exact residual in the subspace (r={z0.shape[0]})", max_iterations)
     while it < max_iterations:
-        if time.perf_counter() - t0 > time_limit:
+        if out_of_time():
             stop = f"time limit {time_limit:.0f} s"
             break
-        A = part(jac(z), fit_rows)
-        b = -part(f, fit_rows)
         # QR of [A; λ I]: the damping μ is then added cheaply to the small triangle
-        Q, R = torch.linalg.qr(torch.cat([A, lam * eye]) if lam > 0 else A)
-        qb = Q.T @ (torch.cat([b, -lam * z]) if lam > 0 else b)
+        R, qb = _reduced_triangle(part(jac(z), fit_rows), -part(f, fit_rows), lam, z, comm)
         if mu is None:
             mu = 1e-6 * float(torch.linalg.matrix_norm(R, 2)) ** 2
         accepted = False
         for _ in range(12):
             Rm = torch.cat([R, (mu**0.5) * eye])
             step = torch.linalg.lstsq(Rm, torch.cat([qb, torch.zeros_like(qb)])).solution
-            z_new = z + step
+            z_new = z + step.to(z.dtype)
             f_new = residual(z_new)
-            phi_new = _objective(part(f_new, fit_rows), z_new, lam)
-            if torch.isfinite(f_new).all() and phi_new < phi:
+            phi_new = _objective(part(f_new, fit_rows), z_new, lam, comm)
+            if comm.all_ok(bool(torch.isfinite(f_new).all())) and phi_new < phi:
                 accepted = True
                 break
             mu *= 8.0
