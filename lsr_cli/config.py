@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -21,96 +21,221 @@ DTYPES = ("float64", "float32")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
+class KeyDoc(NamedTuple):
+    """The documentation of a key of a section that is validated by hand (``pde:``, ``instances:``)."""
+
+    type: str
+    default: str
+    help: str
+
+
+def key(
+    default: Any = MISSING,
+    *,
+    help: str,
+    default_factory: Any = MISSING,
+    shown: str | None = None,
+    shown_type: str | None = None,
+) -> Any:
+    """A config field with its help text; ``docs/configuration.md`` is generated from these.
+
+    ``shown`` / ``shown_type``: the default and the type as the docs write them, where the
+    Python value and annotation alone would mislead (``compile: null`` is ``false`` in YAML)."""
+    metadata = {"help": help}
+    if shown is not None:
+        metadata["shown"] = shown
+    if shown_type is not None:
+        metadata["shown_type"] = shown_type
+    return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
 @dataclass
 class ModelConfig:
     """How to rebuild the network of a state-dict checkpoint."""
 
-    factory: str | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    checkpoint: str | None = None
+    factory: str | None = key(
+        None,
+        help="state dicts only: built-in `mlp`, or `package.module:callable`, or `path/file.py:callable` "
+        "(this runs that code)",
+    )
+    kwargs: dict[str, Any] = key(
+        default_factory=dict,
+        help="keyword arguments of the factory (`mlp`: `in_features`, `out_features`, `hidden`, `activation`; "
+        "sizes are read off the state dict when omitted)",
+    )
+    checkpoint: str | None = key(
+        None, help="the default CHECKPOINT of `lsr iterate` and `lsr instances` (relative to the config file)"
+    )
 
 
 @dataclass
 class DataConfig:
     """Where the data lives in the HDF5 file."""
 
-    path: str | None = None
-    train: str = "train"
-    val: str | None = "val"
-    test: str | None = "test"
-    inputs: str = "inputs"
-    targets: str = "targets"
+    path: str | None = key(None, help="HDF5 file (`--data`)")
+    train: str = key("train", help="group name of the training split")
+    val: str | None = key("val", help="group name of the validation split (`null` skips it)")
+    test: str | None = key("test", help="group name of the test split (`null` skips it)")
+    inputs: str = key("inputs", help="name of the inputs (a dataset, or a group of several) inside each group")
+    targets: str = key("targets", help="name of the targets dataset inside each group")
 
 
 @dataclass
 class ParametersConfig:
     """Which parameters are linearized (fnmatch patterns on names, random fraction)."""
 
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    fraction: float = 1.0
+    include: list[str] = key(default_factory=list, help="fnmatch patterns of parameter names to linearize")
+    exclude: list[str] = key(default_factory=list, help="fnmatch patterns of parameter names to freeze")
+    fraction: float = key(1.0, help="random (seeded) fraction of the selected entries to linearize")
 
 
 @dataclass
 class LsrConfig:
     """The refinement itself."""
 
-    rank: int | list[int] | str = "auto"
-    start_rank: int = 256
-    max_rank: int = 4096
-    growth: float = 2.0
-    patience: int = 2
-    holdout: float = 0.1
-    rise_tolerance: float = 0.05
-    oversampling: int = 10
-    power_iterations: int = 0
-    truncation_rcond: float | str = "auto"
-    tikhonov: float | list[float] | str = "auto"
-    parameters: ParametersConfig = field(default_factory=ParametersConfig)
-    row_chunk: int | str = "auto"
-    tangent_chunk: int = 32
-    max_memory: int | str = "auto"  # bytes, or "auto" (half of the free host / device memory)
-    sketch_rows: int | str = "auto"  # residual rows sketched for the basis (see refine.sketch_samples)
-    jacobian: str = "auto"  # auto | dense | matrix_free
-    compile: str | None = None  # torch.compile backend for the matrix-free JVPs (None: off)
-    exact: bool = True  # the exact spectral path where it applies (spectral.py); false: adaptive rounds only
+    rank: int | list[int] | str = key("auto", help="`auto` (adaptive), an integer, or a list (sweep) (`--rank`)")
+    start_rank: int = key(256, help="first rank of `auto`")
+    max_rank: int = key(4096, help="largest rank `auto` tries")
+    growth: float = key(2.0, help="factor between `auto` rounds")
+    patience: int = key(2, help="`auto` stops after this many rounds in which the selection loss rose")
+    holdout: float = key(
+        0.1,
+        help="without a `val` split, this fraction of the training samples (seeded) selects rank and λ; the "
+        "winner is then refitted on all training rows (0: select on the training loss)",
+    )
+    rise_tolerance: float = key(0.05, help='a round "rose" when its loss exceeds the best by this fraction')
+    oversampling: int = key(10, help="extra sketch columns (k = rank + oversampling)")
+    power_iterations: int = key(0, help="subspace iterations of the range finder")
+    truncation_rcond: float | str = key(
+        "auto",
+        help="singular values of the reduced matrix below `rcond · s_max` are dropped; `auto` = `eps · max(n, rank)`",
+    )
+    tikhonov: float | list[float] | str = key(
+        "auto",
+        help="λ relative to `s_max` of the reduced matrix: a number, a list, or `auto` = {0, 1e-12, …, 1e-2} "
+        "chosen on the selection rows (0 when selecting on the training loss)",
+    )
+    parameters: ParametersConfig = key(
+        default_factory=ParametersConfig,
+        help="Which parameters are linearized: fnmatch patterns on their names, a random fraction.",
+    )
+    row_chunk: int | str = key(
+        "auto",
+        help="samples per Jacobian-product chunk. `auto`: 16384 / (32 · outputs per sample); on the matrix-free "
+        "path of `lsr refine` (one process, data in memory) the JVP chunk is then tuned by timing one tangent "
+        "block on chunks 4×, 16×, … larger, keeping the largest within 15 % of the fastest whose block of "
+        "`J P` (rows × rank) takes at most 1/16 of the memory budget (a Cartesian DeepONet: 8 → 128 samples, "
+        "JVPs ~7× faster). Each row of `J V` comes from its own sample, so the JVP chunk does not change the "
+        "result; VJPs sum over a chunk's rows and keep the default chunk, so a streamed run still gives the "
+        "in-memory result to round-off",
+    )
+    tangent_chunk: int = key(32, help="tangents per batched JVP/VJP")
+    max_memory: int | str = key(
+        "auto",
+        help="memory budget (`--max-memory`): a size such as `4GB`, `512MiB` or bytes; `auto` = half of the "
+        "free host (or GPU) memory. A bound for `lsr refine` (see `--max-memory` in the README): too small a "
+        "budget is exit code 2 with the minimum, before any heavy stage; a given budget also makes glibc "
+        "return freed blocks at once (steadier resident memory)",
+    )
+    sketch_rows: int | str = key(
+        "auto",
+        help="residual rows sketched for the basis: `auto` = all up to `max(8192, 16 k)` rows (k = largest rank "
+        "+ oversampling), beyond that a seeded random subset of whole samples; the reduced problem always uses "
+        "every row. Independent of the budget, so a streamed run gives the in-memory result",
+    )
+    jacobian: str = key(
+        "auto",
+        help="`auto`: hold the Jacobian dense (per-sample Jacobians, BLAS-3 products) when it fits half of the "
+        "budget, each sample's rows depend on that sample only (checked against JVPs), at least 128 sketch "
+        "columns are planned and — timing both paths on 32 samples — it is estimated faster; else matrix-free "
+        "(cheap models with shared inputs, like a Cartesian DeepONet, stay matrix-free); `dense`; "
+        "`matrix_free`. The report's `jacobian` says which ran and why",
+    )
+    compile: str | None = key(
+        None,
+        shown="false",
+        shown_type="boolean | string",
+        help="`true` (= `inductor`) or `aot_eager`: run the matrix-free path's JVPs (data-driven `lsr refine`; "
+        "not yet physics residuals, the report says so) (sketch and projection) through `torch.compile`, "
+        "chunks padded to static shapes so one graph is compiled; plain modules only (a state-dict checkpoint "
+        "with `model.factory`; TorchScript models run eagerly, the report says so); if compiling fails (no C++ "
+        "compiler, an unsupported op) the run continues eagerly with a warning. `--compile` on `lsr refine` "
+        "sets it. The report's `compile` gives the backend, whether it ran and the first call's seconds "
+        "(mostly compiling). Measured on this CPU (`benchmarks/compile.py`): 1.08× on the regression MLP "
+        "(matrix-free), 1.02× on the DeepONet sample",
+    )
+    exact: bool = key(
+        True,
+        help='take the exact spectral path where it applies (README, "The exact path"; for PDEs, "How it '
+        'works"): the held Jacobian sketched to exhaustion and every rank scored at once; `false`: always '
+        "the adaptive rounds",
+    )
 
 
 @dataclass
 class IterateConfig:
     """Iterative LSR (``lsr iterate``): outer loop, L-BFGS alignment, stopping."""
 
-    iterations: int = 10
-    lbfgs_iterations: int = 300
-    dtau: float = 1e-3
-    tolerance: float = 0.0
-    patience: int = 3
-    resample: bool = False
-    history_size: int = 50
-    save_dtype: str = "original"
-    select: str = "distance"
-    gauss_newton_steps: int = 15
-    gauss_newton_rank: int = 600
+    iterations: int = key(10, help="outer iterations (`--iterations`)")
+    lbfgs_iterations: int = key(300, help="L-BFGS (strong Wolfe, float64) iterations of each alignment")
+    dtau: float = key(1e-3, help="pseudo-time step: small → supervised fit to the LSR predictor")
+    tolerance: float = key(0.0, help="stop when the network fits the LSR predictor to this relative distance")
+    patience: int = key(3, help="stop after this many iterations in which that distance did not fall")
+    resample: bool = key(False, help="draw new generated points every iteration")
+    history_size: int = key(50, help="L-BFGS memory")
+    save_dtype: str = key("original", help="dtype of the written network: `original` | `float64` | `float32`")
+    select: str = key("distance", help="keep the network closest to the last LSR predictor (`distance`), or `residual`")
+    gauss_newton_steps: int = key(15, help="Levenberg–Marquardt steps of each alignment (0: L-BFGS only)")
+    gauss_newton_rank: int = key(600, help="parameter directions sketched for each of those steps")
 
 
 @dataclass
 class OutputConfig:
-    checkpoint: str | None = None
-    report: str | None = None
+    """Where the outputs go (command-line flags win)."""
+
+    checkpoint: str | None = key(
+        None,
+        shown="next to the input",
+        help="output path (`--out`; default `CHECKPOINT.refined.pt`, `.iterated.pt` or `.instances.h5` beside "
+        "the input)",
+    )
+    report: str | None = key(
+        None, shown="next to the output", help="JSON report path (`--report`; default `OUT.report.json`)"
+    )
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    lsr: LsrConfig = field(default_factory=LsrConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    pde: dict[str, Any] | None = None
-    instances: dict[str, Any] | None = None  # `lsr instances` (validated by lsr_cli.pde.instances)
-    iterate: IterateConfig = field(default_factory=IterateConfig)
-    dtype: str = "float64"
-    device: str = "auto"
-    seed: int = 0
+    """The whole config file."""
+
+    model: ModelConfig = key(default_factory=ModelConfig, help="How to rebuild the network of a state-dict checkpoint.")
+    data: DataConfig = key(
+        default_factory=DataConfig, help='Where the data lives in the HDF5 file (README, "HDF5 layout").'
+    )
+    lsr: LsrConfig = key(
+        default_factory=LsrConfig,
+        help='The refinement itself (README, "How rank and regularization are chosen").',
+    )
+    output: OutputConfig = key(default_factory=OutputConfig, help="Output paths (`--out` and `--report` win).")
+    pde: dict[str, Any] | None = key(
+        None,
+        help="a physics-informed problem: `lsr refine` fits its residual, `lsr iterate` needs it (keys: section `pde`)",
+    )
+    instances: dict[str, Any] | None = key(
+        None, help="per-instance refinement by `lsr instances` (keys: section `instances`)"
+    )
+    iterate: IterateConfig = key(
+        default_factory=IterateConfig,
+        help="Iterative LSR (`lsr iterate`): outer loop, alignment of the network, stopping.",
+    )
+    dtype: str = key(
+        "float64",
+        help="refinement dtype (`--dtype float32` is the fast option; the reduced solve is float64 always)",
+    )
+    device: str = key("auto", help="`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N` (`--device`)")
+    seed: int = key(
+        0, help="seeds every random draw (sketch, parameter subsets) through explicit generators (`--seed`)"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

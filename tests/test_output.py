@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lsr_cli.report import LineProgress, refine_summary
+from lsr_cli.report import NETWORK_NOTE, LineProgress, refine_summary
 
 from .test_cli import assert_ok, refine_args, run
 from .test_cli_pde import _pinn, pinn, write_config  # noqa: F401  (fixtures)
@@ -70,8 +70,8 @@ def test_refine_log_keeps_every_digit_and_one_line_per_stage(regression_files):
     assert "\x1b[" not in stdout + stderr  # no colours or cursor movements in a log
     for split, errs in rep["splits"].items():
         b, a = errs["before"]["rel_l2"], errs["after"]["rel_l2"]
-        cells = [split, sci(b), sci(a), f"{b / a:.3g}×", sci(errs["after"]["max_abs"])]
-        assert_cells(row_of(stdout, split), [*cells, sci(errs["network_after"]["rel_l2"])])
+        assert_cells(row_of(stdout, split), [split, sci(b), sci(a), f"{b / a:.3g}×"])
+    assert "θ0" not in stdout  # the plain network at θ0 + δ is shown with --verbose only
     # progress: one plain line per stage, nothing else, no bars
     done = stages(stderr)
     assert len(done) == len(set(done)) == len(stderr.splitlines()), stderr
@@ -88,6 +88,21 @@ def test_refine_log_keeps_every_digit_and_one_line_per_stage(regression_files):
     )
     assert closing.index("test rel L2") < closing.index(criterion)
     assert stdout.splitlines()[-1] == f"wrote {out} and {report}"
+
+
+def test_refine_verbose_adds_the_plain_network_and_says_it_is_not_the_refined_model(regression_files):
+    d = regression_files["dir"]
+    out, report = d / "r.pt", d / "r.json"
+    result = run(*refine_args(regression_files["state_dict"], regression_files, out, report, rank="8,32"), "-v")
+    assert_ok(result)
+    rep = json.loads(report.read_text())
+    for split, errs in rep["splits"].items():
+        b, a = errs["before"]["rel_l2"], errs["after"]["rel_l2"]
+        cells = [split, sci(b), sci(a), f"{b / a:.3g}×", sci(errs["after"]["max_abs"])]
+        assert_cells(row_of(result.stdout, split), [*cells, sci(errs["network_after"]["rel_l2"])])
+    lines = result.stdout.splitlines()
+    assert lines[-3] == NETWORK_NOTE  # under the table, before the closing line
+    assert "is not the refined model" in NETWORK_NOTE and "lsr iterate" in NETWORK_NOTE
 
 
 def test_iterate_log_keeps_every_digit_and_says_why_the_residual_moves(pinn):  # noqa: F811

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from lsr_cli.checkpoint import LoadedCheckpoint
-from lsr_cli.config import Config
+from lsr_cli.config import Config, KeyDoc
 from lsr_cli.data import read_datasets, read_row
 from lsr_cli.errors import ConfigError, DataError, OutputError
 from lsr_cli.metrics import describe_change, format_error
@@ -55,7 +55,24 @@ from lsr_cli.runtime import NoProgress, ProgressSink, cast_module, peak_memory_b
 from .problem import parse_problem
 from .refine_pde import refine_pde
 
-INSTANCE_KEYS = ("group", "inputs", "layout", "reference", "predict_at", "count", "save_delta")
+INSTANCE_KEY_DOCS = {
+    "group": KeyDoc("string", "/instances", "HDF5 group of the per-instance arrays `[N, ...]`"),
+    "inputs": KeyDoc(
+        "list[string]", "required", "per-instance model inputs (datasets in `group`), passed before the coordinates"
+    ),
+    "layout": KeyDoc(
+        "string",
+        "paired",
+        "`paired`: `net(branch_i repeated [P, m], x [P, d]) -> [P, 1]`; "
+        "`cartesian`: `net(branch_i [1, m], x [P, d]) -> [1, P]`",
+    ),
+    "reference": KeyDoc("string", "null", "optional dataset `[N, Q]` in `group`: exact values at `/reference/inputs`"),
+    "predict_at": KeyDoc("string", "null", "where predictions are written (default: `/reference/inputs`, if present)"),
+    "count": KeyDoc("integer | string", "all", "`all`, or the first K instances (`--count K`)"),
+    "save_delta": KeyDoc("boolean", "false", "also write each instance's δ (`[N, m]`, flat)"),
+}
+"""The keys of ``instances:`` and their documentation (``docs/configuration.md``)."""
+INSTANCE_KEYS = tuple(INSTANCE_KEY_DOCS)
 LAYOUTS = ("paired", "cartesian")
 
 
