@@ -30,6 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .budget import limit_allocator_slack
 from .checkpoint import LoadedCheckpoint, load_checkpoint, save_refined_state_dict
 from .config import Config, load_config, parse_device, parse_dtype, parse_memory, parse_rank
 from .data import LazyArray, read_data
@@ -41,6 +42,7 @@ from .pde.instances import fingerprint, parse_instances, run_instances
 from .pde.iterate import IterateResult, iterate
 from .refine import RefineResult, evaluate, refine
 from .report import (
+    NETWORK_NOTE,
     clean_json,
     errors_table,
     instances_report,
@@ -67,7 +69,12 @@ from .scripted import build_refined_script
 
 app = typer.Typer(
     name="lsr",
-    help="Linearized Subspace Refinement: make a trained network more accurate.",
+    help="Linearized Subspace Refinement: make a trained network more accurate.\n\n"
+    "Which command: `refine` for a more accurate predictor of a regressor, operator network or PINN; "
+    "`iterate` for a more accurate plain network of a PINN; `instances` to refine an operator network "
+    "per input function; `evaluate`, `inspect` and `report` to look at checkpoints and reports.",
+    epilog="Exit codes: 0 success, 1 internal error, 2 config/usage, 3 data, 4 checkpoint, 5 numerical, "
+    "6 output exists / not writable, 7 device not available. Config keys: docs/configuration.md.",
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
@@ -165,10 +172,15 @@ def _warn(messages: list[str], quiet: bool) -> None:
             _err.print(f"[yellow]warning:[/] {escape(m)}", highlight=False, soft_wrap=True)
 
 
-def _print_results(table: Table, summary: str, out_path: Path, report_path: Path, html: Path | None) -> None:
-    """The table, the closing line and the files written, on stdout (see :func:`output_console`)."""
+def _print_results(
+    table: Table, summary: str, out_path: Path, report_path: Path, html: Path | None, note: str | None = None
+) -> None:
+    """The table (and a note on it), the closing line and the files written, on stdout (see
+    :func:`output_console`)."""
     console = output_console()
     console.print(table)
+    if note is not None:
+        console.print(escape(note), highlight=False)
     console.print(escape(f"{summary}\nwrote {out_path} and {report_path}"), highlight=False)
     if html is not None:
         console.print(escape(f"plots: {html}"), highlight=False)
@@ -361,13 +373,27 @@ def _error_fields(model: Any, splits: dict[str, Any], names: tuple[str, ...] = (
     return []
 
 
-DataOpt = Annotated[Path | None, Option("--data", "-d", help="HDF5 data file (overrides data.path).")]
-ReportOpt = Annotated[Path | None, Option("--report", "-r", help="JSON report (default: OUT.report.json).")]
-RankOpt = Annotated[str | None, Option("--rank", help="'auto', N, or a sweep 'N1,N2,...' (overrides lsr.rank).")]
-DeviceOpt = Annotated[str | None, Option("--device", help="auto | cpu | cuda | cuda:N.")]
+INPUTS, LSR, RUNTIME, OUTPUT = "Inputs", "LSR", "Runtime", "Output"
+"""The panels that ``--help`` groups the options in."""
+
+DataOpt = Annotated[
+    Path | None, Option("--data", "-d", help="HDF5 data file (overrides data.path).", rich_help_panel=INPUTS)
+]
+ReportOpt = Annotated[
+    Path | None, Option("--report", "-r", help="JSON report (default: OUT.report.json).", rich_help_panel=OUTPUT)
+]
+RankOpt = Annotated[
+    str | None,
+    Option("--rank", help="'auto', N, or a sweep 'N1,N2,...' (overrides lsr.rank).", rich_help_panel=LSR),
+]
+DeviceOpt = Annotated[str | None, Option("--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel=RUNTIME)]
 PlotsOpt = Annotated[
     Path | None,
-    Option("--plots", help="Write PNG plots and an HTML page (index.html) into this folder (needs matplotlib)."),
+    Option(
+        "--plots",
+        help="Write PNG plots and an HTML page (index.html) into this folder (needs matplotlib).",
+        rich_help_panel=OUTPUT,
+    ),
 ]
 MemoryOpt = Annotated[
     str | None,
@@ -375,28 +401,42 @@ MemoryOpt = Annotated[
         "--max-memory",
         help="Memory budget, e.g. 2GB or 512MiB (overrides lsr.max_memory; default: half of the free memory). "
         "Inputs larger than a quarter of it are streamed from the HDF5 file.",
+        rich_help_panel=RUNTIME,
     ),
 ]
-DtypeOpt = Annotated[str | None, Option("--dtype", help="float64 (default) | float32 (fast).")]
+DtypeOpt = Annotated[str | None, Option("--dtype", help="float64 (default) | float32 (fast).", rich_help_panel=RUNTIME)]
 CompileOpt = Annotated[
     bool,
     Option(
         "--compile",
         help="Run the matrix-free JVPs through torch.compile (inductor; plain modules only; sets lsr.compile). "
         "Pays off on long matrix-free runs; compiling takes seconds to a minute.",
+        rich_help_panel=RUNTIME,
     ),
 ]
-SeedOpt = Annotated[int | None, Option("--seed", help="Seed of every random draw.")]
-ForceOpt = Annotated[bool, Option("--force", help="Overwrite existing outputs.")]
-QuietOpt = Annotated[bool, Option("--quiet", "-q", help="No progress, table or warnings.")]
-JsonOpt = Annotated[bool, Option("--json", help="Print the report as JSON on stdout and nothing else.")]
-DebugOpt = Annotated[bool, Option("--debug", help="Show tracebacks of unexpected errors.")]
+SeedOpt = Annotated[int | None, Option("--seed", help="Seed of every random draw.", rich_help_panel=LSR)]
+ForceOpt = Annotated[bool, Option("--force", help="Overwrite existing outputs.", rich_help_panel=OUTPUT)]
+QuietOpt = Annotated[bool, Option("--quiet", "-q", help="No progress, table or warnings.", rich_help_panel=OUTPUT)]
+JsonOpt = Annotated[
+    bool, Option("--json", help="Print the report as JSON on stdout and nothing else.", rich_help_panel=OUTPUT)
+]
+VerboseOpt = Annotated[
+    bool,
+    Option(
+        "--verbose",
+        "-v",
+        help="Add max |err| and the plain network at θ0 + δ (not the refined model) to the table.",
+        rich_help_panel=OUTPUT,
+    ),
+]
+DebugOpt = Annotated[bool, Option("--debug", help="Show tracebacks of unexpected errors.", rich_help_panel=RUNTIME)]
 NprocOpt = Annotated[
     int | None,
     Option(
         "--nproc",
         help="Run on N processes of this machine (torchrun --standalone; NCCL on CUDA, one GPU each; Gloo on CPU). "
         "For several machines call torchrun yourself: docs/distributed.md.",
+        rich_help_panel=RUNTIME,
     ),
 ]
 
@@ -535,27 +575,47 @@ def _leave_if_failed_rank(exc: typer.Exit) -> None:
         os._exit(exc.exit_code)
 
 
-@app.command("refine")
+REFINE_EXAMPLES = """\
+Examples (from the repository root):
+
+# a regressor: the sample MLP on its HDF5 data
+lsr refine sample_data/regression_torchscript.pt \\
+    --config configs/regression.yaml --out runs/regression.refined.pt
+# a PINN: the physics residual of the config's `pde:` section
+lsr refine sample_data/poisson2d_torchscript.pt \\
+    --config configs/poisson2d.yaml --out runs/poisson.refined.pt
+# a rank sweep; the report as JSON on stdout, for scripts
+lsr refine sample_data/regression_state_dict.pt \\
+    --config configs/regression.yaml --rank 64,256 --out runs/sweep.pt --json
+"""
+
+
+@app.command("refine", epilog=REFINE_EXAMPLES)
 def refine_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="TorchScript or state-dict checkpoint (or a refined one).")],
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(help="TorchScript or state-dict checkpoint (or a refined one)."),
+    ],
     data: DataOpt = None,
-    config: Annotated[Path | None, Option("--config", "-c", help="YAML config file.")] = None,
-    out: Annotated[
-        Path | None, Option("--out", "-o", help="Refined checkpoint (default: CHECKPOINT.refined.pt).")
-    ] = None,
-    report: ReportOpt = None,
+    config: Annotated[Path | None, Option("--config", "-c", help="YAML config file.", rich_help_panel=INPUTS)] = None,
     rank: RankOpt = None,
+    seed: SeedOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    seed: SeedOpt = None,
     max_memory: MemoryOpt = None,
     use_compile: CompileOpt = False,
+    nproc: NprocOpt = None,
+    debug: DebugOpt = False,
+    out: Annotated[
+        Path | None,
+        Option("--out", "-o", help="Refined checkpoint (default: CHECKPOINT.refined.pt).", rich_help_panel=OUTPUT),
+    ] = None,
+    report: ReportOpt = None,
     plots: PlotsOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
-    debug: DebugOpt = False,
-    nproc: NprocOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """One-shot LSR of CHECKPOINT on training data or a PDE residual.
 
@@ -583,6 +643,7 @@ def refine_cmd(
             debug,
             nproc,
             t_start,
+            verbose=verbose,
         )
     except typer.Exit as exc:
         _leave_if_failed_rank(exc)
@@ -610,6 +671,8 @@ def _refine_cmd(
     debug: bool,
     nproc: int | None,
     t_start: float,
+    *,
+    verbose: bool = False,
 ) -> None:
     with _guard(debug):
         _check_nproc(nproc)
@@ -630,6 +693,7 @@ def _refine_cmd(
                 force=force,
                 quiet=quiet,
                 as_json=as_json,
+                verbose=verbose,
                 debug=debug,
             )
             code = _launch(nproc, argv)
@@ -643,7 +707,9 @@ def _refine_cmd(
         comm, cfg.device = init_from_env(cfg.device)
         _comm["comm"] = comm
         try:
-            _refine_run(checkpoint, data, config, out, report, plots, force, quiet, as_json, cfg, base, comm, t_start)
+            _refine_run(
+                checkpoint, data, config, out, report, plots, force, quiet, as_json, cfg, base, comm, t_start, verbose
+            )
         except BaseException:
             if comm.distributed:
                 _comm["failed"] = comm
@@ -666,13 +732,13 @@ def _refine_run(
     base: Path | None,
     comm: Comm,
     t_start: float,
+    verbose: bool = False,
 ) -> None:
     """The body of ``lsr refine`` on one process or one rank of a distributed run.
 
     Distributed: every rank reads its share of the rows and takes part in the refinement;
     rank 0 alone prints and writes. After rank 0 has written, every rank learns whether it
     succeeded, so a failure ends every rank with a non-zero exit code."""
-    distributed = comm.distributed
     root = comm.is_root
     pde_mode = cfg.pde is not None
     data_path = _optional_data_path(data, cfg, base) if pde_mode else _data_path(data, cfg, base)
@@ -688,13 +754,14 @@ def _refine_run(
         _check_plots(plots, inputs)
 
     t0 = time.perf_counter()
+    if cfg.lsr.max_memory != "auto":  # a budget the user set: freed blocks go back to the system at once
+        limit_allocator_slack()
     ckpt = load_checkpoint(checkpoint, cfg.model, base)
     meter: MemoryMeter | None = None
     run_device = resolve_device(cfg.device)
     if pde_mode:
-        if distributed:
-            warm_up_autodiff(run_device)
-            meter = MemoryMeter(run_device)
+        warm_up_autodiff(run_device)
+        meter = MemoryMeter(run_device)  # counts the points read below
         problem = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base)
         data_info: dict[str, Any] = {"path": str(data_path) if data_path else None, **_problem_info(problem)}
         problem.shard(comm.rank, comm.world)
@@ -716,7 +783,7 @@ def _refine_run(
     show = not (quiet or as_json) and root
     with progress_sink(_err, enabled=show) as progress:
         result = (
-            refine_pde(ckpt, problem, cfg, progress, comm)
+            refine_pde(ckpt, problem, cfg, progress, comm, meter)
             if pde_mode
             else refine(ckpt, splits, cfg, progress, meter, comm)
         )
@@ -741,6 +808,7 @@ def _refine_run(
             num_inputs=num_inputs,
             ranks=ranks,
             fields_source=(problem if pde_mode else splits),
+            verbose=verbose,
         )
 
     _finish_on_root(comm, meter, t_start, local_rows, write)
@@ -765,6 +833,7 @@ def _write_refine_outputs(
     num_inputs: int,
     ranks: list[dict[str, Any]],
     fields_source: Any,
+    verbose: bool = False,
 ) -> None:
     """Rank 0 (or the only process): the refined checkpoint and the report, atomically; plots; the table."""
     metadata = {
@@ -814,18 +883,36 @@ def _write_refine_outputs(
     if as_json:
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
     elif not quiet:
-        _print_results(refine_table(payload), refine_summary(payload), out_path, report_path, html)
+        note = NETWORK_NOTE if verbose else None
+        _print_results(refine_table(payload, verbose), refine_summary(payload), out_path, report_path, html, note)
 
 
-@app.command("evaluate")
+EVALUATE_EXAMPLES = """\
+Examples (from the repository root):
+
+lsr evaluate sample_data/regression_torchscript.pt \\
+    --config configs/regression.yaml
+# the output of `lsr refine`'s first example, as JSON
+lsr evaluate runs/regression.refined.pt \\
+    --config configs/regression.yaml --json
+"""
+
+
+@app.command("evaluate", epilog=EVALUATE_EXAMPLES)
 def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="Any checkpoint, refined or not.")],
     data: DataOpt = None,
-    config: Annotated[Path | None, Option("--config", "-c", help="YAML config (model factory, data layout).")] = None,
+    config: Annotated[
+        Path | None,
+        Option("--config", "-c", help="YAML config (model factory, data layout).", rich_help_panel=INPUTS),
+    ] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    as_json: Annotated[bool, Option("--json", help="Print the errors as JSON on stdout and nothing else.")] = False,
     debug: DebugOpt = False,
+    as_json: Annotated[
+        bool,
+        Option("--json", help="Print the errors as JSON on stdout and nothing else.", rich_help_panel=OUTPUT),
+    ] = False,
 ) -> None:
     """Errors of CHECKPOINT on every split (rel L2, RMSE, max |err|)."""
     with _guard(debug):
@@ -851,14 +938,27 @@ def evaluate_cmd(
             output_console().print(errors_table(escape(f"{checkpoint} ({ckpt.format})"), errors))
 
 
-@app.command("inspect")
+INSPECT_EXAMPLES = """\
+Examples (from the repository root):
+
+lsr inspect sample_data/regression_torchscript.pt
+# a state dict needs the model factory of its config
+lsr inspect sample_data/darcy_fno_state_dict.pt \\
+    --config configs/darcy_fno.yaml
+"""
+
+
+@app.command("inspect", epilog=INSPECT_EXAMPLES)
 def inspect_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="Any checkpoint, refined or not.")],
     config: Annotated[
-        Path | None, Option("--config", "-c", help="YAML config (model factory for state dicts).")
+        Path | None,
+        Option("--config", "-c", help="YAML config (model factory for state dicts).", rich_help_panel=INPUTS),
     ] = None,
-    as_json: Annotated[bool, Option("--json", help="Print as JSON on stdout and nothing else.")] = False,
     debug: DebugOpt = False,
+    as_json: Annotated[
+        bool, Option("--json", help="Print as JSON on stdout and nothing else.", rich_help_panel=OUTPUT)
+    ] = False,
 ) -> None:
     """Format, parameter count and shapes, dtypes of CHECKPOINT."""
     with _guard(debug):
@@ -906,10 +1006,20 @@ def inspect_cmd(
         con.print(table)
 
 
-@app.command("report")
+REPORT_EXAMPLES = """\
+Examples (from the repository root):
+
+# the report that `lsr refine`'s first example wrote
+lsr report runs/regression.refined.report.json --html runs/regression.html
+"""
+
+
+@app.command("report", epilog=REPORT_EXAMPLES)
 def report_cmd(
     report: Annotated[Path, typer.Argument(help="A JSON report of lsr refine, iterate or instances.")],
-    html: Annotated[Path, Option("--html", help="HTML page to write (PNGs go in a folder beside it).")],
+    html: Annotated[
+        Path, Option("--html", help="HTML page to write (PNGs go in a folder beside it).", rich_help_panel=OUTPUT)
+    ],
     force: ForceOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -934,31 +1044,53 @@ def report_cmd(
         output_console().print(escape(f"wrote {html} ({len(images)} plots in {folder})"), highlight=False)
 
 
-@app.command("instances")
+INSTANCES_EXAMPLES = """\
+Examples (from the repository root):
+
+# the PI-DeepONet sample: each of its 200 test functions (minutes)
+lsr instances --config configs/antiderivative.yaml \\
+    --out runs/antiderivative.instances.h5
+# the first 10 instances, with plots (needs matplotlib)
+lsr instances --config configs/antiderivative.yaml --count 10 \\
+    --out runs/antiderivative10.instances.h5 --plots runs/antiderivative10
+"""
+
+
+@app.command("instances", epilog=INSTANCES_EXAMPLES)
 def instances_cmd(
     checkpoint: Annotated[
-        Path | None, typer.Argument(help="Operator network (default: model.checkpoint of the config).")
+        Path | None,
+        typer.Argument(help="Operator network (default: model.checkpoint of the config)."),
     ] = None,
     config: Annotated[
-        Path | None, Option("--config", "-c", help="YAML config with `pde:` and `instances:` sections.")
+        Path | None,
+        Option("--config", "-c", help="YAML config with `pde:` and `instances:` sections.", rich_help_panel=INPUTS),
     ] = None,
     data: DataOpt = None,
-    out: Annotated[
-        Path | None, Option("--out", "-o", help="HDF5 predictions (default: CHECKPOINT.instances.h5).")
+    count: Annotated[
+        int | None, Option("--count", help="Only the first N instances (instances.count).", rich_help_panel=INPUTS)
     ] = None,
-    report: ReportOpt = None,
-    count: Annotated[int | None, Option("--count", help="Only the first N instances (instances.count).")] = None,
     rank: RankOpt = None,
+    seed: SeedOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    seed: SeedOpt = None,
+    debug: DebugOpt = False,
+    out: Annotated[
+        Path | None,
+        Option("--out", "-o", help="HDF5 predictions (default: CHECKPOINT.instances.h5).", rich_help_panel=OUTPUT),
+    ] = None,
+    report: ReportOpt = None,
     plots: PlotsOpt = None,
     force: Annotated[
-        bool, Option("--force", help="Overwrite outputs and discard an interrupted run's finished instances.")
+        bool,
+        Option(
+            "--force",
+            help="Overwrite outputs and discard an interrupted run's finished instances.",
+            rich_help_panel=OUTPUT,
+        ),
     ] = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
-    debug: DebugOpt = False,
 ) -> None:
     """Per-instance physics-informed LSR of an operator network.
 
@@ -1030,27 +1162,56 @@ def instances_cmd(
             _print_results(instances_table(payload), result.message, out_path, report_path, html)
 
 
-@app.command("iterate")
+ITERATE_EXAMPLES = """\
+Examples (from the repository root):
+
+# the Poisson PINN (CHECKPOINT from model.checkpoint; minutes)
+lsr iterate --config configs/poisson2d.yaml --out runs/poisson.iterated.pt
+# two more iterations from where that run stopped
+lsr iterate --config configs/poisson2d.yaml --out runs/poisson.iterated.pt \\
+    --resume --iterations 2
+# the state-dict checkpoint, one iteration at a fixed rank
+lsr iterate sample_data/poisson2d_state_dict.pt \\
+    --config configs/poisson2d.yaml --out runs/poisson_sd.iterated.pt \\
+    --iterations 1 --rank 800
+"""
+
+
+@app.command("iterate", epilog=ITERATE_EXAMPLES)
 def iterate_cmd(
     checkpoint: Annotated[
-        Path | None, typer.Argument(help="Network to start from (default: model.checkpoint of the config).")
+        Path | None,
+        typer.Argument(help="Network to start from (default: model.checkpoint of the config)."),
     ] = None,
-    config: Annotated[Path | None, Option("--config", "-c", help="YAML config with a `pde:` section.")] = None,
-    data: Annotated[Path | None, Option("--data", "-d", help="HDF5 file: collocation points, reference.")] = None,
-    out: Annotated[Path | None, Option("--out", "-o", help="Network (default: CHECKPOINT.iterated.pt).")] = None,
-    report: ReportOpt = None,
-    iterations: Annotated[int | None, Option("--iterations", help="Outer iterations (iterate.iterations).")] = None,
-    rank: Annotated[str | None, Option("--rank", help="LSR rank per iteration: 'auto', N or N1,N2,...")] = None,
-    resume: Annotated[bool, Option("--resume", help="Continue from OUT and its report (adds iterations).")] = False,
+    config: Annotated[
+        Path | None, Option("--config", "-c", help="YAML config with a `pde:` section.", rich_help_panel=INPUTS)
+    ] = None,
+    data: Annotated[
+        Path | None,
+        Option("--data", "-d", help="HDF5 file: collocation points, reference.", rich_help_panel=INPUTS),
+    ] = None,
+    iterations: Annotated[
+        int | None, Option("--iterations", help="Outer iterations (iterate.iterations).", rich_help_panel=LSR)
+    ] = None,
+    rank: Annotated[
+        str | None, Option("--rank", help="LSR rank per iteration: 'auto', N or N1,N2,...", rich_help_panel=LSR)
+    ] = None,
+    resume: Annotated[
+        bool, Option("--resume", help="Continue from OUT and its report (adds iterations).", rich_help_panel=LSR)
+    ] = False,
+    seed: SeedOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    seed: SeedOpt = None,
+    nproc: NprocOpt = None,
+    debug: DebugOpt = False,
+    out: Annotated[
+        Path | None, Option("--out", "-o", help="Network (default: CHECKPOINT.iterated.pt).", rich_help_panel=OUTPUT)
+    ] = None,
+    report: ReportOpt = None,
     plots: PlotsOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
-    debug: DebugOpt = False,
-    nproc: NprocOpt = None,
 ) -> None:
     """Iterative LSR for PDEs: alternate LSR and L-BFGS network fits.
 

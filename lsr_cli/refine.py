@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .budget import plan_memory
 from .checkpoint import LoadedCheckpoint
 from .config import Config, LsrConfig
 from .data import LazyArray, Split
@@ -96,6 +97,7 @@ class RefineResult:
     jacobian: dict[str, str] | None = None  # which Jacobian path ran (dense / matrix_free) and why
     compile: dict[str, Any] | None = None  # lsr.compile: backend, whether it ran, first-call seconds or why not
     nonlinear: dict[str, Any] | None = None  # PDE: the exact-residual stage in the subspace (subspace_newton)
+    validation: dict[str, Any] | None = None  # PDE: the validation points the choices were made on
 
 
 def _chunk_rows(out_numel: int, cfg_row_chunk: int | str) -> int:
@@ -277,7 +279,11 @@ def _on_root(comm: Comm, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> A
 
 
 def matrix_free_is_cheaper(
-    op: JacobianOperator, lsr: LsrConfig, num_rows: int | None = None, probe_samples: int = 32
+    op: JacobianOperator,
+    lsr: LsrConfig,
+    num_rows: int | None = None,
+    probe_samples: int = 32,
+    max_bytes: int | None = None,
 ) -> str | None:
     """Time both paths on a few samples and extrapolate; the reason when JVPs win, else ``None``.
 
@@ -287,8 +293,13 @@ def matrix_free_is_cheaper(
     many parameters favour the dense path. ``num_rows``: the rows of the whole run (distributed:
     every rank's; default ``op``'s), to which the timings on ``op``'s first samples are
     extrapolated; the caller runs it on one rank (:func:`_on_root`), timings differ between ranks.
+    ``max_bytes``: what the probe's Jacobian rows and GEMM operands may take (fewer samples and
+    rows under a tight memory budget).
     """
     n_rows = op.shape[0] if num_rows is None else int(num_rows)
+    if max_bytes is not None:  # per-sample Jacobian rows (out · m) and GEMM rows (m) of 8 bytes
+        per_sample = 8 * max(1, op.out_numel) * op.shape[1]
+        probe_samples = max(1, min(probe_samples, max_bytes // (2 * per_sample)))
     n_samples = max(1, n_rows // max(1, op.out_numel))
     s = min(probe_samples, n_samples)
     sub = JacobianOperator(
@@ -314,7 +325,7 @@ def matrix_free_is_cheaper(
         return None
     t_mat = (time.perf_counter() - t0) * (n_samples / s)
     n, m = n_rows, op.shape[1]
-    rows = min(n, 2048)
+    rows = min(n, 2048) if max_bytes is None else max(1, min(n, 2048, max_bytes // (2 * 8 * m)))
     gen = torch.Generator().manual_seed(0)  # timing only; keeps the global RNG untouched
     A = torch.randn(rows, m, dtype=sub.dtype, generator=gen).to(sub.device)
     B = torch.randn(m, 64, dtype=sub.dtype, generator=gen).to(sub.device)
@@ -486,7 +497,11 @@ def refine(
                     f"only {planned_columns(lsr)} sketch columns planned: JVPs are cheaper than materializing J "
                     f"(dense pays off from about {DENSE_MIN_COLUMNS}, benchmarks/throughput.py)"
                 )
-            elif lsr.jacobian == "auto" and (slow := _on_root(comm, matrix_free_is_cheaper, ops["train"], lsr, n)):
+            elif lsr.jacobian == "auto" and comm.sum_int(sum(ops[nm].shape[0] for nm in names)) * m * 8 > budget // 2:
+                jac_info["reason"] = "the dense Jacobian exceeds half of the memory budget"  # no probe needed
+            elif lsr.jacobian == "auto" and (
+                slow := _on_root(comm, matrix_free_is_cheaper, ops["train"], lsr, n, max_bytes=budget // 8)
+            ):
                 jac_info["reason"] = slow
             else:
                 advance = sink.begin("materialize J", sum(data[nm].num_samples for nm in names))
@@ -533,13 +548,6 @@ def refine(
                 for op in [*ops.values(), basis_op]:
                     if isinstance(op, JacobianOperator):
                         op.use_compiled(compiled, like=ops["train"])
-        k_max = min(n, m, num_sketch * out_numel)
-        sketch_bytes = 8 * 6 * (num_sketch * out_numel + m) * k_max  # Y, Q, B and QR work copies
-        if sketch_bytes > budget:
-            warnings.append(
-                f"the basis sketch may need up to {sketch_bytes / 1e9:.2f} GB ({num_sketch * out_numel} rows x up to "
-                f"{k_max} columns), above lsr.max_memory = {budget / 1e9:.2f} GB; lower lsr.sketch_rows or lsr.max_rank"
-            )
         has_val = "val" in data
         if has_val:
             selection = Selection("val_loss", op=ops["val"], f0=f0["val"])
@@ -554,6 +562,36 @@ def refine(
                 else Selection("train_loss")
             )
 
+        # what the run holds from here on, the smallest plan, the chunks that fit (budget.py)
+        spectral = spectral_applies(jac_info["path"], basis_op is ops["train"], selection, lsr, (n, m))
+        limit = min(n, m, comm.sum_int(basis_op.shape[0]))
+        widest = min(limit, lsr.max_rank + SPECTRAL_BLOCK if spectral else largest_rank(lsr) + lsr.oversampling)
+        plan = plan_memory(
+            budget,
+            meter,
+            ops["train"] if isinstance(ops["train"], JacobianOperator) else basis_op,
+            basis_op.shape[0],
+            m,
+            widest,
+            min(widest, planned_columns(lsr)),
+            largest_rank(lsr),
+            out_numel,
+            row_chunk,
+            lsr.tangent_chunk,
+            lsr.rank == "auto",
+            comm,
+            torch.empty(0, dtype=dtype).element_size(),
+        )
+        if plan.max_columns < widest:
+            lsr = dataclasses.replace(lsr, max_rank=max(1, plan.max_columns - lsr.oversampling))
+        row_chunk = plan.row_chunk
+        for op in [*ops.values(), basis_op]:
+            if isinstance(op, JacobianOperator):
+                op.row_chunk = op.vjp_row_chunk = min(op.row_chunk, row_chunk)
+                op.tangent_chunk = plan.tangent_chunk
+        vjp_chunk = min(vjp_chunk, row_chunk)
+        warnings.extend(f"lsr.max_memory: {note}" for note in plan.adapted)
+
         def adaptive(sketch: RangeSketch | None = None) -> SubspaceResult:
             return solve_subspace(
                 basis_op,
@@ -565,12 +603,12 @@ def refine(
                 dtype,
                 device,
                 sink,
-                memory_budget=budget,
+                memory_budget=plan.fold_budget,
                 comm=comm,
                 sketch=sketch,
             )
 
-        if spectral_applies(jac_info["path"], basis_op is ops["train"], selection, lsr, (n, m)):
+        if spectral and plan.max_columns == widest:  # a sketch capped to fit the budget cannot exhaust
             # the held J sketched to exhaustion, every rank scored at once (spectral.py)
             sub = solve_exact_first(ops["train"], f0["train"], selection, lsr, gen, sink, "J", adaptive, comm)
         else:
@@ -640,7 +678,8 @@ def refine(
         "sketch_samples": num_sketch,
         "row_chunk_samples": row_chunk,
         "vjp_row_chunk_samples": vjp_chunk,
-        "qr_fold_rows": fold_rows(sub.rank or 1, budget),
+        "qr_fold_rows": fold_rows(sub.rank or 1, plan.fold_budget),
+        "plan": plan.report(),
     }
     return RefineResult(
         status=status,

@@ -105,6 +105,7 @@ def refine_report(
             **({"jacobian": result.jacobian} if result.jacobian is not None else {}),
             **({"compile": result.compile} if result.compile is not None else {}),
             **({"nonlinear": result.nonlinear} if result.nonlinear is not None else {}),
+            **({"validation": result.validation} if result.validation is not None else {}),
             "device": result.device,
             "dtype": result.dtype,
             "seed": seed,
@@ -126,17 +127,29 @@ def _fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:.2e}"
 
 
-def refine_table(report: dict[str, Any]) -> Table:
-    """Before/after relative L2 errors per split, the gain, and the plain network at θ0 + δ."""
+NETWORK_NOTE = (
+    "the plain network at θ0+δ is not the refined model: the refined predictor is q(θ0,x)+J(x)δ; "
+    "use `lsr iterate` for a plain network"
+)
+"""Printed under the ``--verbose`` table of ``lsr refine``, whose last column is that network."""
+
+
+def refine_table(report: dict[str, Any], verbose: bool = False) -> Table:
+    """Per split: relative L2 error before and after, and the gain; ``verbose`` adds the largest
+    error after and the plain network at θ0 + δ (the report's ``network_after``, see
+    :data:`NETWORK_NOTE`)."""
     table = Table(title=f"lsr refine — rank {report['rank']} ({report['dtype']}, {report['device']})")
-    for col in ("split", "rel L2 before", "rel L2 after", "gain", "max|err| after", "net θ0+δ"):
+    columns = ["split", "rel L2 before", "rel L2 after", "gain"]
+    if verbose:
+        columns += ["max|err| after", "net θ0+δ"]
+    for col in columns:
         table.add_column(col, justify="left" if col == "split" else "right", no_wrap=True)
     for split, errs in report["splits"].items():
         b, a = errs["before"]["rel_l2"], errs["after"]["rel_l2"]
-        factor = f"{b / a:.3g}×" if a and b else "—"
-        table.add_row(
-            split, _fmt(b), _fmt(a), factor, _fmt(errs["after"]["max_abs"]), _fmt(errs["network_after"]["rel_l2"])
-        )
+        cells = [split, _fmt(b), _fmt(a), f"{b / a:.3g}×" if a and b else "—"]
+        if verbose:
+            cells += [_fmt(errs["after"]["max_abs"]), _fmt(errs["network_after"]["rel_l2"])]
+        table.add_row(*cells)
     return table
 
 

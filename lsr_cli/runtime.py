@@ -131,6 +131,16 @@ def warm_up_autodiff(device: torch.device) -> None:
     op.rmatmat(op.matmat(torch.ones(space.num, 2, dtype=torch.float64, device=device)))
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak resident set (``VmHWM``) to the current one; whether Linux allowed it."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class MemoryMeter:
     """Peak memory of one run above its start.
 
@@ -143,26 +153,50 @@ class MemoryMeter:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self._carried = 0  # the peak before the last reset of the counter (see measure)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             self.start = int(torch.cuda.memory_allocated(device))
             self.kind = "cuda_max_memory_allocated_above_start"
             return
         self.start = _status_kib("VmRSS") or 0
-        try:
-            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-                f.write("5")
-            self.kind = "process_peak_rss_above_start"
-        except OSError:
-            self.kind = "process_lifetime_peak_rss_above_start"
+        self.resettable = _reset_peak_rss()
+        self.kind = "process_peak_rss_above_start" if self.resettable else "process_lifetime_peak_rss_above_start"
 
-    def peak_above_start(self) -> int:
+    def _counter_peak(self) -> int:
         if self.device.type == "cuda":
             return max(0, int(torch.cuda.max_memory_allocated(self.device)) - self.start)
         peak = _status_kib("VmHWM")
         if peak is None:
             peak = peak_memory_bytes(self.device)[0]
         return max(0, peak - self.start)
+
+    def peak_above_start(self) -> int:
+        return max(self._carried, self._counter_peak())
+
+    def current_above_start(self) -> int:
+        """Memory held now (allocated on CUDA, resident on the CPU) above the start."""
+        if self.device.type == "cuda":
+            return max(0, int(torch.cuda.memory_allocated(self.device)) - self.start)
+        return max(0, (_status_kib("VmRSS") or 0) - self.start)
+
+    def measure(self, fn: Callable[[], object]) -> int | None:
+        """Run ``fn`` and return the peak memory it added above what was held when it began
+        (``None`` where the peak counter cannot be reset: the process's lifetime peak would
+        hide it). The run's own peak (:meth:`peak_above_start`) keeps counting through it."""
+        self._carried = self.peak_above_start()
+        if self.device.type == "cuda":
+            base = int(torch.cuda.memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
+            fn()
+            return max(0, int(torch.cuda.max_memory_allocated(self.device)) - base)
+        if not self.resettable:
+            fn()
+            return None
+        base = _status_kib("VmRSS") or 0
+        _reset_peak_rss()
+        fn()
+        return max(0, (_status_kib("VmHWM") or base) - base)
 
 
 def start_run(dtype_name: str, device_spec: str, seed: int) -> tuple[torch.dtype, torch.device, torch.Generator]:

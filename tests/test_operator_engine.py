@@ -318,26 +318,27 @@ def test_streamed_refinement_equals_in_memory(tmp_path):
     data = tmp_path / "big.h5"
     with h5py.File(data, "w") as f:
         for split, n in (("train", 24000), ("val", 3000)):
-            x = gen.uniform(-1, 1, size=(n, 2))
+            x = gen.uniform(-1, 1, size=(n, 64))
             g = f.create_group(split)
-            g.create_dataset("inputs", data=x)  # 384 kB of training inputs > 1 MiB budget / 4
-            g.create_dataset("targets", data=np.tanh(2 * x[:, :1]) * np.cos(x[:, 1:]))
+            g.create_dataset("inputs", data=x)  # 12.3 MB of training inputs > 32 MB budget / 4
+            g.create_dataset("targets", data=np.tanh(2 * x[:, :1]) * np.cos(x[:, 1:2]))
     torch.manual_seed(0)
     from lsr_cli.models import MLP
 
-    torch.save(MLP(2, 1, hidden=[10, 10]).state_dict(), tmp_path / "m.pt")
+    torch.save(MLP(64, 1, hidden=[10, 10]).state_dict(), tmp_path / "m.pt")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("model: {factory: mlp, kwargs: {hidden: [10, 10]}}\nlsr: {rank: [20, 60]}\n")
+    cfg.write_text("model: {factory: mlp, kwargs: {in_features: 64, hidden: [10, 10]}}\nlsr: {rank: [20, 60]}\n")
     reports = {}
-    for name, extra in (("memory", []), ("streamed", ["--max-memory", "1MiB"])):
+    for name, extra in (("memory", []), ("streamed", ["--max-memory", "32MB"])):
         out = tmp_path / f"{name}.pt"
         result = run("refine", tmp_path / "m.pt", "--config", cfg, "--data", data, "--out", out, "--json", *extra)
         assert_ok(result)
         reports[name] = json.loads(result.stdout)
     mem, streamed = reports["memory"], reports["streamed"]
     assert mem["memory"]["streamed_splits"] == []
-    assert streamed["memory"]["streamed_splits"] == ["train"]  # val (48 kB) fits
-    assert streamed["memory"]["budget_bytes"] == 2**20
+    assert streamed["memory"]["streamed_splits"] == ["train"]  # val (1.5 MB) fits
+    assert streamed["memory"]["budget_bytes"] == 32 * 10**6
+    assert streamed["memory"]["peak_above_start_bytes"] <= 32 * 10**6
     assert streamed["data"]["splits"]["train"]["streamed"] is True
     assert streamed["rank"] == mem["rank"] == 60
     for split in ("train", "val"):

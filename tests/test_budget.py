@@ -1,0 +1,121 @@
+"""``--max-memory`` as a bound: the plan (budget.py), its refusal, and a run that stays under it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lsr_cli.budget import SAFETY, fold_bytes, plan_memory, sketch_bytes, triangle_bytes
+from lsr_cli.errors import ConfigError
+from lsr_cli.runtime import MemoryMeter
+
+from .test_cli import assert_clean_failure, listing, run
+
+MB = 10**6
+
+
+class _Meter:
+    """A meter holding ``held`` bytes now, with nothing to measure (dense operators)."""
+
+    def __init__(self, held: int) -> None:
+        self.held = held
+
+    def current_above_start(self) -> int:
+        return self.held
+
+
+def _plan(budget: int, held: int = 0, adaptable: bool = True, **kw):
+    args = {
+        "sketch_rows": 20000,
+        "m": 5000,
+        "max_columns": 2058,
+        "min_columns": 266,
+        "max_rank": 2048,
+        "out_numel": 1,
+        "row_chunk": 512,
+        "tangent_chunk": 32,
+        **kw,
+    }
+    return plan_memory(budget, _Meter(held), None, adaptable=adaptable, **args)  # type: ignore[arg-type]
+
+
+def test_plan_keeps_the_full_sketch_when_it_fits():
+    plan = _plan(4000 * MB)
+    assert plan.max_columns == 2058 and plan.adapted == []
+    assert plan.sketch == sketch_bytes(20000, 5000, 2058)
+    assert plan.minimum <= 4000 * MB
+
+
+def test_auto_rank_plan_narrows_the_sketch_to_fit_and_says_so():
+    budget = 300 * MB
+    plan = _plan(budget, held=20 * MB)
+    assert 266 <= plan.max_columns < 2058
+    r = min(2048, plan.max_columns)
+    used = 20 * MB + sketch_bytes(20000, 5000, plan.max_columns) + triangle_bytes(r) + fold_bytes(r, 64)
+    assert used <= SAFETY * budget
+    assert any("sketch width capped" in a for a in plan.adapted)
+
+
+def test_fixed_ranks_that_do_not_fit_are_refused_with_the_minimum():
+    with pytest.raises(ConfigError) as exc:
+        _plan(300 * MB, held=20 * MB, adaptable=False)
+    msg = str(exc.value)
+    assert msg.startswith("lsr.max_memory: 300.0 MB is below the ")
+    assert "this run needs" in msg and "lower lsr.max_rank" in msg
+    minimum = float(msg.split("below the ")[1].split(" MB")[0]) * MB
+    assert minimum > 300 * MB
+    plan = _plan(int(minimum) + MB, held=20 * MB, adaptable=False)  # the minimum it named is enough
+    assert plan.max_columns == 2058
+
+
+def test_chunks_shrink_when_the_autodiff_workspace_is_large(monkeypatch):
+    import lsr_cli.budget as budget_mod
+
+    monkeypatch.setattr(budget_mod, "measure_workspace", lambda op, meter: (2e4, True))  # 20 kB per sample·tangent
+    plan = _plan(400 * MB, max_columns=266, min_columns=266, max_rank=256)
+    assert plan.row_chunk * plan.tangent_chunk * 2e4 <= SAFETY * 400 * MB
+    assert plan.row_chunk < 512 or plan.tangent_chunk < 32
+    assert any("per Jacobian-product chunk" in a or "tangent columns" in a for a in plan.adapted)
+
+
+def test_meter_measures_a_section_and_keeps_the_run_peak():
+    meter = MemoryMeter(torch.device("cpu"))
+    if not meter.resettable:
+        pytest.skip("this kernel does not let a process reset its peak resident set")
+    big = torch.ones(6_000_000, dtype=torch.float64)  # 48 MB, touched
+    del big
+    peak_run = meter.peak_above_start()
+    assert peak_run >= 40 * MB
+    section = meter.measure(lambda: torch.ones(2_000_000, dtype=torch.float64).sum())  # 16 MB
+    assert section is not None and 12 * MB <= section < 40 * MB
+    assert meter.peak_above_start() >= peak_run  # the reset of the counter did not lose the run's peak
+
+
+def test_budget_below_the_minimum_is_a_one_line_error_and_writes_nothing(regression_files, tmp_path):
+    files = regression_files
+    out = tmp_path / "out" / "r.pt"
+    before = listing(tmp_path)
+    result = run(
+        "refine", files["state_dict"], "-c", files["config"], "-d", files["data"],
+        "--rank", "64", "--max-memory", "2MB", "--out", out,
+    )  # fmt: skip
+    assert_clean_failure(result, 2, ["lsr.max_memory: 2.0 MB is below the", "this run needs"], [out])
+    assert listing(tmp_path) == before
+    assert len([ln for ln in result.stderr.splitlines() if ln.strip()]) == 1
+
+
+def test_a_run_under_a_budget_stays_under_it_and_reports_its_plan(regression_files, tmp_path):
+    files = regression_files
+    out = tmp_path / "r.pt"
+    result = run(
+        "refine", files["state_dict"], "-c", files["config"], "-d", files["data"],
+        "--rank", "64", "--max-memory", "64MB", "--out", out, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    mem = json.loads(result.stdout)["memory"]
+    assert mem["budget_bytes"] == 64 * MB
+    assert mem["peak_above_start_bytes"] <= 64 * MB
+    assert mem["plan"]["minimum_budget_bytes"] <= 64 * MB
+    assert set(mem["peak_above_start_by_stage"]) == {"baseline", "sketch_project_solve", "evaluate"}
