@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lsr_cli.config import KeyDoc
 from lsr_cli.data import read_datasets, read_row
 from lsr_cli.distributed import shard_range
 from lsr_cli.errors import ConfigError, DataError
@@ -44,22 +45,115 @@ from .fields import TIME, Fields, TabulatedModel
 
 KINDS = ("pde", "dirichlet", "neumann", "periodic", "initial", "data")
 SAMPLERS = ("uniform", "sobol", "lhs", "grid")
-_PDE_KEYS = (
-    "equation",
-    "variables",
-    "domain",
-    "constants",
-    "coefficients",
-    "blocks",
-    "basis",
-    "basis_points",
-    "reference",
-    "nonlinear_iterations",
-)
 NONLINEAR_ITERATIONS = 30
 """``pde.nonlinear_iterations: auto``: Levenberg–Marquardt steps of the exact-residual stage."""
-_BLOCK_KEYS = ("name", "kind", "points", "weight", "value", "faces", "variable", "values")
-_POINT_KEYS = ("dataset", "sample", "count", "region")
+_FORMULA = "number, formula, `{dataset: /path}` or `{instance: NAME}` (`lsr instances`)"
+PDE_KEYS = {
+    "equation": KeyDoc(
+        "string",
+        "required",
+        f"built-in ({', '.join(f'`{name}`' for name in EQUATIONS)}; residuals and coefficients: README, "
+        '"Physics-informed networks") or `path/file.py:function` (runs that code)',
+    ),
+    "variables": KeyDoc("list[string]", "required", "the model's input columns, in order; `t` is time"),
+    "domain": KeyDoc(
+        "mapping",
+        "null",
+        "the box, `[low, high]` per variable: `{x: [0, 1], y: [0, 1]}`; needed for generated points and for "
+        "`neumann` and `periodic` blocks",
+    ),
+    "constants": KeyDoc("mapping", "{}", "names usable in formulas (numbers)"),
+    "coefficients": KeyDoc(
+        "mapping",
+        "{}",
+        f"the equation's coefficients by name, each a {_FORMULA}; unset ones take the equation's defaults",
+    ),
+    "blocks": KeyDoc(
+        "list[mapping]",
+        "required",
+        "the residual blocks (keys: `pde.blocks[]`); each block's rows are scaled by `√(w_b · N / N_b)`, so "
+        "the loss is `Σ_b w_b · mean_b(r²)`",
+    ),
+    "basis": KeyDoc(
+        "string",
+        "auto",
+        "`auto`: `residual` for a small dense G on a linear equation, else `output`; `output`: sketch J on a "
+        "subset of points; `residual`: sketch G",
+    ),
+    "basis_points": KeyDoc(
+        "integer | string", "auto", "points of that subset (`auto`: max rank + oversampling + 1000)"
+    ),
+    "reference": KeyDoc(
+        "boolean | string",
+        "true",
+        "compare with `/reference/inputs` and `/reference/values` when present; `required` makes it an error if absent",
+    ),
+    "nonlinear_iterations": KeyDoc(
+        "integer | string",
+        "auto",
+        f"nonlinear equations: Levenberg–Marquardt steps on the predictor's exact residual in LSR's subspace "
+        f"(`auto`: {NONLINEAR_ITERATIONS}; 0: off; at most 3× the time of LSR's step, 2 min minimum)",
+    ),
+    "validation": KeyDoc(
+        "string",
+        "auto",
+        "fresh points never fitted (per block: its `validation:` points, the same sampling drawn again, the "
+        "domain's faces, or points between the block's points). `auto`: rank and λ chosen as with `none`, the "
+        "exact-residual stage keeps the iterate best at the validation points, and a step that raises the exact "
+        "residual there is re-chosen on them (or the input is kept); `choose`: rank and λ chosen on the "
+        "validation points; `none`: held-out rows of the fit points (`lsr.holdout`) or GCV",
+    ),
+}
+"""The keys of ``pde:`` and their documentation (``docs/configuration.md``)."""
+BLOCK_KEYS = {
+    "name": KeyDoc("string", "kind + index (`pde0`)", "the block's name in reports and plots; names must differ"),
+    "kind": KeyDoc(
+        "string",
+        "pde",
+        "`pde` (the equation), `dirichlet` (`u − g`, `value`), `neumann` (`∂u/∂n − g`, outward normal of the "
+        "box face), `periodic` (`u(x_min) − u(x_max)` along `variable`), `initial` (`u(x, t_min) − g`), "
+        "`data` (`u − values`)",
+    ),
+    "points": KeyDoc("mapping", "required", "where the block's points come from (keys: `pde.blocks[].points`)"),
+    "weight": KeyDoc("number", "1.0", "`w_b`, the block's weight in the loss `Σ_b w_b · mean_b(r²)`"),
+    "value": KeyDoc(
+        "number | string | mapping", "0", f"`g` of `dirichlet`, `neumann` and `initial` blocks: a {_FORMULA}"
+    ),
+    "faces": KeyDoc(
+        "string | list[string]",
+        "all",
+        "boundary kinds: the faces sampled — `all` spatial faces, or a list such as `[x_min, y_max]`",
+    ),
+    "variable": KeyDoc("string", "null", "`periodic` blocks: the variable along which `u(x_min) = u(x_max)`"),
+    "values": KeyDoc("string", "null", "`data` blocks: the dataset of observed values (`/path/to/dataset`)"),
+    "validation": KeyDoc(
+        "mapping",
+        "null",
+        "the block's validation points, in the form of `points` (`{dataset: /validation/NAME}` or "
+        "`{sample: sobol, count: N}`); default: chosen by `pde.validation: auto`",
+    ),
+}
+"""The keys of one entry of ``pde.blocks``."""
+POINT_KEYS = {
+    "dataset": KeyDoc("string", "null", "points `[N_b, d]` from the data file, e.g. `/collocation/NAME`"),
+    "sample": KeyDoc(
+        "string",
+        "null",
+        "or points generated in the box: `uniform` | `sobol` | `lhs` | `grid` (`grid` rounds up to "
+        "`ceil(N^(1/d))` points per axis); boundary kinds sample the faces, `initial` the `t = t_min` face; "
+        "seeded by `seed`",
+    ),
+    "count": KeyDoc("integer", "null", "how many points to generate (required with `sample`)"),
+    "region": KeyDoc(
+        "mapping",
+        "null",
+        "interior blocks: draw in a sub-box, e.g. `{x: [-0.1, 0.1]}` (denser points near a front)",
+    ),
+}
+"""The keys of ``pde.blocks[].points``."""
+_PDE_KEYS = tuple(PDE_KEYS)
+_BLOCK_KEYS = tuple(BLOCK_KEYS)
+_POINT_KEYS = tuple(POINT_KEYS)
 
 
 def _unknown(path: str, key: str, valid: tuple[str, ...]) -> ConfigError:
@@ -209,6 +303,9 @@ class PdeProblem:
     basis_points: int | str
     raw: dict[str, Any] = field(default_factory=dict)
     nonlinear_iterations: int = NONLINEAR_ITERATIONS
+    data_path: Path | None = None  # where datasets were read (validation points read there too)
+    base_dir: Path | None = None  # the config's folder (user residual files)
+    instance: tuple[str, int] | None = None  # lsr instances: the HDF5 group and row of {instance: NAME} values
 
     @property
     def num_rows(self) -> int:
@@ -535,12 +632,13 @@ def parse_problem(
     gen: torch.Generator,
     base_dir: Path | None = None,
     instance: tuple[str, int] | None = None,
+    builder: _Builder | None = None,
 ) -> PdeProblem:
     """Validate the ``pde:`` section and build every block's points and coefficients
     (``instance``: the HDF5 group and row that ``{instance: NAME}`` values read)."""
     raw = _mapping("pde", raw, _PDE_KEYS)
     eq = _equation(raw.get("equation"), base_dir)
-    b = _Builder(raw, data_path, gen, instance)
+    b = builder or _Builder(raw, data_path, gen, instance)
     if eq.needs_time and TIME not in b.variables:
         raise ConfigError(f"config.pde.variables: equation {eq.name!r} needs the time variable 't', got {b.variables}")
     coeffs = raw.get("coefficients") or {}
@@ -561,6 +659,17 @@ def parse_problem(
     basis = raw.get("basis", "auto")
     if basis not in ("auto", "output", "residual"):
         raise ConfigError(f"config.pde.basis: expected 'auto', 'output' or 'residual', got {basis!r}")
+    if raw.get("validation", "auto") not in ("auto", "choose", "none"):
+        raise ConfigError(f"config.pde.validation: expected 'auto', 'choose' or 'none', got {raw['validation']!r}")
+    for i, r in enumerate(blocks_raw):
+        own = r.get("validation")
+        if own is not None:
+            own = _mapping(f"pde.blocks[{i}].validation", own, _POINT_KEYS)
+            if not ("dataset" in own or "sample" in own) or (blocks[i].kind == "data"):
+                raise ConfigError(
+                    f"config.pde.blocks[{i}].validation: expected points like {{dataset: /validation/NAME}} or "
+                    f"{{sample: sobol, count: N}} (not for data blocks), got {own!r}"
+                )
     basis_points = raw.get("basis_points", "auto")
     if basis_points != "auto" and (
         isinstance(basis_points, bool) or not isinstance(basis_points, int) or basis_points < 1
@@ -596,7 +705,21 @@ def parse_problem(
         raise ConfigError(
             f"config.pde.nonlinear_iterations: expected 'auto' or a non-negative integer, got {nonlinear!r}"
         )
-    return PdeProblem(eq, raw["equation"], b.variables, b.box, blocks, reference, basis, basis_points, raw, nonlinear)
+    return PdeProblem(
+        eq,
+        raw["equation"],
+        b.variables,
+        b.box,
+        blocks,
+        reference,
+        basis,
+        basis_points,
+        raw,
+        nonlinear,
+        data_path,
+        base_dir,
+        instance,
+    )
 
 
 def set_scales(blocks: list[Block]) -> None:

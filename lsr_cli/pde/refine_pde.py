@@ -15,6 +15,7 @@ data file has one.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lsr_cli.budget import MemoryPlan, plan_memory
 from lsr_cli.checkpoint import LoadedCheckpoint
 from lsr_cli.config import Config
 from lsr_cli.distributed import SINGLE, Comm, global_mean_square, global_norm
@@ -39,13 +41,23 @@ from lsr_cli.refine import (
     prepare_module,
     select_parameters,
 )
-from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, resolve_memory_budget, start_run
+from lsr_cli.runtime import (
+    MemoryMeter,
+    NoProgress,
+    ProgressSink,
+    no_tf32,
+    peak_memory_bytes,
+    resolve_memory_budget,
+    start_run,
+    warm_up_autodiff,
+)
 from lsr_cli.sketch import RangeSketch
-from lsr_cli.spectral import SPECTRAL_MAX_ENTRIES, solve_exact_first
+from lsr_cli.spectral import SPECTRAL_BLOCK, SPECTRAL_MAX_ENTRIES, solve_exact_first
 from lsr_cli.subspace import Selection, SubspaceResult, solve_subspace, stratified_holdout_rows
 
 from .problem import PdeProblem
 from .subspace_newton import layouts, levenberg_marquardt, table_bytes, tabulate
+from .validation import validation_problem
 
 ROW_CHUNK = 256
 """Collocation points per Jacobian-product chunk (second derivatives make each row costlier)."""
@@ -186,6 +198,9 @@ def lsr_step(
     gen: torch.Generator,
     sink: ProgressSink,
     comm: Comm = SINGLE,
+    basis_chunk: int = 4 * ROW_CHUNK,
+    memory_budget: int | None = None,
+    validation: Selection | None = None,
 ) -> SubspaceResult:
     """One-shot LSR of the stacked physics residual at the module's current weights.
 
@@ -194,14 +209,17 @@ def lsr_step(
     global rows, as on one process, and each rank keeps its own."""
     lsr = cfg.lsr
     to_local = _global_to_local(problem)
-    split = stratified_holdout_rows([b.num_global for b in problem.blocks], lsr.holdout, gen)
-    if split is not None and comm.world > 1:
-        split = (_local_selection(split[0], to_local), _local_selection(split[1], to_local))
-    selection = (
-        Selection("holdout_loss", fit_rows=split[0], hold_rows=split[1], holdout_fraction=lsr.holdout)
-        if split is not None
-        else Selection("train_loss")
-    )
+    if validation is not None:  # fresh points, never fitted (validation.py): every fit row is fitted
+        selection = validation
+    else:
+        split = stratified_holdout_rows([b.num_global for b in problem.blocks], lsr.holdout, gen)
+        if split is not None and comm.world > 1:
+            split = (_local_selection(split[0], to_local), _local_selection(split[1], to_local))
+        selection = (
+            Selection("holdout_loss", fit_rows=split[0], hold_rows=split[1], holdout_fraction=lsr.holdout)
+            if split is not None
+            else Selection("train_loss")
+        )
     basis, why = choose_basis(module, problem, space, ops, comm)
     ops.jacobian["basis"], ops.jacobian["basis_reason"] = basis, why
     if basis == "residual":
@@ -217,7 +235,7 @@ def lsr_step(
         if comm.world > 1:
             idx = _local_selection(idx, to_local)
         idx = idx.to(pts.device)
-        basis_op = JacobianOperator(module, space, (pts[idx],), 4 * ROW_CHUNK, lsr.tangent_chunk, probe=(pts[:1],))
+        basis_op = JacobianOperator(module, space, (pts[idx],), basis_chunk, lsr.tangent_chunk, probe=(pts[:1],))
         if ops.jacobian["path"] == "dense":
             budget = resolve_memory_budget(lsr.max_memory, basis_op.device)
             dense, _ = choose_dense({"basis": basis_op}, budget // 2, None, comm)
@@ -228,7 +246,19 @@ def lsr_step(
     def adaptive(sketch: RangeSketch | None = None) -> SubspaceResult:
         dtype, device = ops.f0.dtype, ops.f0.device
         return solve_subspace(
-            basis_op, ops.G, ops.f0, selection, lsr, gen, dtype, device, sink, label, comm=comm, sketch=sketch
+            basis_op,
+            ops.G,
+            ops.f0,
+            selection,
+            lsr,
+            gen,
+            dtype,
+            device,
+            sink,
+            label,
+            memory_budget=memory_budget,
+            comm=comm,
+            sketch=sketch,
         )
 
     n, m = comm.sum_int(ops.G.shape[0]), ops.G.shape[1]
@@ -337,13 +367,14 @@ def exact_step(
     cfg: Config,
     comm: Comm = SINGLE,
     sink: ProgressSink | None = None,
+    validation: PdeProblem | None = None,
 ) -> ExactStep:
     """LSR's step ``sub.dz``, moved to minimize the refined predictor's *exact* residual in
     LSR's subspace (see :mod:`.subspace_newton`) when the equation is nonlinear."""
     if sub.dz is None:
         return ExactStep(None, ops.f0, ops.f0, {"ran": False, "reason": "LSR kept the input (rank 0)"})
     f_lin, f_after = _step_residuals(module, problem, space, ops, sub.dz)
-    z, info = _exact_stage(module, problem, space, ops, sub, f_lin, f_after, cfg, comm, sink)
+    z, info = _exact_stage(module, problem, space, ops, sub, f_lin, f_after, cfg, comm, sink, validation)
     if z is None:
         return ExactStep(sub.dz, f_lin, f_after, info)
     assert sub.basis is not None
@@ -362,6 +393,7 @@ def _exact_stage(
     cfg: Config,
     comm: Comm,
     sink: ProgressSink | None,
+    validation: PdeProblem | None = None,
 ) -> tuple[Tensor | None, dict[str, Any]]:
     """The new reduced step ``z`` (``None``: keep LSR's) and what was done."""
     info: dict[str, Any] = {"ran": False}
@@ -379,7 +411,10 @@ def _exact_stage(
         info["reason"] = "the equation is linear here: the predictor's residual equals the linearized one"
         return None, info
     layout = layouts(problem, module)
-    need = comm.sum_int(table_bytes(problem, layout, int(sub.z.shape[0])))  # all ranks: the same choice for any N
+    need = table_bytes(problem, layout, int(sub.z.shape[0]))
+    if validation is not None:
+        need += table_bytes(validation, layouts(validation, module), int(sub.z.shape[0]))
+    need = comm.sum_int(need)  # all ranks: the same choice for any N
     budget = resolve_memory_budget(cfg.lsr.max_memory, ops.f0.device)
     info["table_bytes"] = need
     if need > budget // 2:
@@ -397,12 +432,21 @@ def _exact_stage(
             info["reason"] = f"the tabulated residual differs from the predictor's by {mismatch:.1e} (not pointwise?)"
             return None, info
         sel = sub.selection
+        fit_rows = sel.fit_rows if sel is not None else None
+        hold_rows = sel.hold_rows if sel is not None else None
+        if validation is not None:  # monitored: the predictor's exact residual at the validation points
+            n_fit = int(check.shape[0])
+            val_tables = tabulate(module, validation, space, sub.basis, cfg.lsr.tangent_chunk, dense)
+            n_val = sum(int(t.base.shape[0]) for t in val_tables)
+            tables = tables + val_tables
+            fit_rows = torch.arange(n_fit, device=check.device)
+            hold_rows = torch.arange(n_fit, n_fit + n_val, device=check.device)
         result = levenberg_marquardt(
             tables,
             sub.z,
             sub.lambda_abs,
-            sel.fit_rows if sel is not None else None,
-            sel.hold_rows if sel is not None else None,
+            fit_rows,
+            hold_rows,
             limit,
             time_limit=time_limit,
             progress=sink,
@@ -419,7 +463,13 @@ def _exact_stage(
             "stop_reason": result.stop_reason,
             "lambda": sub.lambda_abs,
             "time_limit": time_limit,
-            "monitor": "holdout exact residual" if sub.selection and sub.selection.hold_rows is not None else "fit",
+            "monitor": (
+                "validation points' exact residual"
+                if validation is not None
+                else "holdout exact residual"
+                if sub.selection and sub.selection.hold_rows is not None
+                else "fit"
+            ),
             "monitor_start": h[0]["monitor"],
             "monitor_best": min(e["monitor"] for e in h),
             "history": h,
@@ -455,12 +505,121 @@ def prepare_pde_run(
     return module, space, ops
 
 
+@dataclass
+class Validation:
+    """The validation points (this rank's share, on the device), their residual operators as a
+    selection (``val_loss``), and what was done per block (for the report)."""
+
+    problem: PdeProblem | None
+    selection: Selection | None
+    info: dict[str, Any]
+
+
+def make_validation(
+    module: nn.Module, problem: PdeProblem, space: ParameterSpace, ops: ResidualOperators, cfg: Config, comm: Comm
+) -> Validation:
+    """Fresh validation points for ``problem`` (:mod:`.validation`) and the selection that scores
+    the refined predictor's linearized residual there; ``None`` parts when no block allows them."""
+    if problem.instance is not None:  # lsr instances: thousands of small runs, each chosen as before
+        return Validation(None, None, {"source": "lsr instances: none (rank chosen as configured)"})
+    val, info = validation_problem(problem, cfg.seed)
+    if val is None:
+        return Validation(None, None, info)
+    val.shard(comm.rank, comm.world)
+    val.to(ops.f0.device, ops.f0.dtype)
+    val_ops: list[Any] = [
+        JacobianOperator(module, space, b.inputs, ROW_CHUNK, cfg.lsr.tangent_chunk, residual=b.residual)
+        for b in val.blocks
+    ]
+    if ops.jacobian["path"] == "dense":  # products as matrix products, like G's, when they fit too
+        budget = resolve_memory_budget(cfg.lsr.max_memory, ops.f0.device)
+        dense, _ = choose_dense(
+            {b.name: op for b, op in zip(val.blocks, val_ops, strict=True)}, budget // 4, None, comm
+        )
+        if dense is not None:
+            val_ops = [dense[b.name] for b in val.blocks]
+    G_val = StackedOperator(val_ops)
+    f_val = G_val.forward()
+    bad = int((~torch.isfinite(f_val)).sum())
+    if (comm.sum_int(bad) if comm.world > 1 else bad) > 0:
+        raise NumericalError("the physics residual at the validation points has non-finite values")
+    info["loss_before"] = global_mean_square(f_val, comm)
+    return Validation(val, Selection("val_loss", op=G_val, f0=f_val), info)
+
+
+def plan_pde_memory(
+    problem: PdeProblem, ops: ResidualOperators, cfg: Config, meter: MemoryMeter, comm: Comm = SINGLE
+) -> tuple[Config, MemoryPlan]:
+    """The memory plan of the LSR step (:func:`~lsr_cli.budget.plan_memory`): the basis sketch
+    over the basis points (or every residual row for the residual basis), the projection of
+    every residual row, the workspace of the residual's Jacobian products (second input
+    derivatives: the costliest). Returns the config with the rank cap and tangent chunk the plan
+    allows, and the plan; the residual operators take its row chunk."""
+    lsr = cfg.lsr
+    n_local, m = ops.G.shape
+    n = comm.sum_int(n_local)
+    r_max = largest_rank(lsr)
+    if problem.basis == "residual":
+        basis_rows = n_local
+    else:
+        count = problem.basis_points if problem.basis_points != "auto" else r_max + lsr.oversampling + 1000
+        basis_rows = -(-min(int(count), n) // comm.world)  # this rank's share, rounded up
+    widest = min(n, m, max(r_max + lsr.oversampling, r_max + SPECTRAL_BLOCK if problem.basis != "output" else 0))
+    probe = next((op for op in ops.blocks if isinstance(op, JacobianOperator)), None)
+    plan = plan_memory(
+        resolve_memory_budget(lsr.max_memory, ops.f0.device),
+        meter,
+        probe,
+        basis_rows,
+        m,
+        widest,
+        min(widest, planned_columns(lsr)),
+        r_max,
+        1,
+        4 * ROW_CHUNK,
+        lsr.tangent_chunk,
+        lsr.rank == "auto",
+        comm,
+        ops.f0.element_size(),
+    )
+    changes: dict[str, Any] = {"tangent_chunk": plan.tangent_chunk}
+    if plan.max_columns < widest:
+        changes["max_rank"] = max(1, plan.max_columns - lsr.oversampling)
+        changes["exact"] = False  # a sketch capped to fit the budget cannot exhaust
+    for op in ops.blocks:
+        if isinstance(op, JacobianOperator):
+            op.row_chunk = op.vjp_row_chunk = min(op.row_chunk, plan.row_chunk)
+            op.tangent_chunk = plan.tangent_chunk
+    return dataclasses.replace(cfg, lsr=dataclasses.replace(lsr, **changes)), plan
+
+
+def _validation_loss(module: nn.Module, space: ParameterSpace, dz: Tensor, val: PdeProblem, comm: Comm) -> float:
+    """The refined predictor's exact weighted residual loss at the validation points."""
+    return global_mean_square(true_residual(LinearizedModel(module, space.unflatten_vector(dz)), val), comm)
+
+
+def sub_metric(selection: Selection | None) -> str:
+    return "validation-point" if selection is not None else "default (held-out rows or GCV)"
+
+
+def _validation_report(
+    validation: Validation, module: nn.Module, space: ParameterSpace, dz: Tensor | None, comm: Comm
+) -> dict[str, Any]:
+    """What the choices were made on, and the refined predictor's exact residual loss there."""
+    info = dict(validation.info)
+    if validation.problem is not None:
+        after = LinearizedModel(module, space.unflatten_vector(dz)) if dz is not None else module
+        info["loss_after"] = global_mean_square(true_residual(after, validation.problem), comm)
+    return info
+
+
 def refine_pde(
     ckpt: LoadedCheckpoint,
     problem: PdeProblem,
     cfg: Config,
     progress: ProgressSink | None = None,
     comm: Comm = SINGLE,
+    meter: MemoryMeter | None = None,
 ) -> RefineResult:
     """One-shot LSR of ``ckpt`` on the physics residual of ``problem``.
 
@@ -476,14 +635,53 @@ def refine_pde(
     timings: dict[str, float] = {}
     with no_tf32():
         t0 = time.perf_counter()
+        if meter is None:
+            warm_up_autodiff(device)
+            meter = MemoryMeter(device)
         module, space, ops = prepare_pde_run(ckpt, problem, cfg, dtype, device, gen, comm)
         named = dict(module.named_parameters())
         timings["baseline"] = time.perf_counter() - t0
-        sub = lsr_step(module, problem, space, ops, cfg, gen, sink, comm)
-        timings.update(sub.timings)
+        stage_peaks = {"baseline": meter.peak_above_start()}
+        validation = make_validation(module, problem, space, ops, cfg, comm)
+        cfg, plan = plan_pde_memory(problem, ops, cfg, meter, comm)
+        mode = problem.raw.get("validation", "auto")
+        on_validation = validation.selection if mode == "choose" else None
 
+        def one_shot(selection: Selection | None) -> tuple[SubspaceResult, ExactStep]:
+            sub = lsr_step(
+                module, problem, space, ops, cfg, gen, sink, comm, plan.row_chunk, plan.fold_budget, selection
+            )
+            return sub, exact_step(module, problem, space, ops, sub, cfg, comm, sink, validation.problem)
+
+        sub, step = one_shot(on_validation)
+        if mode == "auto" and validation.problem is not None and step.dz is not None:
+            # the guard: a step that raises the exact residual at points never fitted is not kept
+            before = float(validation.info["loss_before"])
+            after = _validation_loss(module, space, step.dz, validation.problem, comm)
+            validation.info["guard"] = {"loss_before": before, "loss_after_first_choice": after}
+            if not after < before:
+                sub, step = one_shot(validation.selection)
+                again = (
+                    _validation_loss(module, space, step.dz, validation.problem, comm)
+                    if step.dz is not None
+                    else before
+                )
+                validation.info["guard"]["loss_after_validation_choice"] = again
+                if again < before:
+                    validation.info["guard"]["outcome"] = (
+                        f"the {sub_metric(on_validation)} choice raised the validation loss; chosen on the validation points"
+                    )
+                else:
+                    validation.info["guard"]["outcome"] = "no step lowered the validation loss: the input is kept"
+                    sub = dataclasses.replace(sub, rank=0, dz=None, basis=None, z=None)
+                    step = ExactStep(
+                        None, ops.f0, ops.f0, {"ran": False, "reason": "the input is kept (validation guard)"}
+                    )
+            else:
+                validation.info["guard"]["outcome"] = "kept: the step lowered the validation loss"
+        stage_peaks["sketch_project_solve"] = meter.peak_above_start()
+        timings.update(sub.timings)
         t1 = time.perf_counter()
-        step = exact_step(module, problem, space, ops, sub, cfg, comm, sink)
         dz, f_lin, f_after, nonlinear = step.dz, step.f_lin, step.f_after, step.info
         delta = (
             space.unflatten_vector(dz) if dz is not None else {space.names[0]: torch.zeros_like(named[space.names[0]])}
@@ -516,7 +714,8 @@ def refine_pde(
                 "after": global_error_metrics(u_lin, u_ref, comm),
                 "network_after": global_error_metrics(u_net, u_ref, comm),
             }
-        timings["evaluate"] = time.perf_counter() - t1 - timings["nonlinear"]
+        timings["evaluate"] = time.perf_counter() - t1
+        stage_peaks["evaluate"] = meter.peak_above_start()
 
     total_before = global_mean_square(ops.f0, comm)
     total_after = global_mean_square(f_after, comm)
@@ -543,7 +742,7 @@ def refine_pde(
             ref = errors["reference"]
             ratio = (ref["before"]["rel_l2"] or 0.0) / max(ref["after"]["rel_l2"] or 0.0, 1e-300)
             message += f"; error vs the reference {ratio:.3g}x lower"
-    warnings = []
+    warnings = [f"lsr.max_memory: {note}" for note in plan.adapted]
     if sub.rank > 0 and total_after > total_before:
         warnings.append(
             f"the refined predictor's own residual loss ({total_after:.3g}) is above the input's "
@@ -582,6 +781,15 @@ def refine_pde(
         },
         jacobian=ops.jacobian,
         nonlinear=nonlinear,
+        validation=_validation_report(validation, module, space, dz, comm),
+        memory={
+            "budget_bytes": plan.budget,
+            "budget_source": "lsr.max_memory" if cfg.lsr.max_memory != "auto" else "auto: half of the free memory",
+            "peak_above_start_bytes": meter.peak_above_start(),
+            "peak_above_start_by_stage": stage_peaks,
+            "peak_kind": meter.kind,
+            "plan": plan.report(),
+        },
         compile=(
             {
                 "backend": cfg.lsr.compile,
