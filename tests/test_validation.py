@@ -23,7 +23,7 @@ def _problem(data, raw=None):
 def test_between_points_lie_between_the_points_and_are_new():
     gen = torch.Generator().manual_seed(0)
     pts = torch.rand(500, 2, generator=gen, dtype=torch.float64)
-    new = between(pts, 300, torch.Generator().manual_seed(1))
+    new, _ = between(pts, 300, torch.Generator().manual_seed(1))
     assert new.shape == (300, 2)
     assert float(torch.cdist(new, pts).min()) > 0  # none is a fit point
     assert bool(((new >= pts.min(0).values) & (new <= pts.max(0).values)).all())
@@ -51,16 +51,29 @@ def test_validation_points_are_seeded_and_disjoint_from_the_fit_points(pinn):  #
     assert bool(on_face.any(1).all())  # boundary points stay on the boundary
 
 
-def test_data_valued_blocks_get_no_validation_points(pinn):  # noqa: F811
-    raw = {
-        **PROBLEM,
-        "blocks": [PROBLEM["blocks"][0], {**PROBLEM["blocks"][1], "value": {"dataset": "/collocation/interior"}}],
-    }
-    raw["blocks"][1]["points"] = {"dataset": "/collocation/interior"}
+def test_between_interpolates_values_known_at_the_points():
+    gen = torch.Generator().manual_seed(0)
+    pts = torch.rand(400, 2, generator=gen, dtype=torch.float64)
+    g = 2 * pts[:, 0] - 3 * pts[:, 1] + 1  # linear: interpolation along a segment is exact
+    new, vals = between(pts, 100, torch.Generator().manual_seed(2), values=g)
+    assert vals is not None
+    torch.testing.assert_close(vals, 2 * new[:, 0] - 3 * new[:, 1] + 1, rtol=0, atol=1e-12)
+
+
+def test_data_valued_blocks(pinn):  # noqa: F811
+    """Boundary values read from the file: interpolated between the points; pde coefficients read
+    from the file (known only at their points): no validation points for that block."""
+    walls = {**PROBLEM["blocks"][1], "value": {"dataset": "/collocation/interior"}}
+    walls["points"] = {"dataset": "/collocation/interior"}
+    problem = _problem(pinn["data"], {**PROBLEM, "blocks": [PROBLEM["blocks"][0], walls]})
+    val, info = validation_problem(problem, seed=0)
+    assert val is not None and [b.name for b in val.blocks] == ["interior", "walls"]
+    assert info["blocks"]["walls"]["source"].startswith("between the block's points, values interpolated")
+    raw = {**PROBLEM, "coefficients": {"source": {"dataset": "/collocation/interior"}}}
     problem = _problem(pinn["data"], raw)
     val, info = validation_problem(problem, seed=0)
-    assert val is not None and [b.name for b in val.blocks] == ["interior"]
-    assert info["blocks"]["walls"] == {"points": 0, "source": "none: its values come from the data file"}
+    assert val is not None and [b.name for b in val.blocks] == ["walls"]
+    assert info["blocks"]["interior"] == {"points": 0, "source": "none: its values come from the data file"}
 
 
 @pytest.mark.parametrize(

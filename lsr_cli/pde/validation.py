@@ -52,14 +52,17 @@ def _from_data(spec: Any) -> bool:
     return False
 
 
-def between(points: Tensor, count: int, gen: torch.Generator, chunk: int = 512) -> Tensor:
+def between(
+    points: Tensor, count: int, gen: torch.Generator, chunk: int = 512, values: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     """``count`` points on segments from randomly chosen points of ``points`` ``[N, d]`` to one of
-    their :data:`NEIGHBOURS` nearest neighbours, at a random fraction in [0.25, 0.75]."""
+    their :data:`NEIGHBOURS` nearest neighbours, at a random fraction in [0.25, 0.75]; with
+    ``values`` ``[N]`` (known at the points only), their linear interpolation along the segments."""
     n = points.shape[0]
     anchors = torch.randperm(n, generator=gen)[:count] if count <= n else torch.randint(0, n, (count,), generator=gen)
     k = min(NEIGHBOURS, n - 1)
     if k < 1:
-        return points[anchors].clone()
+        return points[anchors].clone(), (values[anchors].clone() if values is not None else None)
     scale = (points.max(0).values - points.min(0).values).clamp_min(1e-300)  # anisotropic boxes: compare in units
     unit = points / scale
     partners = torch.empty(count, dtype=torch.long)
@@ -71,7 +74,10 @@ def between(points: Tensor, count: int, gen: torch.Generator, chunk: int = 512) 
         pick = torch.randint(0, k, (a.shape[0],), generator=gen)
         partners[s : s + chunk] = near[torch.arange(a.shape[0]), pick]
     t = 0.25 + 0.5 * torch.rand(count, 1, generator=gen, dtype=points.dtype)
-    return points[anchors] + t * (points[partners] - points[anchors])
+    new = points[anchors] + t * (points[partners] - points[anchors])
+    if values is None:
+        return new, None
+    return new, values[anchors] + t[:, 0].to(values.dtype) * (values[partners] - values[anchors])
 
 
 def _on_box_faces(problem: PdeProblem, blk: Block) -> bool:
@@ -129,6 +135,14 @@ def validation_problem(problem: PdeProblem, seed: int) -> tuple[PdeProblem | Non
         elif blk.kind == "data":
             info[blk.name] = {"points": 0, "source": "none: observations exist only at their points"}
             continue
+        elif blk.kind in ("dirichlet", "initial") and _from_data(spec.get("value")) and not blk.generated:
+            # boundary values known at the file's points only: interpolated between neighbours
+            key = f"__validation_{i}"
+            pts, vals = between(blk.points.double(), count, gen, values=blk.inputs[1].double())
+            assert vals is not None
+            injected[key], injected[key + "_value"] = pts, vals
+            spec["points"], spec["value"] = {"dataset": key}, {"dataset": key + "_value"}
+            how = f"between the block's points, values interpolated ({NEIGHBOURS} nearest neighbours)"
         elif _from_data(spec.get("value")) or (blk.kind == "pde" and coeff_from_data):
             info[blk.name] = {"points": 0, "source": "none: its values come from the data file"}
             continue
@@ -140,7 +154,7 @@ def validation_problem(problem: PdeProblem, seed: int) -> tuple[PdeProblem | Non
             how = "sampled on the domain's faces"
         elif blk.kind in ("pde", "dirichlet", "initial"):
             key = f"__validation_{i}"
-            injected[key] = between(blk.points.double(), count, gen)
+            injected[key] = between(blk.points.double(), count, gen)[0]
             spec["points"] = {"dataset": key}
             how = f"between the block's points ({NEIGHBOURS} nearest neighbours)"
         else:
