@@ -497,8 +497,14 @@ def refine(
                     f"only {planned_columns(lsr)} sketch columns planned: JVPs are cheaper than materializing J "
                     f"(dense pays off from about {DENSE_MIN_COLUMNS}, benchmarks/throughput.py)"
                 )
-            elif lsr.jacobian == "auto" and comm.sum_int(sum(ops[nm].shape[0] for nm in names)) * m * 8 > budget // 2:
-                jac_info["reason"] = "the dense Jacobian exceeds half of the memory budget"  # no probe needed
+            elif (
+                lsr.jacobian == "auto"
+                and (j_rows := comm.sum_int(sum(ops[nm].shape[0] for nm in names))) * m * 8 > budget // 2
+            ):
+                jac_info["reason"] = (  # no cost probe: the dense path cannot run
+                    f"the dense Jacobian ({j_rows} x {m}, {j_rows * m * 8 / 1e6:.0f} MB) exceeds half of the memory "
+                    f"budget ({budget / 2e6:.0f} MB)"
+                )
             elif lsr.jacobian == "auto" and (
                 slow := _on_root(comm, matrix_free_is_cheaper, ops["train"], lsr, n, max_bytes=budget // 8)
             ):

@@ -169,8 +169,8 @@ def solve_spectral(
     best_per_rank = metric.min(0).values
     j = int(best_per_rank.argmin())
     base_train = f_sq / max(n, 1)
-    if sel_sq is not None:
-        base_sel: float | None = comm.sum_float(float(selection.f0.square().sum())) / max(num_sel, 1)  # type: ignore[union-attr]
+    if sel_sq is not None and selection.f0 is not None:
+        base_sel: float | None = comm.sum_float(float(selection.f0.square().sum())) / max(num_sel, 1)
     else:
         base_sel = base_train if kind == "gcv" else None
     base_metric = base_train if kind == "train_loss" else float(base_sel)  # type: ignore[arg-type]

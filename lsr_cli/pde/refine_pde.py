@@ -598,18 +598,15 @@ def _validation_loss(module: nn.Module, space: ParameterSpace, dz: Tensor, val: 
     return global_mean_square(true_residual(LinearizedModel(module, space.unflatten_vector(dz)), val), comm)
 
 
-def sub_metric(selection: Selection | None) -> str:
-    return "validation-point" if selection is not None else "default (held-out rows or GCV)"
-
-
 def _validation_report(
     validation: Validation, module: nn.Module, space: ParameterSpace, dz: Tensor | None, comm: Comm
 ) -> dict[str, Any]:
     """What the choices were made on, and the refined predictor's exact residual loss there."""
     info = dict(validation.info)
     if validation.problem is not None:
-        after = LinearizedModel(module, space.unflatten_vector(dz)) if dz is not None else module
-        info["loss_after"] = global_mean_square(true_residual(after, validation.problem), comm)
+        info["loss_after"] = (
+            _validation_loss(module, space, dz, validation.problem, comm) if dz is not None else info["loss_before"]
+        )
     return info
 
 
@@ -669,7 +666,7 @@ def refine_pde(
                 validation.info["guard"]["loss_after_validation_choice"] = again
                 if again < before:
                     validation.info["guard"]["outcome"] = (
-                        f"the {sub_metric(on_validation)} choice raised the validation loss; chosen on the validation points"
+                        "the held-out-rows or GCV choice raised the validation loss; chosen on the validation points"
                     )
                 else:
                     validation.info["guard"]["outcome"] = "no step lowered the validation loss: the input is kept"
