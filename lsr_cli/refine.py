@@ -343,6 +343,16 @@ def matrix_free_is_cheaper(
     return None
 
 
+def dense_too_large(ops: dict[str, Any], max_bytes: int, comm: Comm = SINGLE) -> str | None:
+    """Why the operators' dense Jacobian (every rank's rows, float64) cannot be held in
+    ``max_bytes``, or ``None`` when it can."""
+    n = comm.sum_int(sum(op.shape[0] for op in ops.values()))
+    m = next(iter(ops.values())).shape[1]
+    if n * m * 8 <= max_bytes:
+        return None
+    return f"the dense Jacobian ({n} x {m}, {n * m * 8 / 1e6:.0f} MB) exceeds half of the memory budget ({max_bytes / 1e6:.0f} MB)"
+
+
 def choose_dense(
     ops: dict[str, JacobianOperator],
     max_bytes: int,
@@ -356,14 +366,12 @@ def choose_dense(
     Distributed (``comm``): the size is that of the whole ``J`` (every rank's rows), so the
     choice is the one a single process makes, whatever the number of ranks; each rank holds
     its own rows, and the dense path is taken only when it succeeds on every rank."""
+    too_large = dense_too_large(ops, max_bytes, comm)
+    if too_large is not None:
+        return None, too_large
     n = comm.sum_int(sum(op.shape[0] for op in ops.values()))
     m = next(iter(ops.values())).shape[1]
     total = n * m * 8
-    if total > max_bytes:
-        return (
-            None,
-            f"the dense Jacobian ({n} x {m}, {total / 1e6:.0f} MB) exceeds half of the memory budget ({max_bytes / 1e6:.0f} MB)",
-        )
     out: dict[str, DenseOperator] = {}
     why = ""
     for name, op in ops.items():
@@ -497,14 +505,8 @@ def refine(
                     f"only {planned_columns(lsr)} sketch columns planned: JVPs are cheaper than materializing J "
                     f"(dense pays off from about {DENSE_MIN_COLUMNS}, benchmarks/throughput.py)"
                 )
-            elif (
-                lsr.jacobian == "auto"
-                and (j_rows := comm.sum_int(sum(ops[nm].shape[0] for nm in names))) * m * 8 > budget // 2
-            ):
-                jac_info["reason"] = (  # no cost probe: the dense path cannot run
-                    f"the dense Jacobian ({j_rows} x {m}, {j_rows * m * 8 / 1e6:.0f} MB) exceeds half of the memory "
-                    f"budget ({budget / 2e6:.0f} MB)"
-                )
+            elif lsr.jacobian == "auto" and (big := dense_too_large({nm: ops[nm] for nm in names}, budget // 2, comm)):
+                jac_info["reason"] = big  # no cost probe: the dense path cannot run
             elif lsr.jacobian == "auto" and (
                 slow := _on_root(comm, matrix_free_is_cheaper, ops["train"], lsr, n, max_bytes=budget // 8)
             ):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from lsr_cli.budget import MemoryPlan, plan_memory
 from lsr_cli.checkpoint import LoadedCheckpoint
-from lsr_cli.config import Config
+from lsr_cli.config import Config, LsrConfig
 from lsr_cli.distributed import SINGLE, Comm, global_mean_square, global_norm
 from lsr_cli.errors import CheckpointError, ConfigError, NumericalError
 from lsr_cli.linearization import JacobianOperator, ParameterSpace, StackedOperator
@@ -34,6 +34,7 @@ from lsr_cli.metrics import global_error_metrics
 from lsr_cli.refine import (
     DENSE_MIN_COLUMNS,
     RefineResult,
+    _finite_or_raise,
     choose_dense,
     largest_rank,
     planned_columns,
@@ -228,10 +229,7 @@ def lsr_step(
     else:
         pts = problem.all_points()
         total = int(to_local.shape[0])
-        r_max = largest_rank(lsr)
-        count = problem.basis_points if problem.basis_points != "auto" else int(r_max) + lsr.oversampling + 1000
-        count = min(int(count), total)
-        idx = torch.randperm(total, generator=gen)[:count]
+        idx = torch.randperm(total, generator=gen)[: basis_point_count(problem, lsr, total)]
         if comm.world > 1:
             idx = _local_selection(idx, to_local)
         idx = idx.to(pts.device)
@@ -270,6 +268,13 @@ def lsr_step(
     ):
         return solve_exact_first(ops.G, ops.f0, selection, lsr, gen, sink, label, adaptive, comm)
     return adaptive()
+
+
+def basis_point_count(problem: PdeProblem, lsr: LsrConfig, total: int) -> int:
+    """Points on which the output basis is sketched: ``pde.basis_points`` (``auto``: the largest
+    rank + oversampling + 1000), at most the ``total`` points of every block."""
+    count = problem.basis_points if problem.basis_points != "auto" else largest_rank(lsr) + lsr.oversampling + 1000
+    return min(int(count), total)
 
 
 LINEARITY_ROWS = 256
@@ -540,9 +545,7 @@ def make_validation(
             val_ops = [dense[b.name] for b in val.blocks]
     G_val = StackedOperator(val_ops)
     f_val = G_val.forward()
-    bad = int((~torch.isfinite(f_val)).sum())
-    if (comm.sum_int(bad) if comm.world > 1 else bad) > 0:
-        raise NumericalError("the physics residual at the validation points has non-finite values")
+    _finite_or_raise(f_val, "the physics residual at the validation points", comm)
     info["loss_before"] = global_mean_square(f_val, comm)
     return Validation(val, Selection("val_loss", op=G_val, f0=f_val), info)
 
@@ -562,8 +565,7 @@ def plan_pde_memory(
     if problem.basis == "residual":
         basis_rows = n_local
     else:
-        count = problem.basis_points if problem.basis_points != "auto" else r_max + lsr.oversampling + 1000
-        basis_rows = -(-min(int(count), n) // comm.world)  # this rank's share, rounded up
+        basis_rows = -(-basis_point_count(problem, lsr, n) // comm.world)  # this rank's share, rounded up
     widest = min(n, m, max(r_max + lsr.oversampling, r_max + SPECTRAL_BLOCK if problem.basis != "output" else 0))
     probe = next((op for op in ops.blocks if isinstance(op, JacobianOperator)), None)
     plan = plan_memory(
