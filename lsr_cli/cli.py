@@ -31,11 +31,20 @@ from rich.table import Table
 
 from . import __version__
 from .budget import limit_allocator_slack
-from .checkpoint import LoadedCheckpoint, load_checkpoint, save_refined_state_dict
-from .config import Config, load_config, parse_device, parse_dtype, parse_memory, parse_rank
+from .checkpoint import LoadedCheckpoint, load_checkpoint, refined_suffix, resolve_output_format, save_refined
+from .config import (
+    Config,
+    load_config,
+    parse_device,
+    parse_dtype,
+    parse_memory,
+    parse_output_format,
+    parse_rank,
+)
 from .data import LazyArray, read_data
 from .distributed import SINGLE, Comm, fault_point, init_from_env, launch_command, launched_by_torchrun
 from .errors import EXIT_CODES, CheckpointError, ConfigError, DataError, LsrError, OutputError
+from .iterate_supervised import iterate_supervised
 from .outputs import atomic_outputs, check_output_path
 from .pde import PdeProblem, parse_problem, refine_pde
 from .pde.instances import fingerprint, parse_instances, run_instances
@@ -65,7 +74,6 @@ from .runtime import (
     resolve_memory_budget,
     warm_up_autodiff,
 )
-from .scripted import build_refined_script
 
 app = typer.Typer(
     name="lsr",
@@ -277,24 +285,34 @@ def _split_info(data: dict[str, Any]) -> dict[str, Any]:
                 else {}
             ),
             "streamed": any(isinstance(x, LazyArray) for x in s.inputs),
+            **({"selection": s.selection} if s.selection else {}),
         }
         for name, s in data.items()
     }
 
 
 def _save_refined(
-    out: Path, ckpt: LoadedCheckpoint, result: RefineResult, metadata: dict[str, Any], num_inputs: int
-) -> str:
-    """Write the refined checkpoint in the input's family to ``out``; returns the output format."""
-    dtype = TORCH_DTYPES[result.dtype]
-    if ckpt.format in ("torchscript", "refined_torchscript"):
-        base = result.model.base.to("cpu")
-        assert isinstance(base, torch.jit.ScriptModule)
-        delta = {k: v.to("cpu") for k, v in result.delta.items()}
-        build_refined_script(base, delta, num_inputs, metadata).save(str(out))
-        return "refined_torchscript"
-    save_refined_state_dict(out, ckpt, result.delta, dtype, metadata)
-    return "refined_state_dict"
+    out: Path,
+    ckpt: LoadedCheckpoint,
+    result: RefineResult,
+    metadata: dict[str, Any],
+    num_inputs: int,
+    fmt: str | None = None,
+    source: Any = None,
+) -> dict[str, Any]:
+    """Write the refined checkpoint in ``fmt`` (default: the input's family) to ``out``; returns
+    the report's output fields (``format``, and for ``export`` the dynamic batch dimensions)."""
+    fmt = resolve_output_format(fmt, ckpt)
+    if isinstance(source, PdeProblem):
+        inputs: tuple[Any, ...] = (source.all_points(),)
+        shared: tuple[bool, ...] = ()
+    elif isinstance(source, dict) and "train" in source:
+        inputs, shared = tuple(source["train"].inputs), tuple(source["train"].shared)
+    else:
+        inputs, shared = tuple(None for _ in range(num_inputs)), ()
+    base = result.model.base.to("cpu")
+    delta = {k: v.to("cpu") for k, v in result.delta.items()}
+    return save_refined(out, fmt, ckpt, base, delta, TORCH_DTYPES[result.dtype], metadata, inputs, shared)
 
 
 Option = typer.Option
@@ -594,7 +612,9 @@ lsr refine sample_data/regression_state_dict.pt \\
 def refine_cmd(
     checkpoint: Annotated[
         Path,
-        typer.Argument(help="TorchScript or state-dict checkpoint (or a refined one)."),
+        typer.Argument(
+            help="torch.export (.pt2), TorchScript, safetensors or state-dict checkpoint (or a refined one)."
+        ),
     ],
     data: DataOpt = None,
     config: Annotated[Path | None, Option("--config", "-c", help="YAML config file.", rich_help_panel=INPUTS)] = None,
@@ -616,6 +636,23 @@ def refine_cmd(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
+    out_format: Annotated[
+        str | None,
+        Option(
+            "--format",
+            help="Refined checkpoint format: torchscript | export (.pt2) | state-dict | safetensors (default: the "
+            "input's; sets output.format).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = None,
+    trust_checkpoint: Annotated[
+        bool,
+        Option(
+            "--trust-checkpoint",
+            help="Unpickle the checkpoint without restriction (files you trust only; sets model.trust_checkpoint).",
+            rich_help_panel=INPUTS,
+        ),
+    ] = False,
 ) -> None:
     """One-shot LSR of CHECKPOINT on training data or a PDE residual.
 
@@ -644,6 +681,8 @@ def refine_cmd(
             nproc,
             t_start,
             verbose=verbose,
+            out_format=out_format,
+            trust_checkpoint=trust_checkpoint,
         )
     except typer.Exit as exc:
         _leave_if_failed_rank(exc)
@@ -673,6 +712,8 @@ def _refine_cmd(
     t_start: float,
     *,
     verbose: bool = False,
+    out_format: str | None = None,
+    trust_checkpoint: bool = False,
 ) -> None:
     with _guard(debug):
         _check_nproc(nproc)
@@ -695,6 +736,8 @@ def _refine_cmd(
                 as_json=as_json,
                 verbose=verbose,
                 debug=debug,
+                format=out_format,
+                trust_checkpoint=trust_checkpoint,
             )
             code = _launch(nproc, argv)
             if code != 0:
@@ -704,6 +747,10 @@ def _refine_cmd(
         _apply_overrides(
             cfg, device=device, dtype=dtype, seed=seed, rank=rank, max_memory=max_memory, use_compile=use_compile
         )
+        if out_format is not None:
+            cfg.output.format = parse_output_format("output.format (--format)", out_format)
+        if trust_checkpoint:
+            cfg.model.trust_checkpoint = True
         comm, cfg.device = init_from_env(cfg.device)
         _comm["comm"] = comm
         try:
@@ -743,7 +790,9 @@ def _refine_run(
     pde_mode = cfg.pde is not None
     data_path = _optional_data_path(data, cfg, base) if pde_mode else _data_path(data, cfg, base)
     resolve_device(cfg.device)
-    out_path, report_path = _output_paths(out, report, cfg, base, checkpoint.with_name(checkpoint.stem + ".refined.pt"))
+    out_path, report_path = _output_paths(
+        out, report, cfg, base, checkpoint.with_name(checkpoint.stem + refined_suffix(checkpoint, cfg.output.format))
+    )
     inputs = [checkpoint] + ([data_path] if data_path else []) + ([config] if config else [])
     if root:
         check_output_path(out_path, inputs, force, "refined checkpoint")
@@ -757,6 +806,7 @@ def _refine_run(
     if cfg.lsr.max_memory != "auto":  # a budget the user set: freed blocks go back to the system at once
         limit_allocator_slack()
     ckpt = load_checkpoint(checkpoint, cfg.model, base)
+    cfg.output.format = resolve_output_format(cfg.output.format, ckpt)  # checked before any work
     meter: MemoryMeter | None = None
     run_device = resolve_device(cfg.device)
     if pde_mode:
@@ -844,10 +894,12 @@ def _write_refine_outputs(
         "rank": result.rank,
         "dtype": result.dtype,
         "refined_again": ckpt.is_refined,
+        **({"unknowns": {k: v["after"] for k, v in result.unknowns.items()}} if result.unknowns else {}),
     }
     timings = {"load": t_load, **result.timings}
     with atomic_outputs(out_path, report_path) as (tmp_out, tmp_report):
-        out_format = _save_refined(tmp_out, ckpt, result, metadata, num_inputs)
+        out_info = _save_refined(tmp_out, ckpt, result, metadata, num_inputs, cfg.output.format, fields_source)
+        _warn([out_info["warning"]] if "warning" in out_info else [], quiet or as_json)
         timings["save"] = time.perf_counter() - t1
         timings["total"] = time.perf_counter() - t_start
         payload = refine_report(
@@ -861,8 +913,9 @@ def _write_refine_outputs(
                     if ckpt.is_refined
                     else "the network at its trained weights θ0"
                 ),
+                **({"warnings": ckpt.warnings} if ckpt.warnings else {}),
             },
-            output_info={"checkpoint": str(out_path), "format": out_format, "report": str(report_path)},
+            output_info={"checkpoint": str(out_path), **out_info, "report": str(report_path)},
             data_info=data_info,
             config=cfg.to_dict(),
             timings=timings,
@@ -1174,6 +1227,9 @@ lsr iterate --config configs/poisson2d.yaml --out runs/poisson.iterated.pt \\
 lsr iterate sample_data/poisson2d_state_dict.pt \\
     --config configs/poisson2d.yaml --out runs/poisson_sd.iterated.pt \\
     --iterations 1 --rank 800
+# a supervised network (no `pde:` section): chosen on the val split
+lsr iterate sample_data/regression_state_dict.pt \
+    --config configs/regression.yaml --out runs/regression.iterated.pt
 """
 
 
@@ -1184,7 +1240,8 @@ def iterate_cmd(
         typer.Argument(help="Network to start from (default: model.checkpoint of the config)."),
     ] = None,
     config: Annotated[
-        Path | None, Option("--config", "-c", help="YAML config with a `pde:` section.", rich_help_panel=INPUTS)
+        Path | None,
+        Option("--config", "-c", help="YAML config (a `pde:` section, or supervised splits).", rich_help_panel=INPUTS),
     ] = None,
     data: Annotated[
         Path | None,
@@ -1213,9 +1270,12 @@ def iterate_cmd(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Iterative LSR for PDEs: alternate LSR and L-BFGS network fits.
+    """Iterative LSR: a plain network from the refined predictor.
 
-    Alternates one-shot LSR with an L-BFGS fit of the network to the refined predictor.
+    Alternates one-shot LSR with a fit of the network to the refined predictor
+    (Levenberg-Marquardt steps; L-BFGS when iterate.lbfgs_iterations > 0); an iteration is
+    kept only if the network's residual at fresh validation points falls (PDE configs) or its
+    loss on the val split falls (supervised data, no `pde:` section).
 
     Writes a plain network in the input's format."""
     opts: dict[str, Any] = {
@@ -1241,13 +1301,15 @@ def iterate_cmd(
         with _guard(debug):
             _check_nproc(nproc)
             if nproc is not None and nproc > 1:
+                if _config(config)[0].pde is None:
+                    raise ConfigError(
+                        "--nproc: `lsr iterate` on supervised data (no `pde:` section) runs on one process"
+                    )
                 code = _launch(nproc, _refine_argv("iterate", **opts))
                 if code != 0:
                     raise typer.Exit(code)
                 return
             cfg, base = _config(config)
-            if cfg.pde is None:
-                raise ConfigError("lsr iterate needs a config with a `pde:` section (--config FILE)")
             _apply_overrides(cfg, device=device, dtype=dtype, seed=seed, rank=rank)
             if iterations is not None:
                 if iterations < 1:
@@ -1298,7 +1360,13 @@ def _iterate_run(
     start = checkpoint or _relative(cfg.model.checkpoint, base)
     if start is None:
         raise ConfigError("no checkpoint: pass CHECKPOINT or set model.checkpoint in the config")
-    data_path = _optional_data_path(data, cfg, base)
+    supervised = cfg.pde is None  # supervised data: the splits of the data file
+    if supervised and data is None and not cfg.data.path:
+        raise ConfigError(
+            "lsr iterate needs a config with a `pde:` section (--config FILE), or supervised data: "
+            "pass --data FILE or set data.path"
+        )
+    data_path = _data_path(data, cfg, base) if supervised else _optional_data_path(data, cfg, base)
     resolve_device(cfg.device)
     out_path, report_path = _output_paths(out, report, cfg, base, start.with_name(start.stem + ".iterated.pt"))
     previous: list[dict[str, Any]] = []
@@ -1329,10 +1397,25 @@ def _iterate_run(
         run_device = resolve_device(cfg.device)
         warm_up_autodiff(run_device)
         meter = MemoryMeter(run_device)
-    problem = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base)
-    data_info: dict[str, Any] = {"path": str(data_path) if data_path else None, **_problem_info(problem)}
-    problem.shard(comm.rank, comm.world)
-    local_rows = problem.num_rows
+    if supervised:
+        assert data_path is not None
+        splits = read_data(data_path, cfg.data, TORCH_DTYPES[cfg.dtype])
+        data_info: dict[str, Any] = {"path": str(data_path), "splits": _split_info(splits)}
+        local_rows = splits["train"].num_samples
+    else:
+        problem = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base)
+        if problem.unknowns:
+            raise ConfigError(
+                "config.pde.unknowns: `lsr iterate` does not refine unknown constants yet; use `lsr refine`"
+            )
+        if len(problem.outputs) > 1:
+            raise ConfigError(
+                f"config.pde.outputs: `lsr iterate` fits networks with one output; this one has {problem.outputs} "
+                "(use `lsr refine`)"
+            )
+        data_info = {"path": str(data_path) if data_path else None, **_problem_info(problem)}
+        problem.shard(comm.rank, comm.world)
+        local_rows = problem.num_rows
     fault_point("load", comm)
     t_load = time.perf_counter() - t0
     _warn(ckpt.warnings, quiet or as_json or not root)
@@ -1344,7 +1427,10 @@ def _iterate_run(
 
     start_it = previous[-1]["iteration"] + 1 if previous else 0
     with progress_sink(_err, enabled=show) as progress:
-        result = iterate(ckpt, problem, cfg, progress, data_path, base, start_it, on_iteration, comm)
+        if supervised:
+            result = iterate_supervised(ckpt, splits, cfg, progress, start_it, on_iteration)
+        else:
+            result = iterate(ckpt, problem, cfg, progress, data_path, base, start_it, on_iteration, comm)
     _warn(result.warnings, quiet or as_json or not root)
 
     def write(ranks: list[dict[str, Any]]) -> None:

@@ -66,6 +66,24 @@ class ModelConfig:
     checkpoint: str | None = key(
         None, help="the default CHECKPOINT of `lsr iterate` and `lsr instances` (relative to the config file)"
     )
+    prefix: str | None = key(
+        None,
+        help="keep only the keys that start with this prefix and strip it (`model.` of a Lightning module, `encoder.` "
+        "for a sub-module); a prefix shared by every key is stripped on its own when that makes the state dict fit",
+    )
+    trust_checkpoint: bool = key(
+        False,
+        help="unpickle the checkpoint without restriction (`--trust-checkpoint`): only for files you trust, since "
+        "a pickle can run any code; the report warns. Without it torch.load runs with weights_only=True plus "
+        "torch's functions and module classes and the classes of the factory's package (docs/formats.md)",
+    )
+    # last: the field's name shadows the function key() in the rest of the class body
+    key: str | None = key(
+        None,
+        help="the entry of the file that holds the state dict (`state_dict`, `model_state_dict`, `a/b` for nested "
+        "mappings); default: the file itself, else the first of state_dict, model_state_dict, model, net, network, "
+        "module that holds tensors",
+    )
 
 
 @dataclass
@@ -76,8 +94,31 @@ class DataConfig:
     train: str = key("train", help="group name of the training split")
     val: str | None = key("val", help="group name of the validation split (`null` skips it)")
     test: str | None = key("test", help="group name of the test split (`null` skips it)")
-    inputs: str = key("inputs", help="name of the inputs (a dataset, or a group of several) inside each group")
-    targets: str = key("targets", help="name of the targets dataset inside each group")
+    inputs: str | list[str] = key(
+        "inputs",
+        shown_type="string | list",
+        help="name of the inputs (a dataset, or a group of several) inside each group; or, for a file without "
+        "split groups, dataset paths anywhere in it: `/tensor[:, 0]` (a `[...]` suffix selects on the other "
+        "dimensions: integers, `a:b`, `None`; the first entry `:` keeps the samples), a list for several inputs "
+        "in the model's order",
+    )
+    targets: str = key(
+        "targets",
+        help="name of the targets dataset inside each group, or a dataset path anywhere (`/tensor[:, -1]`)",
+    )
+    shared: list[str] = key(
+        default_factory=list,
+        help="inputs (as written in `inputs`) without a sample dimension, passed whole with every batch: a grid "
+        "from a coordinate dataset (`/x-coordinate[:, None]` → `[X, 1]`)",
+    )
+    split: dict[str, Any] | None = key(
+        None,
+        shown_type="mapping",
+        help="split a file without split groups: fractions `{train: 0.8, val: 0.1, test: 0.1}` of the samples, "
+        "shuffled by `seed` (default 0, independent of the run's `seed` so every command sees the same split), "
+        "or row ranges `{train: [0, 800], val: [800, 900]}` (kept in order); the report records it. With dataset "
+        "paths and no `split`, every sample is training data",
+    )
 
 
 @dataclass
@@ -177,15 +218,23 @@ class IterateConfig:
     """Iterative LSR (``lsr iterate``): outer loop, L-BFGS alignment, stopping."""
 
     iterations: int = key(10, help="outer iterations (`--iterations`)")
-    lbfgs_iterations: int = key(300, help="L-BFGS (strong Wolfe, float64) iterations of each alignment")
+    lbfgs_iterations: int = key(
+        0, help="L-BFGS (strong Wolfe, float64) iterations on the pseudo-time loss after each fit (0: none)"
+    )
     dtau: float = key(1e-3, help="pseudo-time step: small → supervised fit to the LSR predictor")
     tolerance: float = key(0.0, help="stop when the network fits the LSR predictor to this relative distance")
-    patience: int = key(3, help="stop after this many iterations in which that distance did not fall")
+    patience: int = key(3, help="stop after this many iterations in which the `select` criterion did not fall")
     resample: bool = key(False, help="draw new generated points every iteration")
     history_size: int = key(50, help="L-BFGS memory")
     save_dtype: str = key("original", help="dtype of the written network: `original` | `float64` | `float32`")
-    select: str = key("distance", help="keep the network closest to the last LSR predictor (`distance`), or `residual`")
-    gauss_newton_steps: int = key(15, help="Levenberg–Marquardt steps of each alignment (0: L-BFGS only)")
+    select: str = key(
+        "validation",
+        help="keep an iteration only if it lowers the network's residual at fresh validation points (`validation`), "
+        "at the fit points (`residual`), or its distance to the LSR predictor (`distance`)",
+    )
+    gauss_newton_steps: int = key(
+        40, help="Levenberg–Marquardt steps (geodesic acceleration) of each fit to the LSR predictor"
+    )
     gauss_newton_rank: int = key(600, help="parameter directions sketched for each of those steps")
 
 
@@ -201,6 +250,15 @@ class OutputConfig:
     )
     report: str | None = key(
         None, shown="next to the output", help="JSON report path (`--report`; default `OUT.report.json`)"
+    )
+    format: str | None = key(
+        None,
+        shown="the input's",
+        shown_type="string",
+        help="refined checkpoint of `lsr refine` (`--format`): `torchscript`, `export` (a `.pt2` that "
+        "`torch.export.load(path).module()` runs, dynamic batch), `state-dict` (θ0, δ and the model spec by "
+        "`torch.save`; needs a state-dict input) or `safetensors` (the same as a safetensors file); default: "
+        "the input's family (docs/formats.md)",
     )
 
 
@@ -364,6 +422,13 @@ def parse_config(raw: Any) -> Config:
         cfg.model.factory = _str("model.factory", m["factory"], optional=True)
     if "checkpoint" in m:
         cfg.model.checkpoint = _str("model.checkpoint", m["checkpoint"], optional=True)
+    for name in ("key", "prefix"):
+        if name in m:
+            setattr(cfg.model, name, _str(f"model.{name}", m[name], optional=True) or None)
+    if "trust_checkpoint" in m:
+        if not isinstance(m["trust_checkpoint"], bool):
+            raise _fail("model.trust_checkpoint", "true or false", m["trust_checkpoint"])
+        cfg.model.trust_checkpoint = m["trust_checkpoint"]
     if "kwargs" in m:
         if m["kwargs"] is not None and not isinstance(m["kwargs"], dict):
             raise _fail("model.kwargs", "a mapping", m["kwargs"])
@@ -373,9 +438,25 @@ def parse_config(raw: Any) -> Config:
     for key in ("path", "val", "test"):
         if key in d:
             setattr(cfg.data, key, _str(f"data.{key}", d[key], optional=True))
-    for key in ("train", "inputs", "targets"):
+    for key in ("train", "targets"):
         if key in d:
             setattr(cfg.data, key, _str(f"data.{key}", d[key]))
+    if "inputs" in d:
+        v = d["inputs"]
+        if isinstance(v, list):
+            if not v or not all(isinstance(x, str) for x in v):
+                raise _fail("data.inputs", "a dataset name or a non-empty list of dataset paths", v)
+            cfg.data.inputs = list(v)
+        else:
+            cfg.data.inputs = str(_str("data.inputs", v))
+    if "shared" in d:
+        cfg.data.shared = _str_list("data.shared", d["shared"])
+        listed = cfg.data.inputs if isinstance(cfg.data.inputs, list) else [cfg.data.inputs]
+        for name in cfg.data.shared:
+            if name not in listed:
+                raise ConfigError(f"config.data.shared: {name!r} is not one of config.data.inputs {listed}")
+    if d.get("split") is not None:
+        cfg.data.split = parse_split("data.split", d["split"])
 
     s = _section("lsr", raw.get("lsr"), LsrConfig)
     lsr = cfg.lsr
@@ -436,7 +517,9 @@ def parse_config(raw: Any) -> Config:
     it = _section("iterate", raw.get("iterate"), IterateConfig)
     if "gauss_newton_steps" in it:
         cfg.iterate.gauss_newton_steps = _int("iterate.gauss_newton_steps", it["gauss_newton_steps"], lo=0)
-    for key in ("iterations", "lbfgs_iterations", "history_size", "gauss_newton_rank"):
+    if "lbfgs_iterations" in it:
+        cfg.iterate.lbfgs_iterations = _int("iterate.lbfgs_iterations", it["lbfgs_iterations"], lo=0)
+    for key in ("iterations", "history_size", "gauss_newton_rank"):
         if key in it:
             setattr(cfg.iterate, key, _int(f"iterate.{key}", it[key], lo=1))
     if "patience" in it:
@@ -453,8 +536,8 @@ def parse_config(raw: Any) -> Config:
                 raise _fail(f"iterate.{key}", "true or false", it[key])
             setattr(cfg.iterate, key, it[key])
     if "select" in it:
-        if it["select"] not in ("distance", "residual"):
-            raise ConfigError(f"config.iterate.select: expected distance or residual, got {it['select']!r}")
+        if it["select"] not in ("validation", "distance", "residual"):
+            raise ConfigError(f"config.iterate.select: expected validation, distance or residual, got {it['select']!r}")
         cfg.iterate.select = it["select"]
     if "save_dtype" in it:
         if it["save_dtype"] not in ("original", "float64", "float32"):
@@ -475,6 +558,8 @@ def parse_config(raw: Any) -> Config:
     for key in ("checkpoint", "report"):
         if key in o:
             setattr(cfg.output, key, _str(f"output.{key}", o[key], optional=True))
+    if o.get("format") is not None:
+        cfg.output.format = parse_output_format("output.format", o["format"])
 
     if "dtype" in raw:
         cfg.dtype = parse_dtype("dtype", raw["dtype"])
@@ -483,6 +568,57 @@ def parse_config(raw: Any) -> Config:
     if "seed" in raw:
         cfg.seed = _int("seed", raw["seed"], lo=0)
     return cfg
+
+
+OUTPUT_FORMATS = ("torchscript", "export", "state-dict", "safetensors")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def parse_split(path: str, value: Any) -> dict[str, Any]:
+    """``{train: 0.8, val: 0.1, test: 0.1, seed: 0}`` (fractions summing to at most 1) or
+    ``{train: [0, 800], val: [800, 900]}`` (row ranges ``[start, stop)``, not overlapping)."""
+    if not isinstance(value, dict):
+        raise _fail(path, "a mapping such as {train: 0.8, val: 0.1, test: 0.1}", value)
+    for name in value:
+        if name not in (*SPLIT_NAMES, "seed"):
+            raise ConfigError(f"config.{path}.{name}: unknown key; valid keys: train, val, test, seed")
+    if "train" not in value:
+        raise ConfigError(f"config.{path}: needs a 'train' entry")
+    out: dict[str, Any] = {"seed": _int(f"{path}.seed", value.get("seed", 0), lo=0)}
+    parts = {k: v for k, v in value.items() if k in SPLIT_NAMES and v is not None}
+    if all(isinstance(v, list) for v in parts.values()):
+        spans = []
+        for name, v in parts.items():
+            if len(v) != 2:
+                raise _fail(f"{path}.{name}", "a row range [start, stop]", v)
+            start, stop = _int(f"{path}.{name}[0]", v[0], lo=0), _int(f"{path}.{name}[1]", v[1], lo=0)
+            if stop <= start:
+                raise ConfigError(f"config.{path}.{name}: the range [{start}, {stop}] holds no row")
+            spans.append((start, stop, name))
+            out[name] = [start, stop]
+        spans.sort()
+        for (_, stop_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False):
+            if start_b < stop_a:
+                raise ConfigError(f"config.{path}: the ranges of {a} and {b} overlap")
+        return out
+    for name, v in parts.items():
+        frac = _float(f"{path}.{name}", v, 0.0, 1.0)
+        if frac <= 0.0:
+            raise ConfigError(f"config.{path}.{name}: must be in (0, 1], got {frac}")
+        out[name] = frac
+    total = sum(out[n] for n in SPLIT_NAMES if n in out)
+    if total > 1.0 + 1e-9:
+        raise ConfigError(f"config.{path}: the fractions add up to {total:g}, more than 1")
+    return out
+
+
+def parse_output_format(path: str, value: Any) -> str:
+    """``torchscript``, ``export``, ``state-dict`` (``state_dict`` accepted) or ``safetensors``."""
+    if value == "state_dict":
+        value = "state-dict"
+    if value not in OUTPUT_FORMATS:
+        raise ConfigError(f"config.{path}: expected one of {', '.join(OUTPUT_FORMATS)}, got {value!r}")
+    return str(value)
 
 
 def parse_dtype(path: str, value: Any) -> str:

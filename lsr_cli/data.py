@@ -13,14 +13,22 @@ name. All arrays of a split share the leading sample dimension ``N``, except a d
 the attribute ``shared = True``: it has no sample dimension and is passed whole with every
 batch of samples (the Cartesian-product DeepONet layout: ``branch [N, m]`` per sample, ``trunk
 [P, d]`` shared, targets ``[N, P]``, model ``(branch [B, m], trunk [P, d]) → [B, P]``).
+
+Files without split groups (benchmark collections such as PDEBench: ``tensor [N, T, X]``,
+``x-coordinate [X]``, ``t-coordinate [T]``): ``config.data.inputs`` / ``targets`` name datasets
+by absolute path with an optional selection on the non-sample dimensions (``/tensor[:, 0]``,
+``/x-coordinate[:, None]``), and ``config.data.split`` divides the samples into train / val /
+test by seeded fractions or by row ranges (:func:`split_rows`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -31,6 +39,118 @@ from .config import DataConfig
 from .errors import DataError
 
 SPLITS = ("train", "val", "test")
+
+
+_SELECTION = re.compile(r"^\s*([^\[\]]+?)\s*(?:\[(.*)\])?\s*$")
+_SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A dataset path with an optional selection on its dimensions, ``/tensor[:, 0]``.
+
+    ``parts``: one entry per index position: an ``int``, a ``slice`` or ``None`` (a new axis of
+    length 1). Parsed from text by :meth:`parse` (no ``eval``).
+    """
+
+    name: str
+    parts: tuple[int | slice | None, ...]
+    text: str = ""
+
+    @staticmethod
+    def parse(text: str, key: str) -> Selection:
+        m = _SELECTION.match(text)
+        if m is None:
+            raise DataError(f"config.{key}: expected a dataset path such as /tensor or /tensor[:, 0], got {text!r}")
+        name, inner = m.group(1), m.group(2)
+        parts: list[int | slice | None] = []
+        for item in [] if inner is None else inner.split(","):
+            item = item.strip()
+            if item == "None":
+                parts.append(None)
+            elif re.fullmatch(r"-?\d+", item):
+                parts.append(int(item))
+            elif (sm := _SLICE.match(item)) is not None:
+                a, b, c = (int(g) if g is not None else None for g in sm.groups())
+                parts.append(slice(a, b, c))
+            else:
+                raise DataError(f"config.{key}: {text!r}: cannot read the index {item!r}; use integers, a:b, : or None")
+        return Selection("/" + name.strip().strip("/"), tuple(parts), text)
+
+    def keeps_samples(self) -> bool:
+        """Whether the first dimension (the samples) is kept whole: no selection or ``[:, ...]``."""
+        return not self.parts or self.parts[0] == slice(None)
+
+    def _h5_key(self, rows: Any) -> tuple[Any, ...]:
+        parts = [p for p in self.parts if p is not None]
+        if rows is not None:
+            parts = [rows, *parts[1:]] if parts else [rows]
+        return tuple(parts)
+
+    def _new_axes(self, arr: np.ndarray) -> np.ndarray:
+        if None not in self.parts:
+            return arr
+        index: list[Any] = []
+        for p in self.parts:
+            if p is None:
+                index.append(np.newaxis)
+            elif isinstance(p, slice):
+                index.append(slice(None))
+        return arr[tuple(index)]
+
+    def read(self, ds: h5py.Dataset, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """The selected array; ``rows`` (sorted file rows or a slice) replaces the first index."""
+        if rows is None and not self.parts:
+            return np.asarray(ds[()])
+        try:
+            arr = np.asarray(ds[self._h5_key(rows)])
+        except (IndexError, ValueError, TypeError) as exc:
+            raise DataError(f"{ds.file.filename}:{self.text or self.name}: {exc} (shape {tuple(ds.shape)})") from None
+        return self._new_axes(arr)
+
+    def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape that :meth:`read` gives for a dataset of shape ``full`` (no I/O)."""
+        if not full:
+            return ()
+        view = np.lib.stride_tricks.as_strided(np.empty(1, np.uint8), shape=full, strides=(0,) * len(full))
+        try:
+            return tuple(view[self._numpy_key()].shape)
+        except IndexError as exc:
+            raise DataError(f"{self.text or self.name}: {exc} (shape {full})") from None
+
+    def _numpy_key(self) -> tuple[Any, ...]:
+        return tuple(np.newaxis if p is None else p for p in self.parts)
+
+
+def split_rows(num_samples: int, split: dict[str, Any], where: str) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+    """Rows of each split named in ``split`` (see :func:`lsr_cli.config.parse_split`): sorted
+    file rows and a description for the report. Fractions shuffle with ``split['seed']``
+    (an explicit generator); ranges keep the file's order."""
+    out: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
+    names = [n for n in SPLITS if n in split]
+    if all(isinstance(split[n], list) for n in names):
+        for name in names:
+            start, stop = split[name]
+            if stop > num_samples:
+                raise DataError(
+                    f"{where}: config.data.split.{name} [{start}, {stop}] reaches beyond the {num_samples} samples"
+                )
+            out[name] = (np.arange(start, stop), {"rows": [start, stop], "of": num_samples})
+        return out
+    gen = torch.Generator().manual_seed(int(split["seed"]))
+    order = torch.randperm(num_samples, generator=gen).numpy()
+    start = 0
+    for name in names:
+        count = int(np.floor(split[name] * num_samples + 1e-9))
+        if count == 0:
+            raise DataError(
+                f"{where}: config.data.split.{name}: {split[name]} of {num_samples} samples is no sample; "
+                "use a larger fraction or drop the entry"
+            )
+        rows = np.sort(order[start : start + count])
+        out[name] = (rows, {"fraction": split[name], "seed": int(split["seed"]), "of": num_samples})
+        start += count
+    return out
 
 
 class LazyArray:
@@ -47,13 +167,19 @@ class LazyArray:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         rows: tuple[int, int] | None = None,
+        index: np.ndarray | None = None,
+        select: Selection | None = None,
     ) -> None:
         self.file = file
         self.name = name
         self._h5 = h5py.File(file, "r")
         ds = self._h5[name]
         self.offset, stop = rows if rows is not None else (0, int(ds.shape[0]))  # rows [offset, stop) only
-        self.shape = torch.Size((stop - self.offset, *ds.shape[1:]))
+        self.index = index  # the file rows of this array's rows (sorted), instead of [offset, stop)
+        self.select = select
+        count = len(index) if index is not None else stop - self.offset
+        trailing = tuple(ds.shape[1:]) if select is None else select.shape(tuple(ds.shape))[1:]
+        self.shape = torch.Size((count, *trailing))
         self.kind = ds.dtype.kind
         self.dtype = dtype if self.kind in "fb" else torch.int64
         self.device = torch.device(device)
@@ -78,6 +204,13 @@ class LazyArray:
 
     def __getitem__(self, index: slice | Tensor) -> Tensor:
         ds = self._h5[self.name]
+        if self.index is not None or self.select is not None:
+            local = np.arange(self.shape[0])[index.cpu().numpy() if isinstance(index, Tensor) else index]
+            file_rows = self.index[local] if self.index is not None else local + self.offset
+            select = self.select or Selection(self.name, ())
+            arr = select.read(ds, file_rows)
+            t = _to_tensor(f"{self.file}:{self.name}", arr, self.dtype, f" in rows {index}")
+            return t.to(device=self.device, dtype=self.dtype)
         if isinstance(index, Tensor):
             arr = ds[np.asarray(index.cpu(), dtype=np.int64) + self.offset]  # h5py: increasing indices
         elif self.offset or self.shape[0] != ds.shape[0]:
@@ -104,6 +237,7 @@ class Split:
     shared: tuple[bool, ...] = ()
     first_row: int = 0  # distributed: this rank's samples are [first_row, first_row + num_samples)
     num_total: int | None = None  # distributed: the split's sample count over every rank
+    selection: dict | None = None  # how the rows were chosen by config.data.split (for the report)
 
     @property
     def num_samples(self) -> int:
@@ -263,6 +397,112 @@ def _read_split(
     return Split(role, group, inputs, targets, names, shared, first_row=rows[0], num_total=total)
 
 
+def _is_flat(cfg: DataConfig) -> bool:
+    """Datasets named by path (a file without split groups) rather than inside split groups."""
+    names = cfg.inputs if isinstance(cfg.inputs, list) else [cfg.inputs]
+    return (
+        cfg.split is not None
+        or isinstance(cfg.inputs, list)
+        or any(n.strip().startswith("/") for n in [*names, cfg.targets])
+    )
+
+
+def _numeric(file: Path, f: h5py.File, sel: Selection) -> h5py.Dataset:
+    ds = _dataset(file, f, sel.name)
+    assert ds is not None
+    if ds.dtype.kind not in "fiub":
+        raise DataError(f"{file}:{sel.name}: expected a numeric array, found dtype {ds.dtype}")
+    return ds
+
+
+def _rows_key(rows: np.ndarray) -> np.ndarray | slice:
+    """A slice when the rows are contiguous (fast HDF5 read), else the sorted rows."""
+    if len(rows) and int(rows[-1]) - int(rows[0]) + 1 == len(rows):
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
+
+
+def _read_flat(
+    file: Path,
+    f: h5py.File,
+    cfg: DataConfig,
+    dtype: torch.dtype,
+    lazy_above: int | None,
+    shard: tuple[int, int] | None,
+) -> dict[str, Split]:
+    listed = cfg.inputs if isinstance(cfg.inputs, list) else [cfg.inputs]
+    keys = [f"data.inputs[{i}]" if isinstance(cfg.inputs, list) else "data.inputs" for i in range(len(listed))]
+    sels = [Selection.parse(text, key) for text, key in zip(listed, keys, strict=True)]
+    shared = tuple(text in cfg.shared for text in listed)
+    if all(shared):
+        raise DataError("config.data.shared: every input is shared; at least one needs a sample dimension")
+    tsel = Selection.parse(cfg.targets, "data.targets")
+    tds = _numeric(file, f, tsel)
+    if tds.ndim == 0 or not tsel.keeps_samples():
+        raise DataError(
+            f"{file}:{cfg.targets}: the targets need their leading sample dimension whole (write [:, ...]), "
+            f"shape {tuple(tds.shape)}"
+        )
+    total = int(tds.shape[0])
+    datasets = []
+    for text, sel, sh in zip(listed, sels, shared, strict=True):
+        ds = _numeric(file, f, sel)
+        sel.shape(tuple(ds.shape))  # a selection that does not fit the dataset fails here
+        if not sh and (ds.ndim == 0 or not sel.keeps_samples() or int(ds.shape[0]) != total):
+            raise DataError(
+                f"{file}:{text}: has shape {tuple(ds.shape)}, but the targets {cfg.targets} have {total} samples; "
+                "inputs need the same leading dimension, kept whole ([:, ...]), or be listed in config.data.shared"
+            )
+        datasets.append(ds)
+    if cfg.split is not None:
+        plan = split_rows(total, cfg.split, str(file))
+    else:
+        plan = {"train": (np.arange(total), {"rows": [0, total], "of": total})}
+    out: dict[str, Split] = {}
+    for role, (all_rows, desc) in plan.items():
+        rows, first = all_rows, 0
+        if shard is not None:
+            rank, world = shard
+            if len(all_rows) < world:
+                raise DataError(
+                    f"{file}: the {role} split has {len(all_rows)} samples, fewer than the {world} processes; "
+                    "run on fewer processes"
+                )
+            base, extra = divmod(len(all_rows), world)
+            first = rank * base + min(rank, extra)
+            rows = all_rows[first : first + base + (1 if rank < extra else 0)]
+        key = _rows_key(rows)
+        size = torch.empty(0, dtype=dtype).element_size()
+        nbytes = sum(
+            int(np.prod(sel.shape(tuple(ds.shape))[1:] or (1,))) * (1 if sh else len(rows)) * size
+            for sel, ds, sh in zip(sels, datasets, shared, strict=True)
+        )
+        lazy = lazy_above is not None and nbytes > lazy_above
+        inputs: list[Any] = []
+        for text, sel, ds, sh in zip(listed, sels, datasets, shared, strict=True):
+            if sh:
+                inputs.append(_to_tensor(f"{file}:{text}", sel.read(ds), dtype))
+            elif lazy:
+                inputs.append(LazyArray(file, sel.name, dtype, index=np.asarray(rows), select=sel))
+            else:
+                inputs.append(_to_tensor(f"{file}:{text}", sel.read(ds, key), dtype))
+        targets = _to_tensor(f"{file}:{cfg.targets}", tsel.read(tds, key), dtype)
+        if not targets.is_floating_point():
+            targets = targets.to(dtype)
+        out[role] = Split(
+            role,
+            "/",
+            tuple(inputs),
+            targets,
+            list(listed),
+            shared,
+            first_row=first,
+            num_total=len(all_rows) if shard is not None else None,
+            selection=desc,
+        )
+    return out
+
+
 @contextmanager
 def _open(path: str | Path) -> Iterator[tuple[Path, h5py.File]]:
     """Open an HDF5 file for reading; missing, non-HDF5 or unreadable files are a :class:`DataError`."""
@@ -300,6 +540,8 @@ def read_data(
     """
     out: dict[str, Split] = {}
     with _open(path) as (file, f):
+        if _is_flat(cfg):
+            return _read_flat(file, f, cfg, dtype, lazy_above, shard)
         for role in SPLITS:
             group = getattr(cfg, role)
             if group is None:

@@ -92,12 +92,14 @@ class RefineResult:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     stop_reason: str = ""
     residual_blocks: dict[str, dict[str, float]] | None = None  # PDE: mean square per block
-    residual_loss: dict[str, float] | None = None  # PDE: weighted total before/after
+    residual_loss: dict[str, Any] | None = None  # PDE: weighted total before/after, the block weights
     memory: dict[str, Any] | None = None  # budget, peak above start, what was streamed
     jacobian: dict[str, str] | None = None  # which Jacobian path ran (dense / matrix_free) and why
     compile: dict[str, Any] | None = None  # lsr.compile: backend, whether it ran, first-call seconds or why not
     nonlinear: dict[str, Any] | None = None  # PDE: the exact-residual stage in the subspace (subspace_newton)
     validation: dict[str, Any] | None = None  # PDE: the validation points the choices were made on
+    unknowns: dict[str, dict[str, Any]] | None = None  # PDE: unknown constants before/after (pde.unknowns)
+    components: dict[str, Any] | None = None  # PDE systems: the reference errors per output component
 
 
 def _chunk_rows(out_numel: int, cfg_row_chunk: int | str) -> int:

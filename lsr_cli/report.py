@@ -106,6 +106,8 @@ def refine_report(
             **({"compile": result.compile} if result.compile is not None else {}),
             **({"nonlinear": result.nonlinear} if result.nonlinear is not None else {}),
             **({"validation": result.validation} if result.validation is not None else {}),
+            **({"unknowns": result.unknowns} if result.unknowns is not None else {}),
+            **({"components": result.components} if result.components is not None else {}),
             "device": result.device,
             "dtype": result.dtype,
             "seed": seed,

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +138,9 @@ def build_refined_script(
         try:
             spec.loader.exec_module(module)
             wrapper = module.RefinedScript(base, deltas, SCRIPT_FORMAT, json.dumps(metadata))
-            return torch.jit.script(wrapper)
+            with warnings.catch_warnings():  # torch 2.13 calls TorchScript deprecated; it still works
+                warnings.filterwarnings("ignore", message=r".*is deprecated.*", category=DeprecationWarning)
+                return torch.jit.script(wrapper)
         finally:
             sys.modules.pop(mod_name, None)
 

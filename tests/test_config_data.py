@@ -139,3 +139,131 @@ def test_reader_dtypes_and_optional_splits(tmp_path):
     a, b = splits["train"].inputs  # sorted by name without an 'order' attribute
     assert a.dtype == torch.int64 and b.dtype == torch.float64
     assert splits["train"].input_names == ["/train/inputs/a", "/train/inputs/b"]
+
+
+# --------------------------------------------------------------------------------------------
+# files without split groups (PDEBench layout): dataset paths, selections, seeded splits
+# --------------------------------------------------------------------------------------------
+
+
+def _pdebench(path, n=20, t=4, x=6):
+    """``tensor [n, t, x]`` (value = 100 · sample + 10 · time + point: every entry says where it
+    came from), ``x-coordinate [x]``, ``t-coordinate [t + 1]``."""
+    tensor = (100 * np.arange(n)[:, None, None] + 10 * np.arange(t)[None, :, None] + np.arange(x)).astype(np.float32)
+    with h5py.File(path, "w") as f:
+        f["tensor"] = tensor
+        f["x-coordinate"] = np.linspace(0, 1, x)
+        f["t-coordinate"] = np.linspace(0, 1, t + 1)
+    return path, tensor
+
+
+PDEBENCH_DATA = {
+    "inputs": ["/tensor[:, 0]", "/x-coordinate[:, None]"],
+    "shared": ["/x-coordinate[:, None]"],
+    "targets": "/tensor[:, -1]",
+}
+
+
+def test_split_by_seeded_fractions_reads_the_selected_rows(tmp_path):
+    path, tensor = _pdebench(tmp_path / "advection.h5")
+    cfg = parse_config({"data": {**PDEBENCH_DATA, "split": {"train": 0.5, "val": 0.25, "test": 0.25, "seed": 3}}})
+    splits = read_data(path, cfg.data, torch.float64)
+    assert {k: s.num_samples for k, s in splits.items()} == {"train": 10, "val": 5, "test": 5}
+    rows = {k: (s.targets[:, 0].numpy() - 30) / 100 for k, s in splits.items()}  # sample index of each row
+    together = np.concatenate(list(rows.values()))
+    assert sorted(together.tolist()) == list(range(20))  # disjoint, and every sample used
+    assert rows["train"].tolist() != list(range(10))  # shuffled, not the first half
+    train = splits["train"]
+    branch, grid = train.inputs
+    np.testing.assert_array_equal(branch.numpy(), tensor[rows["train"].astype(int), 0])
+    np.testing.assert_array_equal(train.targets.numpy(), tensor[rows["train"].astype(int), -1])
+    assert grid.shape == (6, 1) and train.shared == (False, True)
+    assert train.selection == {"fraction": 0.5, "seed": 3, "of": 20}
+    again = read_data(path, cfg.data, torch.float64)  # the same seed: the same split
+    assert torch.equal(again["val"].targets, splits["val"].targets)
+    streamed = read_data(path, cfg.data, torch.float64, lazy_above=1)["train"].inputs[0]  # scattered rows
+    assert tuple(streamed.shape) == (10, 6)
+    torch.testing.assert_close(streamed[0:10], branch, atol=0, rtol=0)
+    torch.testing.assert_close(streamed[torch.tensor([2, 9])], branch[[2, 9]], atol=0, rtol=0)
+    other = parse_config({"data": {**PDEBENCH_DATA, "split": {"train": 0.5, "val": 0.25, "seed": 4}}})
+    assert not torch.equal(read_data(path, other.data, torch.float64)["val"].targets, splits["val"].targets)
+
+
+def test_split_by_row_ranges_keeps_the_order_and_streams_the_same_rows(tmp_path):
+    path, tensor = _pdebench(tmp_path / "advection.h5")
+    cfg = parse_config({"data": {**PDEBENCH_DATA, "split": {"train": [0, 12], "test": [15, 20]}}})
+    splits = read_data(path, cfg.data, torch.float64)
+    assert set(splits) == {"train", "test"}
+    np.testing.assert_array_equal(splits["test"].targets.numpy(), tensor[15:20, -1])
+    assert splits["test"].selection == {"rows": [15, 20], "of": 20}
+    lazy = read_data(path, cfg.data, torch.float64, lazy_above=1)  # inputs stay in the file
+    from lsr_cli.data import LazyArray
+
+    branch = lazy["train"].inputs[0]
+    assert isinstance(branch, LazyArray) and tuple(branch.shape) == (12, 6)
+    torch.testing.assert_close(branch[2:5], splits["train"].inputs[0][2:5], atol=0, rtol=0)
+    torch.testing.assert_close(branch[torch.tensor([1, 7])], splits["train"].inputs[0][[1, 7]], atol=0, rtol=0)
+    shard = read_data(path, cfg.data, torch.float64, shard=(1, 2))["train"]  # rank 1 of 2
+    assert (shard.first_row, shard.num_samples, shard.num_global) == (6, 6, 12)
+    np.testing.assert_array_equal(shard.targets.numpy(), tensor[6:12, -1])
+
+
+def test_paths_without_split_make_everything_training_data(tmp_path):
+    path, tensor = _pdebench(tmp_path / "advection.h5")
+    cfg = parse_config({"data": {"inputs": "/tensor[:, 1:3]", "targets": "/tensor[:, 3, 2:4]"}})
+    splits = read_data(path, cfg.data, torch.float64)
+    assert set(splits) == {"train"}
+    assert tuple(splits["train"].inputs[0].shape) == (20, 2, 6)
+    np.testing.assert_array_equal(splits["train"].targets.numpy(), tensor[:, 3, 2:4])
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"split": {"train": 0.9, "val": 0.2}}, "config.data.split: the fractions add up to 1.1, more than 1"),
+        ({"split": {"val": 0.2}}, "config.data.split: needs a 'train' entry"),
+        ({"split": {"train": 0.5, "tset": 0.1}}, "config.data.split.tset: unknown key"),
+        ({"split": {"train": [0, 10], "val": [5, 12]}}, "config.data.split: the ranges of train and val overlap"),
+        ({"split": {"train": [4, 4]}}, "config.data.split.train: the range [4, 4] holds no row"),
+        ({"split": {"train": 0}}, "config.data.split.train: must be in (0, 1]"),
+        ({"split": [0.8, 0.2]}, "config.data.split: expected a mapping"),
+        ({"inputs": []}, "config.data.inputs: expected a dataset name or a non-empty list"),
+        ({"inputs": ["/a"], "shared": ["/b"]}, "config.data.shared: '/b' is not one of config.data.inputs ['/a']"),
+    ],
+)
+def test_bad_split_config_is_named(data, needle):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"data": data})
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        (
+            {"inputs": "/tensr[:, 0]", "targets": "/tensor[:, -1]"},
+            "/tensr: expected a dataset, found nothing; / holds:",
+        ),
+        ({"inputs": "/tensor[:, 0]", "targets": "/tensor[0]"}, "the targets need their leading sample dimension whole"),
+        ({"inputs": "/tensor[:, 9]", "targets": "/tensor[:, -1]"}, "/tensor[:, 9]: index 9 is out of bounds"),
+        ({"inputs": "/tensor[:, x]", "targets": "/tensor[:, -1]"}, "cannot read the index 'x'"),
+        (
+            {"inputs": ["/tensor[:, 0]", "/x-coordinate"], "targets": "/tensor[:, -1]"},
+            "/x-coordinate: has shape (6,), but the targets /tensor[:, -1] have 20 samples",
+        ),
+        (
+            {"inputs": "/tensor[:, 0]", "targets": "/tensor[:, -1]", "split": {"train": [0, 30]}},
+            "config.data.split.train [0, 30] reaches beyond the 20 samples",
+        ),
+        (
+            {"inputs": "/tensor[:, 0]", "targets": "/tensor[:, -1]", "split": {"train": 0.9, "val": 0.01}},
+            "config.data.split.val: 0.01 of 20 samples is no sample",
+        ),
+    ],
+)
+def test_bad_dataset_paths_are_named(tmp_path, data, needle):
+    path, _ = _pdebench(tmp_path / "advection.h5")
+    cfg = parse_config({"data": data})
+    with pytest.raises(DataError) as err:
+        read_data(path, cfg.data, torch.float64)
+    assert needle in str(err.value)

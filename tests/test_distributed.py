@@ -298,6 +298,7 @@ ITERATE_SETTINGS = {
     "gauss_newton_steps": 3,
     "gauss_newton_rank": 40,
     "save_dtype": "float64",  # the network as refined (the input's float32 would hide the differences)
+    "select": "distance",  # kept when the fit moves the network towards the predictor: weights to compare
 }
 
 

@@ -119,3 +119,12 @@ def test_app_help_says_which_command_to_use():
     for command in ("`refine`", "`iterate`", "`instances`", "`evaluate`"):
         assert command in which, which
     assert "Exit codes" in text
+
+
+def test_command_summaries_are_one_line_each():
+    """``lsr --help`` at 80 columns lists every command on one unbroken line."""
+    text = run("--help").stdout
+    panel = text[text.index("─ Commands ─") :]
+    rows = panel[: panel.index("╰")].splitlines()[1:]
+    names = [row.strip("│ ").split(" ", 1)[0] for row in rows]
+    assert sorted(names) == ["evaluate", "inspect", "instances", "iterate", "refine", "report"], panel

@@ -1,30 +1,59 @@
-"""The alignment steps of I-LSR on tiny problems with known answers."""
+"""`lsr iterate`: the network fit, the kept network and its safety, supervised data — tiny nets."""
 
 from __future__ import annotations
 
-import torch
+import copy
+import math
+from pathlib import Path
+from typing import Any
 
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import lsr_cli.pde.iterate as iterate_module
 from lsr_cli import Config
+from lsr_cli.checkpoint import LoadedCheckpoint
+from lsr_cli.config import parse_config
+from lsr_cli.data import read_data
+from lsr_cli.errors import ConfigError
+from lsr_cli.iterate_supervised import iterate_supervised
 from lsr_cli.models import MLP
-from lsr_cli.pde.iterate import gauss_newton_fit
+from lsr_cli.pde.iterate import gauss_newton_fit, iterate
+from lsr_cli.pde.problem import parse_problem
+from lsr_cli.pde.refine_pde import true_residual
+from lsr_cli.pde.validation import validation_problem
+
+from .test_cli import assert_clean_failure, run
 
 FIT_GAIN = 100.0  # a reachable target (another set of weights of the same net) must be fitted far better
+ITERATE_GAIN = 10.0  # two iterations on a tiny, briefly trained regression network: at least one decade
+PDE_GAIN = 5.0  # two iterations on a 2-16-1 PINN with 8 fit steps each (measured: 9.9x)
 
 
-def test_gauss_newton_fit_reaches_a_reachable_target():
+def _teacher_problem(hidden: list[int], rows: int) -> tuple[MLP, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    net = MLP(2, 1, hidden=[10, 10]).double().eval()
-    teacher = MLP(2, 1, hidden=[10, 10]).double().eval()
+    net = MLP(2, 1, hidden=hidden).double().eval()
+    teacher = copy.deepcopy(net)
     with torch.no_grad():
-        for p, q in zip(teacher.parameters(), net.parameters(), strict=True):
-            p.copy_(q + 0.05 * torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=q.dtype))
-    x = torch.rand(300, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
+    x = torch.rand(rows, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     with torch.no_grad():
         target = teacher(x).reshape(-1)
+    return net, x, target
+
+
+@pytest.mark.parametrize("rank", [200, 40])  # the whole space (exact SVD) and a sketched subspace
+def test_gauss_newton_fit_reaches_a_reachable_target(rank):
+    net, x, target = _teacher_problem([10, 10], 300)  # 151 parameters
+    with torch.no_grad():
         before = torch.linalg.norm(net(x).reshape(-1) - target)
     cfg = Config()
     cfg.iterate.gauss_newton_steps = 20
-    cfg.iterate.gauss_newton_rank = 200
+    cfg.iterate.gauss_newton_rank = rank
     steps = gauss_newton_fit(net, x, target, cfg, torch.Generator().manual_seed(3))
     with torch.no_grad():
         after = torch.linalg.norm(net(x).reshape(-1) - target)
@@ -45,3 +74,183 @@ def test_gauss_newton_fit_never_increases_the_misfit():
     gauss_newton_fit(net, x, target, cfg, torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.linalg.norm(net(x).reshape(-1) - target) <= before
+
+
+# -- the PDE loop: a tiny Poisson PINN on generated points ----------------------------------------
+
+PDE: dict[str, Any] = {
+    "equation": "poisson",
+    "variables": ["x", "y"],
+    "domain": {"x": [0, 1], "y": [0, 1]},
+    "coefficients": {"source": "2*pi**2*sin(pi*x)*sin(pi*y)"},
+    "blocks": [
+        {"name": "interior", "kind": "pde", "points": {"sample": "sobol", "count": 120}},
+        {"name": "walls", "kind": "dirichlet", "value": 0, "weight": 4, "points": {"sample": "sobol", "count": 40}},
+    ],
+}
+
+
+def _pinn() -> MLP:
+    """A 2-16-1 tanh network after a few Adam steps on the Poisson problem (float64)."""
+    torch.manual_seed(0)
+    net = MLP(2, 1, hidden=[16]).double()
+    problem = parse_problem(PDE, None, torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        f = torch.cat([b.residual(net, b.inputs).reshape(-1) for b in problem.blocks])
+        (f * f).mean().backward()
+        opt.step()
+    return net.eval()
+
+
+def _run_pde(net: MLP, **iterate_keys: Any) -> tuple[Any, Config]:
+    cfg = Config()
+    cfg.device = "cpu"
+    cfg.lsr.rank = [8, 16, 24]
+    cfg.iterate.iterations = 2
+    cfg.iterate.gauss_newton_steps = 8
+    cfg.iterate.gauss_newton_rank = 40
+    for k, v in iterate_keys.items():
+        setattr(cfg.iterate, k, v)
+    problem = parse_problem(PDE, None, torch.Generator().manual_seed(cfg.seed))
+    ckpt = LoadedCheckpoint(Path("pinn.pt"), "state_dict", copy.deepcopy(net))
+    return iterate(ckpt, problem, cfg), cfg
+
+
+def _validation_loss(module: torch.nn.Module, cfg: Config) -> float:
+    problem = parse_problem(PDE, None, torch.Generator().manual_seed(cfg.seed))
+    val, _ = validation_problem(problem, cfg.seed)
+    assert val is not None
+    val.to(torch.device("cpu"), torch.float64)
+    return float(true_residual(module, val).square().mean())
+
+
+def test_iterate_keeps_what_lowers_the_validation_residual_and_is_deterministic():
+    net = _pinn()
+    result, cfg = _run_pde(net)
+    again, _ = _run_pde(net)
+    start = _validation_loss(net, cfg)
+    kept = _validation_loss(result.module, cfg)
+    assert result.status == "improved"
+    assert kept < start / PDE_GAIN
+    assert kept == pytest.approx(result.selection["kept"], rel=1e-9)  # chosen on the validation points
+    assert result.selection["start"] == pytest.approx(start, rel=1e-9)
+    assert "validation points" in result.selection["criterion"]
+    best = start
+    for e in result.history:  # an iteration is kept exactly when it lowered the best value so far
+        assert e["criterion"]["kept"] == (e["criterion"]["value"] < best)
+        if e["criterion"]["kept"]:
+            best = e["criterion"]["value"]
+    for (name, a), (_, b) in zip(result.module.state_dict().items(), again.module.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name  # the same seed gives the same network
+
+
+def test_a_diverging_step_is_rejected_and_never_kept(monkeypatch):
+    def diverge(module: torch.nn.Module, *args: Any, **kwargs: Any) -> int:
+        with torch.no_grad():
+            for p in module.parameters():
+                p.mul_(1e3)
+        return 1
+
+    monkeypatch.setattr(iterate_module, "gauss_newton_fit", diverge)
+    net = _pinn()
+    result, _ = _run_pde(net, patience=2)
+    assert result.status == "unchanged"
+    assert result.best_iteration == -1
+    assert [e["criterion"]["kept"] for e in result.history] == [False, False]
+    assert "did not fall for 2 iterations" in result.stop_reason
+    for (name, a), (_, b) in zip(result.module.state_dict().items(), net.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name  # the start is what is written
+
+
+def test_iterate_select_accepts_validation_and_names_the_choices():
+    assert Config().iterate.select == "validation"
+    assert parse_config({"iterate": {"select": "residual"}}).iterate.select == "residual"
+    with pytest.raises(ConfigError, match=r"config.iterate.select: expected validation, distance or residual"):
+        parse_config({"iterate": {"select": "best"}})
+
+
+# -- supervised data (no `pde:` section) ----------------------------------------------------------
+
+
+def _regression_files(root: Path) -> dict[str, Path]:
+    """A smooth 2-D target, train/val/test splits, and a 2-10-10-1 network briefly trained by Adam."""
+    rng = np.random.default_rng(0)
+
+    def target(x: np.ndarray) -> np.ndarray:
+        return (np.sin(2 * x[:, :1]) * np.cos(x[:, 1:2]) + 0.5 * x[:, :1] * x[:, 1:2]).astype(np.float64)
+
+    splits = {name: rng.uniform(-1, 1, size=(n, 2)) for name, n in (("train", 300), ("val", 100), ("test", 200))}
+    with h5py.File(root / "reg.h5", "w") as f:
+        for name, x in splits.items():
+            f.create_dataset(f"{name}/inputs", data=x)
+            f.create_dataset(f"{name}/targets", data=target(x))
+    torch.manual_seed(0)
+    net = MLP(2, 1, hidden=[10, 10])
+    x = torch.tensor(splits["train"], dtype=torch.float32)
+    y = torch.tensor(target(splits["train"]), dtype=torch.float32)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        ((net(x) - y) ** 2).mean().backward()
+        opt.step()
+    torch.save(net.state_dict(), root / "reg_sd.pt")
+    cfg = {
+        "model": {"factory": "mlp", "kwargs": {"in_features": 2, "out_features": 1, "hidden": [10, 10]}},
+        "data": {"path": "reg.h5"},
+        "lsr": {"rank": [16, 48, 96]},
+        "iterate": {"iterations": 2, "gauss_newton_steps": 8, "gauss_newton_rank": 60},
+        "device": "cpu",
+    }
+    (root / "reg.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return {"data": root / "reg.h5", "checkpoint": root / "reg_sd.pt", "config": root / "reg.yaml"}
+
+
+def test_iterate_supervised_improves_on_the_val_split_and_is_deterministic(tmp_path):
+    files = _regression_files(tmp_path)
+    cfg = parse_config(yaml.safe_load(files["config"].read_text()))
+    splits = read_data(files["data"], cfg.data, torch.float64)
+    net = MLP(2, 1, hidden=[10, 10])
+    net.load_state_dict(torch.load(files["checkpoint"], weights_only=True))
+    results = [
+        iterate_supervised(LoadedCheckpoint(files["checkpoint"], "state_dict", copy.deepcopy(net)), splits, cfg)
+        for _ in range(2)
+    ]
+    result = results[0]
+    assert result.status == "improved"
+    test = result.errors["test"]
+    assert test["after"]["rel_l2"] < test["before"]["rel_l2"] / ITERATE_GAIN
+    assert result.selection["kept"] < result.selection["start"]
+    assert "val split" in result.selection["criterion"]
+    for (name, a), (_, b) in zip(
+        result.module.state_dict().items(), results[1].module.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_cli_iterate_on_supervised_data_writes_a_plain_network(tmp_path):
+    files = _regression_files(tmp_path)
+    out, report = tmp_path / "it.pt", tmp_path / "it.json"
+    result = run("iterate", files["checkpoint"], "--config", files["config"], "--out", out, "--report", report)
+    assert result.exit_code == 0, result.output
+    net = MLP(2, 1, hidden=[10, 10])
+    net.load_state_dict(torch.load(out, weights_only=True))  # the input's format: a state dict of the same net
+    assert next(net.parameters()).dtype == torch.float32
+    import json
+
+    rep = json.loads(report.read_text())
+    assert rep["splits"]["test"]["after"]["rel_l2"] < rep["splits"]["test"]["before"]["rel_l2"]
+    with h5py.File(files["data"]) as f:
+        x, y = torch.tensor(f["test/inputs"][()]), torch.tensor(f["test/targets"][()])
+    with torch.no_grad():
+        err = float(torch.linalg.norm(net(x.float()).double() - y) / torch.linalg.norm(y))
+    assert math.isclose(err, rep["splits"]["test"]["after"]["rel_l2"], rel_tol=1e-3)  # float32 cast
+
+
+def test_cli_iterate_without_pde_or_data_is_a_one_line_error(tmp_path):
+    files = _regression_files(tmp_path)
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("device: cpu\n")
+    result = run("iterate", files["checkpoint"], "--config", plain)
+    assert_clean_failure(result, ConfigError.exit_code, ["pde:", "data.path"], [])

@@ -17,30 +17,43 @@ right-hand side ``f``.
 | ``allen_cahn`` | ``u_t − ε Δu − γ (u − u³) = f`` |
 | ``diffusion_reaction`` | ``u_t − D Δu − k u² = f`` |
 
+Systems (several outputs, several equations; :mod:`.systems`): ``navier_stokes``,
+``navier_stokes_unsteady``, ``schrodinger``, ``gray_scott``, ``lorenz``, ``lotka_volterra``,
+and ``kdv`` (one output, a third derivative).
+
 A user-defined residual (``equation: "file.py:function"``) has the same signature:
-``function(F: Fields, c: dict[str, Tensor]) -> Tensor [N]``.
+``function(F: Fields, c: dict[str, Tensor]) -> Tensor [N]``, or a mapping ``{name: Tensor [N]}``
+for a system of equations (each is a group of rows of its own: ``BLOCK.name`` in the report).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
 from .fields import Fields
 
-Residual = Callable[[Fields, dict[str, Tensor]], Tensor]
+Residual = Callable[[Fields, dict[str, Tensor]], Tensor | Mapping[str, Tensor]]
 
 
 @dataclass(frozen=True)
 class Equation:
+    """A residual and what it needs: coefficients (with defaults), the time variable, the output
+    names it reads (``outputs``; empty: the first output, whatever its name), the names of the
+    equations of a system (``equations``; empty: one residual tensor) and, for systems written in
+    a fixed dimension, the number of spatial variables (``spatial_dims``)."""
+
     name: str
     residual: Residual
     coefficients: dict[str, float | str | list[float]] = field(default_factory=dict)
     needs_time: bool = False
     vector_coefficients: tuple[str, ...] = ()
     summary: str = ""
+    outputs: tuple[str, ...] = ()
+    equations: tuple[str, ...] = ()
+    spatial_dims: int | None = None
 
 
 def _poisson(F: Fields, c: dict[str, Tensor]) -> Tensor:
@@ -76,7 +89,7 @@ def _diffusion_reaction(F: Fields, c: dict[str, Tensor]) -> Tensor:
     return F.d("t") - c["D"] * F.laplacian() - c["k"] * F.u**2 - c["source"]
 
 
-EQUATIONS: dict[str, Equation] = {
+_SCALAR: dict[str, Equation] = {
     e.name: e
     for e in (
         Equation("poisson", _poisson, {"source": 0.0}, summary="-Δu = f"),
@@ -104,3 +117,13 @@ EQUATIONS: dict[str, Equation] = {
         ),
     )
 }
+
+
+def _registry() -> dict[str, Equation]:
+    from .systems import SYSTEMS  # systems use Equation: imported once this module is complete
+
+    return {**_SCALAR, **SYSTEMS}
+
+
+EQUATIONS: dict[str, Equation] = _registry()
+"""Every built-in equation by name: scalar equations, then systems."""

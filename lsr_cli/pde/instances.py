@@ -15,15 +15,18 @@ block's ``value`` reads row ``i`` of ``<group>/NAME``)::
       inputs: [branch]        # per-instance model inputs, passed before the coordinates
       layout: paired          # paired: net(branch_i repeated [P, m], x [P, d]) -> [P, 1]
                               # cartesian: net(branch_i [1, m], x [P, d]) -> [1, P]
-      reference: reference    # optional: [N, Q] exact values at /reference/inputs
+      reference: reference    # optional: [N, Q] (or [N, Q, C]) exact values at /reference/inputs
       predict_at: /reference/inputs   # where predictions are written (default: that, if present)
       count: all              # or the first K instances
       save_delta: false       # also write every instance's δ (flat, [N, m])
 
-Outputs: an HDF5 file with ``/predictions/before`` and ``/predictions/after`` (``[N, Q]``),
-``/instances/{rank, rel_l2_before, rel_l2_after, residual_before, residual_after, seconds,
-done}`` (``[N]``) and optionally ``/delta`` (``[N, m]``, parameter names in its attributes);
-and a JSON report with mean ± std over instances. Instances are independent; each finished one
+Outputs: an HDF5 file with ``/predictions/before`` and ``/predictions/after`` (``[N, Q]``;
+``[N, Q, C]`` for a network with ``C = len(pde.outputs)`` outputs, whose instance reference is
+``[N, Q, C_ref]`` compared with the first ``C_ref`` outputs), ``/instances/{rank,
+rel_l2_before, rel_l2_after, residual_before, residual_after, seconds, done}`` (``[N]``), for
+``pde.unknowns`` each instance's own refined constants ``/unknowns/NAME/{before, after}``
+(``[N]``), and optionally ``/delta`` (``[N, m]``, parameter names in its attributes); and a JSON
+report with mean ± std over instances. Instances are independent; each finished one
 is written to ``OUT.partial`` at once, so an interrupted run started again with the same
 command and config skips the finished instances (``--force`` starts over).
 """
@@ -210,14 +213,22 @@ def _stats(values: Sequence[float | None]) -> dict[str, float | None]:
     }
 
 
-def _create_partial(path: Path, n: int, q: int, m: int | None, print_: str, names: list[str]) -> None:
+def _create_partial(
+    path: Path, n: int, q: int, m: int | None, print_: str, names: list[str], outputs: int, unknowns: list[str]
+) -> None:
+    """The partial file: predictions ``[n, q]`` (``[n, q, outputs]`` for several outputs), the
+    per-instance table, and each unknown's values (``unknowns/NAME/{before, after}``)."""
+    shape = (n, q) if outputs == 1 else (n, q, outputs)
     with h5py.File(path, "w") as f:
         f.attrs["lsr_format"] = "lsr-instances/1"
         f.attrs["fingerprint"] = print_
         f.attrs["num_instances"] = n
         p = f.create_group("predictions")
-        p.create_dataset("before", shape=(n, q), dtype="f8", fillvalue=np.nan)
-        p.create_dataset("after", shape=(n, q), dtype="f8", fillvalue=np.nan)
+        p.create_dataset("before", shape=shape, dtype="f8", fillvalue=np.nan)
+        p.create_dataset("after", shape=shape, dtype="f8", fillvalue=np.nan)
+        for name in unknowns:
+            for when in ("before", "after"):
+                f.create_dataset(f"unknowns/{name}/{when}", shape=(n,), dtype="f8", fillvalue=np.nan)
         g = f.create_group("instances")
         for key in ("rel_l2_before", "rel_l2_after", "residual_before", "residual_after", "seconds"):
             g.create_dataset(key, shape=(n,), dtype="f8", fillvalue=np.nan)
@@ -251,6 +262,21 @@ def _open_partial(path: Path, print_: str, n: int, force: bool) -> int:
     return done
 
 
+def _instance_reference(data_path: Path, spec: InstancesSpec, i: int, ref_x: Tensor, outputs: list[str]) -> Tensor:
+    """Instance ``i``'s reference values ``[Q, C_ref]`` (a row ``[Q]`` or ``[Q, C_ref]``, compared
+    with the first ``C_ref`` of the network's ``outputs``)."""
+    assert spec.reference is not None
+    values = read_row(data_path, f"{spec.group}/{spec.reference}", i, torch.float64)
+    values = values.reshape(values.shape[0], -1) if values.ndim > 1 else values.reshape(-1, 1)
+    if values.shape[0] != ref_x.shape[0] or values.shape[1] > len(outputs):
+        raise DataError(
+            f"{data_path}:{spec.group}/{spec.reference}: instance {i} has values {tuple(values.shape)} for "
+            f"{ref_x.shape[0]} points in /reference/inputs and {len(outputs)} outputs {outputs}; "
+            "expected [points] or [points, components]"
+        )
+    return values
+
+
 def run_instances(
     ckpt: LoadedCheckpoint,
     cfg: Config,
@@ -282,14 +308,17 @@ def run_instances(
     ref_x = read_datasets(data_path, ["/reference/inputs"], torch.float64, optional=True).get("/reference/inputs")
     if spec.reference is not None and ref_x is None:
         raise DataError(f"{data_path}:/reference/inputs: needed for config.instances.reference ({spec.reference})")
+    first = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base_dir, (spec.group, 0))
     if x_pred is None:
-        first = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base_dir, (spec.group, 0))
         x_pred = first.blocks[0].points
-    q = int(x_pred.shape[0])
+    q, num_outputs = int(x_pred.shape[0]), len(first.outputs)  # pde.outputs: the network's columns
+    unknown_names = [u.name for u in first.unknowns]
+    if spec.reference is not None and ref_x is not None:  # its shape checked before anything is written
+        _instance_reference(data_path, spec, 0, ref_x, first.outputs)
     names = [n for n, p in net.named_parameters() if p.is_floating_point() or p.is_complex()]
     done_before = _open_partial(partial, print_, num, force)
     if done_before < 0:
-        _create_partial(partial, num, q, None, print_, names)
+        _create_partial(partial, num, q, None, print_, names, num_outputs, unknown_names)
         done_before = 0
     with h5py.File(partial, "r") as f:
         done = f["instances/done"][()].astype(bool)
@@ -305,13 +334,7 @@ def run_instances(
         t0 = time.perf_counter()
         problem = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base_dir, (spec.group, i))
         if spec.reference is not None and ref_x is not None:
-            values = read_row(data_path, f"{spec.group}/{spec.reference}", i, torch.float64).reshape(-1, 1)
-            if values.shape[0] != ref_x.shape[0]:
-                raise DataError(
-                    f"{data_path}:{spec.group}/{spec.reference}: instance {i} has {values.shape[0]} values for "
-                    f"{ref_x.shape[0]} points in /reference/inputs"
-                )
-            problem.reference = (ref_x, values)
+            problem.reference = (ref_x, _instance_reference(data_path, spec, i, ref_x, first.outputs))
         else:
             problem.reference = None
         fixed = tuple(read_row(data_path, f"{spec.group}/{name}", i, dtype).to(device) for name in spec.inputs)
@@ -320,8 +343,8 @@ def run_instances(
         res = refine_pde(inst, problem, cfg)
         num_lin = res.num_linearized_parameters
         xp = x_pred.to(device=device, dtype=dtype)
-        before = predict(module, (xp,), 4096).reshape(-1)
-        after = predict(res.model, (xp,), 4096).reshape(-1)
+        before = predict(module, (xp,), 4096).reshape(q, num_outputs)  # [Q, C]
+        after = predict(res.model, (xp,), 4096).reshape(q, num_outputs)
         ref = res.errors.get("reference", {})
         row = {
             "index": i,
@@ -333,8 +356,12 @@ def run_instances(
             "seconds": time.perf_counter() - t0,
         }
         with h5py.File(partial, "a") as f:
-            f["predictions/before"][i] = before.detach().cpu().double().numpy()
-            f["predictions/after"][i] = after.detach().cpu().double().numpy()
+            for when, pred in (("before", before), ("after", after)):
+                values_np = pred.detach().cpu().double().numpy()
+                f[f"predictions/{when}"][i] = values_np[:, 0] if num_outputs == 1 else values_np
+            for name, entry in (res.unknowns or {}).items():  # pde.unknowns: this instance's own constants
+                f[f"unknowns/{name}/before"][i] = entry["before"]
+                f[f"unknowns/{name}/after"][i] = entry["after"]
             g = f["instances"]
             for key in ("rel_l2_before", "rel_l2_after", "residual_before", "residual_after", "seconds"):
                 g[key][i] = np.nan if row[key] is None else row[key]
@@ -365,12 +392,16 @@ def run_instances(
             k: g[k][()]
             for k in ("rel_l2_before", "rel_l2_after", "residual_before", "residual_after", "seconds", "rank")
         }
+        unknown_values = {
+            name: {w: f[f"unknowns/{name}/{w}"][()] for w in ("before", "after")} for name in unknown_names
+        }
     per_instance: list[dict[str, Any]] = [
         {
             k: (int(v[i]) if k == "rank" else (None if not math.isfinite(float(v[i])) else float(v[i])))
             for k, v in table.items()
         }
         | {"index": i}
+        | ({"unknowns": {n: float(v["after"][i]) for n, v in unknown_values.items()}} if unknown_values else {})
         for i in range(num)
     ]
     before_err: list[float | None] = [r["rel_l2_before"] for r in per_instance]
@@ -384,6 +415,11 @@ def run_instances(
         "residual_after": _stats([r["residual_after"] for r in per_instance]),
         "seconds_per_instance": _stats([r["seconds"] for r in per_instance]),
     }
+    if unknown_values:  # pde.unknowns: every instance's refined constants
+        summary["unknowns"] = {
+            n: {"before": _stats(v["before"].tolist()), "after": _stats(v["after"].tolist())}
+            for n, v in unknown_values.items()
+        }
     if have_ref:
         summary["rel_l2_before"] = _stats(before_err)
         summary["rel_l2_after"] = _stats(after_err)
@@ -408,6 +444,11 @@ def run_instances(
         )
     else:
         message = f"{num} instances: {residual} (no references to compare with); {chosen}"
+    if unknown_values:  # e.g. "; constants (mean over instances): k 1.5 -> 2"
+        means = [(n, st["before"]["mean"], st["after"]["mean"]) for n, st in summary["unknowns"].items()]
+        message += "; constants (mean over instances): " + ", ".join(
+            f"{n} {b:.6g} -> {a:.6g}" if b is not None and a is not None else f"{n} n/a" for n, b, a in means
+        )
     peak, kind = peak_memory_bytes(device)
     return InstancesResult(
         status="done",

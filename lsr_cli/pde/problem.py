@@ -12,6 +12,10 @@ A problem is a list of residual blocks, each with its points and weight::
         - {name: interior, kind: pde, points: {sample: sobol, count: 2000}}
         - {name: walls, kind: dirichlet, value: "0", weight: 100, points: {sample: boundary, count: 400}}
 
+Systems (``pde.outputs: [u, v, p]``, equations returning several residuals, ``component:`` of a
+block) and unknown constants (``pde.unknowns``): :mod:`.components`, :mod:`.unknowns`,
+``docs/pde_systems.md``.
+
 Block kinds: ``pde`` (the equation), ``dirichlet`` (``u − g``), ``neumann`` (``∂u/∂n − g``, outward
 normal of the box face), ``periodic`` (``u(x_lo) − u(x_hi)`` along ``variable``), ``initial``
 (``u(x, t0) − g``), ``data`` (``u − values`` at observed points). Points come from the data
@@ -39,9 +43,11 @@ from lsr_cli.errors import ConfigError, DataError
 from lsr_cli.linearization import ModelFn
 from lsr_cli.usercode import import_callable
 
+from .components import check_spatial_dims, component_quantity, expand_blocks, parse_outputs, probe_equations
 from .equations import EQUATIONS, Equation
-from .expressions import BUILTIN_CONSTANTS, FUNCTIONS, compile_expression
+from .expressions import BUILTIN_CONSTANTS, FUNCTIONS, Expression, compile_expression
 from .fields import TIME, Fields, TabulatedModel
+from .unknowns import Unknown, parse_unknowns
 
 KINDS = ("pde", "dirichlet", "neumann", "periodic", "initial", "data")
 SAMPLERS = ("uniform", "sobol", "lhs", "grid")
@@ -56,6 +62,20 @@ PDE_KEYS = {
         '"Physics-informed networks") or `path/file.py:function` (runs that code)',
     ),
     "variables": KeyDoc("list[string]", "required", "the model's input columns, in order; `t` is time"),
+    "outputs": KeyDoc(
+        "list[string]",
+        "a system's outputs, else `[u]`",
+        'names of the model\'s output columns, in order (`[u, v, p]`); residuals read `F["v"]`, '
+        '`F.d("v", "x")`; the model must return as many values per point (docs/pde_systems.md)',
+    ),
+    "unknowns": KeyDoc(
+        "mapping",
+        "{}",
+        "unknown constants refined with the network: `{nu: 0.05}` (initial guess), `{nu: {initial: 0.05, "
+        "true: 0.01}}` (error reported) or `{nu: {parameter: NAME}}` (a scalar parameter of the checkpoint); "
+        "an unknown named like a coefficient is that coefficient, formulas may use them; "
+        "freeze with `lsr.parameters.exclude: [unknowns.*]`",
+    ),
     "domain": KeyDoc(
         "mapping",
         "null",
@@ -103,6 +123,23 @@ PDE_KEYS = {
         "residual there is re-chosen on them (or the input is kept); `choose`: rank and λ chosen on the "
         "validation points; `none`: held-out rows of the fit points (`lsr.holdout`) or GCV",
     ),
+    "weights": KeyDoc(
+        "string",
+        "config",
+        "`config`: the blocks' `weight`s as written; `auto`: balanced at the checkpoint so that every block adds "
+        "the same to the trace of the Gauss–Newton matrix (`w_b · mean‖∂r_b/∂θ‖²` equal, the first `pde` block "
+        "keeping its weight; a block's `weight` multiplies its balanced one); reported in "
+        "`residual_loss.weights`",
+    ),
+    "adaptive": KeyDoc(
+        "string or mapping",
+        "auto",
+        "residual-based adaptive collocation: while the refined predictor's exact residual at the validation "
+        "points is over 10× the one at the fit points, add as many points per `pde` block as it has where the "
+        "residual is largest (RAD sampling from a dense seeded candidate set) and solve again; a round is kept "
+        "only when it lowers the validation loss by 10 %. `auto`: at most 3 rounds, 600 s; "
+        "`{rounds: N, time_limit: SECONDS}`; `none`: off. Needs validation points",
+    ),
 }
 """The keys of ``pde:`` and their documentation (``docs/configuration.md``)."""
 BLOCK_KEYS = {
@@ -115,7 +152,26 @@ BLOCK_KEYS = {
         "`data` (`u − values`)",
     ),
     "points": KeyDoc("mapping", "required", "where the block's points come from (keys: `pde.blocks[].points`)"),
-    "weight": KeyDoc("number", "1.0", "`w_b`, the block's weight in the loss `Σ_b w_b · mean_b(r²)`"),
+    "weight": KeyDoc(
+        "number | mapping",
+        "1.0",
+        "`w_b`, the block's weight in the loss `Σ_b w_b · mean_b(r²)`; per equation or component of a "
+        "system: `{continuity: 10}` (others 1)",
+    ),
+    "component": KeyDoc(
+        "string | list[string]",
+        "the only output",
+        "non-`pde` blocks: the output(s) constrained (required with several outputs; `periodic`: all); a list "
+        "makes one block per component (`NAME.u`), `value`/`values` then a mapping per component or one for all; "
+        "`dirichlet`/`initial`/`data`: or a formula over outputs, their derivatives `u_x`, variables and outward "
+        'normals `n_x` (`"u*n_x + v*n_y"`)',
+    ),
+    "equations": KeyDoc(
+        "list[string]",
+        "all",
+        "`pde` blocks of a system: the equations enforced, one block each (`NAME.continuity`)",
+    ),
+    "column": KeyDoc("integer", "0", "`data` blocks: the column of `values` `[N, C]` observed"),
     "value": KeyDoc(
         "number | string | mapping", "0", f"`g` of `dirichlet`, `neumann` and `initial` blocks: a {_FORMULA}"
     ),
@@ -306,6 +362,9 @@ class PdeProblem:
     data_path: Path | None = None  # where datasets were read (validation points read there too)
     base_dir: Path | None = None  # the config's folder (user residual files)
     instance: tuple[str, int] | None = None  # lsr instances: the HDF5 group and row of {instance: NAME} values
+    outputs: list[str] = field(default_factory=lambda: ["u"])  # the network's output columns (pde.outputs)
+    unknowns: list[Unknown] = field(default_factory=list)  # pde.unknowns: columns after the outputs
+    weights: dict[str, Any] | None = None  # pde.weights: auto: how the block weights were balanced (weights.py)
 
     @property
     def num_rows(self) -> int:
@@ -395,6 +454,31 @@ class _Builder:
             raise ConfigError(f"config.pde.constants: expected a mapping of names to numbers, got {consts!r}")
         self.constants = {str(k): float(v) for k, v in consts.items()}
         self.box = self._box(raw.get("domain"))
+        self.outputs: list[str] = ["u"]
+        self.unknowns: list[Unknown] = []
+        self.point_cache: dict[tuple[Any, ...], tuple[Tensor, Tensor | None]] = {}
+
+    def configure(self, eq: Equation) -> None:
+        """``pde.outputs`` and ``pde.unknowns``, checked against the names already taken."""
+        reserved = dict.fromkeys(FUNCTIONS, "a formula function") | dict.fromkeys(BUILTIN_CONSTANTS, "a constant")
+        reserved |= dict.fromkeys(self.constants, "a constant (pde.constants)")
+        reserved |= dict.fromkeys(self.variables, "a variable")
+        self.outputs = parse_outputs(self.raw.get("outputs"), eq, reserved)
+        reserved |= dict.fromkeys(self.outputs, "an output")
+        self.unknowns = parse_unknowns(self.raw.get("unknowns"), reserved)
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns a residual reads: the outputs, then the unknowns."""
+        return self.outputs + [u.name for u in self.unknowns]
+
+    def unknown_formula(self, where: str, spec: Any) -> Expression | None:
+        """A coefficient formula that uses unknowns (evaluated with them in the residual), else ``None``."""
+        if not self.unknowns or not isinstance(spec, (str, int, float)) or isinstance(spec, bool):
+            return None
+        names = [u.name for u in self.unknowns]
+        expr = compile_expression(spec, self.variables + names, where, self.constants)
+        return expr if expr.symbols & set(names) else None
 
     def _box(self, domain: Any) -> Box | None:
         if domain is None:
@@ -527,14 +611,37 @@ class _Builder:
         return Box(self.variables, lo, hi)
 
 
-def _field_model(model: ModelFn, variables: list[str], x: Tensor) -> Fields:
+def _field_model(model: ModelFn, variables: list[str], x: Tensor, columns: list[str] | None = None) -> Fields:
     if isinstance(model, TabulatedModel):
-        return model.fields(x, variables)
-    return Fields(model, x, variables)
+        return model.fields(x, variables, columns)
+    return Fields(model, x, variables, columns)
 
 
-def _make_block(i: int, raw: Any, eq: Equation, b: _Builder, coeff_specs: dict[str, Any]) -> Block:
-    where = f"pde.blocks[{i}]"
+def _quantity(where: str, comp: Any, b: _Builder, pts: Tensor, normals: Tensor | None, inputs: list[Tensor]) -> Any:
+    """The block's constrained quantity (:func:`.components.component_quantity`); its points'
+    outward normals are appended to ``inputs`` when the formula uses them."""
+    found: list[Tensor] = []
+
+    def normals_of() -> Tensor:
+        if not found:
+            if normals is not None:
+                found.append(normals)
+            elif b.box is None:
+                raise ConfigError(f"config.{where}.component: the normals n_... need pde.domain")
+            else:
+                found.append(b.box.normals_of(pts, f"config.{where}.points"))
+        return found[0]
+
+    quantity, needs_normals = component_quantity(where, comp, b.outputs, b.variables, b.constants, normals_of)
+    if needs_normals:
+        inputs.append(normals_of())
+    return quantity
+
+
+def _make_block(
+    i: int, raw: Any, eq: Equation, b: _Builder, coeff_specs: dict[str, Any], origin: int | None = None
+) -> Block:
+    where = f"pde.blocks[{i if origin is None else origin}]"
     spec = _mapping(where, raw, _BLOCK_KEYS)
     kind = spec.get("kind", "pde")
     if kind not in KINDS:
@@ -562,13 +669,25 @@ def _make_block(i: int, raw: Any, eq: Equation, b: _Builder, coeff_specs: dict[s
         raise ConfigError(
             f"config.{where}.points: required ({{dataset: /collocation/{name}}} or {{sample: sobol, count: N}})"
         )
-    pts, normals = b.points(f"{where}.points", spec["points"], kind, faces, variable)
+    # the blocks made from one (NAME.EQUATION, NAME.COMPONENT) share its points
+    shared = (kind, repr(spec["points"]), repr(faces), variable, str(name).rsplit(".", 1)[0])
+    if shared not in b.point_cache:
+        b.point_cache[shared] = b.points(f"{where}.points", spec["points"], kind, faces, variable)
+    pts, normals = b.point_cache[shared]
     variables = b.variables
+    columns = b.columns
+    comp = spec.get("component")  # one name after expand_blocks; None: the first output
+    col = comp if isinstance(comp, str) else b.outputs[0]
     inputs: list[Tensor] = [pts]
     fn: Callable[[ModelFn, tuple[Tensor, ...]], Tensor]
     if kind == "pde":
         names = list(eq.coefficients) + [k for k in coeff_specs if k not in eq.coefficients]
+        unknown_names = [u.name for u in b.unknowns]
+        lazy: dict[str, Expression] = {}
+        static: list[str] = []
         for cname in names:
+            if cname in unknown_names and cname not in coeff_specs:
+                continue  # the unknown is the coefficient (read from the model's column)
             cspec = coeff_specs.get(cname, eq.coefficients.get(cname, 0.0))
             if cname in eq.vector_coefficients:
                 nspace = len([v for v in variables if v != TIME])
@@ -583,21 +702,50 @@ def _make_block(i: int, raw: Any, eq: Equation, b: _Builder, coeff_specs: dict[s
                         [b.formula(f"config.pde.coefficients.{cname}[{j}]", c, pts) for j, c in enumerate(vec)], dim=1
                     )
                 )
+                static.append(cname)
+                continue
+            expr = b.unknown_formula(f"config.pde.coefficients.{cname}", cspec)
+            if expr is not None:
+                lazy[cname] = expr
             else:
                 inputs.append(b.formula(f"config.pde.coefficients.{cname}", cspec, pts))
+                static.append(cname)
+        chosen = spec.get("equations")
+        part = chosen[0] if isinstance(chosen, list) and len(chosen) == 1 else None
 
-        def fn(model: ModelFn, rows: tuple[Tensor, ...], names: list[str] = names) -> Tensor:
-            F = _field_model(model, variables, rows[0])
-            return eq.residual(F, dict(zip(names, rows[1:], strict=True)))
+        def fn(model: ModelFn, rows: tuple[Tensor, ...], names: list[str] = static) -> Tensor:
+            F = _field_model(model, variables, rows[0], columns)
+            c = dict(zip(names, rows[1:], strict=True))
+            if unknown_names:
+                values = {u: F[u] for u in unknown_names}
+                c.update(values)
+                env = {v: rows[0][:, j] for j, v in enumerate(variables)} | values
+                c.update({k: e(env) for k, e in lazy.items()})
+            r = eq.residual(F, c)
+            if isinstance(r, Tensor):
+                return r
+            if part is None:
+                if len(r) != 1:
+                    raise ValueError(f"the residual returned {len(r)} equations for one block")
+                return next(iter(r.values()))
+            return r[part]
     elif kind == "data":
         values = spec.get("values")
         vals = b.dataset(f"config.{where}.values", values)
         if vals.shape[0] != pts.shape[0]:
             raise DataError(f"{b.data_path}:{values}: {vals.shape[0]} values for {pts.shape[0]} points")
-        inputs.append(vals.reshape(pts.shape[0], -1)[:, 0])
+        column = spec.get("column", 0)
+        table = vals.reshape(pts.shape[0], -1)
+        if isinstance(column, bool) or not isinstance(column, int) or not 0 <= column < table.shape[1]:
+            raise ConfigError(
+                f"config.{where}.column: expected a column of {values} (0 to {table.shape[1] - 1}), got {column!r}"
+            )
+        inputs.append(table[:, column])
+        quantity = _quantity(where, comp, b, pts, normals, inputs)
 
         def fn(model: ModelFn, rows: tuple[Tensor, ...]) -> Tensor:
-            return _field_model(model, variables, rows[0]).u - rows[1]
+            F = _field_model(model, variables, rows[0], columns)
+            return quantity(F, rows[2] if len(rows) > 2 else None) - rows[1]
     elif kind == "periodic":
         if b.box is None:
             raise ConfigError(f"config.{where}: periodic blocks need pde.domain")
@@ -607,7 +755,10 @@ def _make_block(i: int, raw: Any, eq: Equation, b: _Builder, coeff_specs: dict[s
         inputs.append(partner)
 
         def fn(model: ModelFn, rows: tuple[Tensor, ...]) -> Tensor:
-            return _field_model(model, variables, rows[0]).u - _field_model(model, variables, rows[1]).u
+            return (
+                _field_model(model, variables, rows[0], columns)[col]
+                - _field_model(model, variables, rows[1], columns)[col]
+            )
     else:  # dirichlet, neumann, initial
         g = b.formula(f"config.{where}.value", spec.get("value", 0.0), pts)
         inputs.append(g)
@@ -616,12 +767,14 @@ def _make_block(i: int, raw: Any, eq: Equation, b: _Builder, coeff_specs: dict[s
             inputs.append(normals)
 
             def fn(model: ModelFn, rows: tuple[Tensor, ...]) -> Tensor:
-                F = _field_model(model, variables, rows[0])
-                return (F.gradient() * rows[2]).sum(-1) - rows[1]
+                F = _field_model(model, variables, rows[0], columns)
+                return (F.gradient(col) * rows[2]).sum(-1) - rows[1]
         else:
+            quantity = _quantity(where, comp, b, pts, normals, inputs)
 
             def fn(model: ModelFn, rows: tuple[Tensor, ...]) -> Tensor:
-                return _field_model(model, variables, rows[0]).u - rows[1]
+                F = _field_model(model, variables, rows[0], columns)
+                return quantity(F, rows[2] if len(rows) > 2 else None) - rows[1]
 
     return Block(str(name), kind, float(weight), pts, tuple(inputs), spec, residual_fn=fn)
 
@@ -641,6 +794,8 @@ def parse_problem(
     b = builder or _Builder(raw, data_path, gen, instance)
     if eq.needs_time and TIME not in b.variables:
         raise ConfigError(f"config.pde.variables: equation {eq.name!r} needs the time variable 't', got {b.variables}")
+    check_spatial_dims(eq, b.variables)
+    b.configure(eq)
     coeffs = raw.get("coefficients") or {}
     if not isinstance(coeffs, dict):
         raise ConfigError(f"config.pde.coefficients: expected a mapping, got {coeffs!r}")
@@ -648,10 +803,23 @@ def parse_problem(
         for key in coeffs:
             if key not in eq.coefficients:
                 raise _unknown("pde.coefficients", str(key), tuple(eq.coefficients))
+    for u in b.unknowns:
+        if u.name in coeffs:
+            raise ConfigError(
+                f"config.pde.unknowns.{u.name}: pde.coefficients sets {u.name} too; remove it there (an unknown "
+                "named like a coefficient is that coefficient)"
+            )
     blocks_raw = raw.get("blocks")
     if not isinstance(blocks_raw, list) or not blocks_raw:
         raise ConfigError("config.pde.blocks: expected a non-empty list of residual blocks")
-    blocks = [_make_block(i, r, eq, b, coeffs) for i, r in enumerate(blocks_raw)]
+    for i, r in enumerate(blocks_raw):
+        _mapping(f"pde.blocks[{i}]", r, _BLOCK_KEYS)
+    coefficient_names = list(eq.coefficients) + [k for k in coeffs if k not in eq.coefficients]
+    equations = probe_equations(eq, b.variables, b.outputs, [u.name for u in b.unknowns], coefficient_names)
+    blocks_raw, origin = expand_blocks(blocks_raw, equations, b.outputs)
+    if blocks_raw is not raw["blocks"]:
+        raw = {**raw, "blocks": blocks_raw}  # the problem keeps one equation or component per block
+    blocks = [_make_block(i, r, eq, b, coeffs, origin[i]) for i, r in enumerate(blocks_raw)]
     names = [blk.name for blk in blocks]
     if len(set(names)) != len(names):
         raise ConfigError(f"config.pde.blocks: block names repeat: {names}")
@@ -659,15 +827,17 @@ def parse_problem(
     basis = raw.get("basis", "auto")
     if basis not in ("auto", "output", "residual"):
         raise ConfigError(f"config.pde.basis: expected 'auto', 'output' or 'residual', got {basis!r}")
+    if raw.get("weights", "config") not in ("config", "auto"):
+        raise ConfigError(f"config.pde.weights: expected 'config' or 'auto', got {raw['weights']!r}")
     if raw.get("validation", "auto") not in ("auto", "choose", "none"):
         raise ConfigError(f"config.pde.validation: expected 'auto', 'choose' or 'none', got {raw['validation']!r}")
     for i, r in enumerate(blocks_raw):
         own = r.get("validation")
         if own is not None:
-            own = _mapping(f"pde.blocks[{i}].validation", own, _POINT_KEYS)
+            own = _mapping(f"pde.blocks[{origin[i]}].validation", own, _POINT_KEYS)
             if not ("dataset" in own or "sample" in own) or (blocks[i].kind == "data"):
                 raise ConfigError(
-                    f"config.pde.blocks[{i}].validation: expected points like {{dataset: /validation/NAME}} or "
+                    f"config.pde.blocks[{origin[i]}].validation: expected points like {{dataset: /validation/NAME}} or "
                     f"{{sample: sobol, count: N}} (not for data blocks), got {own!r}"
                 )
     basis_points = raw.get("basis_points", "auto")
@@ -692,7 +862,7 @@ def parse_problem(
                     f"{data_path}:/reference: inputs {tuple(x_ref.shape)} and values "
                     f"{tuple(u_ref.shape)} do not fit {len(b.variables)} variables"
                 )
-            reference = (x_ref, u_ref.reshape(x_ref.shape[0], -1)[:, :1])
+            reference = (x_ref, u_ref.reshape(x_ref.shape[0], -1)[:, : len(b.outputs)])
         elif want == "required":
             raise DataError(
                 f"{data_path}: pde.reference is 'required' but /reference/inputs and /reference/values "
@@ -719,6 +889,8 @@ def parse_problem(
         data_path,
         base_dir,
         instance,
+        b.outputs,
+        b.unknowns,
     )
 
 

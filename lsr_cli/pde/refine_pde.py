@@ -16,6 +16,7 @@ data file has one.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,6 @@ from lsr_cli.distributed import SINGLE, Comm, global_mean_square, global_norm
 from lsr_cli.errors import CheckpointError, ConfigError, NumericalError
 from lsr_cli.linearization import JacobianOperator, ParameterSpace, StackedOperator
 from lsr_cli.linearized import LinearizedModel
-from lsr_cli.metrics import global_error_metrics
 from lsr_cli.refine import (
     DENSE_MIN_COLUMNS,
     RefineResult,
@@ -38,9 +38,7 @@ from lsr_cli.refine import (
     choose_dense,
     largest_rank,
     planned_columns,
-    predict,
     prepare_module,
-    select_parameters,
 )
 from lsr_cli.runtime import (
     MemoryMeter,
@@ -56,9 +54,13 @@ from lsr_cli.sketch import RangeSketch
 from lsr_cli.spectral import SPECTRAL_BLOCK, SPECTRAL_MAX_ENTRIES, solve_exact_first
 from lsr_cli.subspace import Selection, SubspaceResult, solve_subspace, stratified_holdout_rows
 
-from .problem import PdeProblem
+from .adaptive import MIN_GAIN, TRIGGER, AdaptiveSettings, adaptive_settings, augment, candidates
+from .problem import PdeProblem, set_scales
 from .subspace_newton import layouts, levenberg_marquardt, table_bytes, tabulate
+from .system_report import reference_errors, unknowns_message
+from .unknowns import WithUnknowns, attach_unknowns, select_space, split_delta, unknowns_report
 from .validation import validation_problem
+from .weights import balance_weights, weights_mode
 
 ROW_CHUNK = 256
 """Collocation points per Jacobian-product chunk (second derivatives make each row costlier)."""
@@ -87,11 +89,17 @@ def check_points_fit(module: nn.Module, problem: PdeProblem, where: str) -> None
             f"{where}: the model does not accept points of dimension {x.shape[1]} "
             f"(variables {problem.variables}): {first[:200]}"
         ) from None
-    if not isinstance(out, Tensor) or out.shape[0] != x.shape[0] or out[0].numel() != 1:
+    outputs = problem.outputs
+    if not isinstance(out, Tensor) or out.shape[0] != x.shape[0] or out[0].numel() != len(outputs):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        if len(outputs) > 1 or "outputs" in problem.raw:  # systems: pde.outputs
+            raise ConfigError(
+                f"config.pde.outputs: names {len(outputs)} outputs {outputs}, but the model {where} returns "
+                f"{shape} for {x.shape[0]} points; name one output per column of the model"
+            )
         raise CheckpointError(
             f"{where}: a PDE model must return one value per point ([N] or [N, 1]); "
-            f"for {x.shape[0]} points it returned {shape}"
+            f"for {x.shape[0]} points it returned {shape} (a model with several outputs: name them with pde.outputs)"
         )
 
 
@@ -501,8 +509,11 @@ def prepare_pde_run(
     module = prepare_module(ckpt, dtype, device)
     problem.to(device, dtype)
     check_points_fit(module, problem, str(ckpt.path))
+    module = attach_unknowns(module, problem.unknowns, dtype, device)  # pde.unknowns: columns after the outputs
     check_blocks(module, problem)
-    space = select_parameters(module, cfg, gen)
+    space = select_space(module, cfg, gen)
+    if weights_mode(problem.raw) == "auto":  # balanced at the checkpoint, then fixed (iterate keeps them)
+        problem.weights = balance_weights(module, problem, space, cfg.seed, cfg.lsr.tangent_chunk, comm)
     ops = build_operators(module, problem, space, cfg, comm=comm)
     bad = int((~torch.isfinite(ops.f0)).sum())
     if (comm.sum_int(bad) if comm.world > 1 else bad) > 0:
@@ -530,6 +541,10 @@ def make_validation(
     val, info = validation_problem(problem, cfg.seed)
     if val is None:
         return Validation(None, None, info)
+    fit_weights = {b.name: b.weight for b in problem.blocks}
+    for vb in val.blocks:  # weighted as in the loss (pde.weights: auto resolved them)
+        vb.weight = fit_weights.get(vb.name, vb.weight)
+    set_scales(val.blocks)
     val.shard(comm.rank, comm.world)
     val.to(ops.f0.device, ops.f0.dtype)
     val_ops: list[Any] = [
@@ -600,6 +615,16 @@ def _validation_loss(module: nn.Module, space: ParameterSpace, dz: Tensor, val: 
     return global_mean_square(true_residual(LinearizedModel(module, space.unflatten_vector(dz)), val), comm)
 
 
+def _validation_blocks(
+    module: nn.Module, space: ParameterSpace, dz: Tensor | None, val: PdeProblem, comm: Comm
+) -> dict[str, float]:
+    """Each block's part ``w_b · mean_b(r²)`` of the refined predictor's exact residual loss at
+    the validation points (the parts sum to the loss)."""
+    model = LinearizedModel(module, space.unflatten_vector(dz)) if dz is not None else module
+    weights = {b.name: b.weight for b in val.blocks}
+    return {name: weights[name] * loss for name, loss in block_losses(true_residual(model, val), val, comm).items()}
+
+
 def _validation_report(
     validation: Validation, module: nn.Module, space: ParameterSpace, dz: Tensor | None, comm: Comm
 ) -> dict[str, Any]:
@@ -610,6 +635,167 @@ def _validation_report(
             _validation_loss(module, space, dz, validation.problem, comm) if dz is not None else info["loss_before"]
         )
     return info
+
+
+def _choose_step(
+    module: nn.Module,
+    problem: PdeProblem,
+    space: ParameterSpace,
+    ops: ResidualOperators,
+    cfg: Config,
+    plan: MemoryPlan,
+    gen: torch.Generator,
+    sink: ProgressSink,
+    comm: Comm,
+    validation: Validation,
+) -> tuple[SubspaceResult, ExactStep]:
+    """The one-shot step as ``pde.validation`` says: chosen on the validation points (``choose``),
+    or by held-out rows / GCV and kept only if it lowers the validation loss (``auto``: else
+    chosen again on the validation points, else the input is kept)."""
+    mode = problem.raw.get("validation", "auto")
+
+    def one_shot(selection: Selection | None) -> tuple[SubspaceResult, ExactStep]:
+        sub = lsr_step(module, problem, space, ops, cfg, gen, sink, comm, plan.row_chunk, plan.fold_budget, selection)
+        return sub, exact_step(module, problem, space, ops, sub, cfg, comm, sink, validation.problem)
+
+    sub, step = one_shot(validation.selection if mode == "choose" else None)
+    if mode != "auto" or validation.problem is None:
+        return sub, step
+    # the guard: a step that raises the exact residual at points never fitted is not kept, and
+    # one the held-out rows or GCV refused is tried on the points never fitted
+    before = float(validation.info["loss_before"])
+    after = _validation_loss(module, space, step.dz, validation.problem, comm) if step.dz is not None else before
+    guard: dict[str, Any] = {"loss_before": before, "loss_after_first_choice": after}
+    validation.info["guard"] = guard
+    if after < before:
+        guard["outcome"] = "kept: the step lowered the validation loss"
+        return sub, step
+    step_first = step.dz
+    sub, step = one_shot(validation.selection)
+    again = _validation_loss(module, space, step.dz, validation.problem, comm) if step.dz is not None else before
+    guard["loss_after_validation_choice"] = again
+    if again < before:
+        guard["outcome"] = (
+            "the held-out-rows or GCV choice raised the validation loss; chosen on the validation points"
+            if step_first is not None
+            else "the held-out rows or GCV kept the input; chosen on the validation points"
+        )
+        return sub, step
+    guard["outcome"] = "no step lowered the validation loss: the input is kept"
+    sub = dataclasses.replace(sub, rank=0, dz=None, basis=None, z=None)
+    return sub, ExactStep(None, ops.f0, ops.f0, {"ran": False, "reason": "the input is kept (validation guard)"})
+
+
+def _adaptive_rounds(
+    module: nn.Module,
+    problem: PdeProblem,
+    space: ParameterSpace,
+    ops: ResidualOperators,
+    cfg: Config,
+    meter: MemoryMeter,
+    gen: torch.Generator,
+    sink: ProgressSink,
+    comm: Comm,
+    validation: Validation,
+    settings: AdaptiveSettings,
+    first: tuple[SubspaceResult, ExactStep, MemoryPlan],
+) -> tuple[PdeProblem, ResidualOperators, SubspaceResult, ExactStep, MemoryPlan]:
+    """Residual-based adaptive collocation (:mod:`.adaptive`): rounds of added points while the
+    validation loss is well above the fit loss and falls; returns the best round's problem,
+    operators and step. Recorded in ``validation.info["adaptive"]``."""
+    assert validation.problem is not None
+    sub, step, plan = first
+    t0 = time.perf_counter()
+    best_val = (
+        _validation_loss(module, space, step.dz, validation.problem, comm)
+        if step.dz is not None
+        else float(validation.info["loss_before"])
+    )
+    fit = global_mean_square(step.f_after, comm)
+    best_blocks = _validation_blocks(module, space, step.dz, validation.problem, comm)
+    log: list[dict[str, Any]] = [
+        {"round": 0, "points_added": {}, "fit_loss": fit, "validation_loss": best_val, "validation_blocks": best_blocks}
+    ]
+    info: dict[str, Any] = {"trigger": TRIGGER, "rounds": log}
+    validation.info["adaptive"] = info
+    best = (problem, ops, sub, step, plan)
+    guards = {0: validation.info.get("guard")}
+    for k in range(settings.rounds):
+        if not best_val > TRIGGER * fit:
+            info["stop_reason"] = f"the validation loss is within {TRIGGER:g}x the fit loss"
+            break
+        if time.perf_counter() - t0 > settings.time_limit:
+            info["stop_reason"] = f"the time limit pde.adaptive.time_limit ({settings.time_limit:g} s)"
+            break
+        cand = candidates(problem, cfg.seed, k)
+        if cand is None:
+            info["stop_reason"] = "no pde block allows candidate points"
+            break
+        cand.to(ops.f0.device, ops.f0.dtype)
+        dz = best[3].dz
+        predictor = LinearizedModel(module, space.unflatten_vector(dz)) if dz is not None else module
+        cand_gen = torch.Generator().manual_seed(cfg.seed + k)
+        new_problem, added = augment(best[0], cand, predictor, k, cand_gen, comm)
+        if not added:
+            info["stop_reason"] = "the residual at the candidates is zero or not finite"
+            break
+        sink.begin(f"adaptive collocation round {k + 1}: {sum(added.values())} points added", 1)(1)
+        sink.end()
+        new_ops = build_operators(module, new_problem, space, cfg, comm=comm)
+        new_cfg, new_plan = plan_pde_memory(new_problem, new_ops, cfg, meter, comm)
+        new_sub, new_step = _choose_step(
+            module, new_problem, space, new_ops, new_cfg, new_plan, gen, sink, comm, validation
+        )
+        val = (
+            _validation_loss(module, space, new_step.dz, validation.problem, comm)
+            if new_step.dz is not None
+            else math.inf
+        )
+        blocks = _validation_blocks(module, space, new_step.dz, validation.problem, comm)
+        fit = global_mean_square(new_step.f_after, comm)
+        log.append(
+            {
+                "round": k + 1,
+                "points_added": added,
+                "rank": new_sub.rank,
+                "fit_loss": fit,
+                "validation_loss": val,
+                "validation_blocks": blocks,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        guards[k + 1] = validation.info.get("guard")
+        if not val < (1.0 - MIN_GAIN) * best_val:
+            info["stop_reason"] = f"round {k + 1} did not lower the validation loss by {MIN_GAIN:.0%}"
+            break
+        # a round that trades one block for another is not kept: a block may rise at most by the
+        # square root of the factor by which the total fell (measured on a Helmholtz PINN: the
+        # total fell 21x, the boundary's part rose 38x, the reference error rose 4x; on the
+        # Poisson sample the total fell 31 000x, the boundary's part rose 1.4x at round-off, and
+        # the error fell 8.6x)
+        allowed = max(1.0 + MIN_GAIN, math.sqrt(best_val / val)) if val > 0 else math.inf
+        rose = [name for name, loss in blocks.items() if loss > allowed * best_blocks.get(name, math.inf)]
+        if rose:
+            info["stop_reason"] = (
+                f"round {k + 1} raised the validation loss of block(s) {', '.join(rose)} by more than "
+                f"{allowed:.3g}x (the square root of the total's fall)"
+            )
+            break
+        best_val, best_blocks = val, blocks
+        best = (new_problem, new_ops, new_sub, new_step, new_plan)
+        problem = new_problem
+    else:
+        info["stop_reason"] = f"pde.adaptive.rounds ({settings.rounds})"
+    info["kept_round"] = max((r["round"] for r in log if r["validation_loss"] == best_val), default=0)
+    if guards.get(info["kept_round"]) is not None:  # the guard of the kept round's choice
+        validation.info["guard"] = guards[info["kept_round"]]
+    totals: dict[str, int] = {}
+    for b in best[0].blocks:
+        if "adaptive_of" in b.spec:
+            totals[b.spec["adaptive_of"]] = totals.get(b.spec["adaptive_of"], 0) + b.num_global
+    info["points_added"] = totals
+    info["seconds"] = time.perf_counter() - t0
+    return best
 
 
 def refine_pde(
@@ -642,42 +828,13 @@ def refine_pde(
         timings["baseline"] = time.perf_counter() - t0
         stage_peaks = {"baseline": meter.peak_above_start()}
         validation = make_validation(module, problem, space, ops, cfg, comm)
-        cfg, plan = plan_pde_memory(problem, ops, cfg, meter, comm)
-        mode = problem.raw.get("validation", "auto")
-        on_validation = validation.selection if mode == "choose" else None
-
-        def one_shot(selection: Selection | None) -> tuple[SubspaceResult, ExactStep]:
-            sub = lsr_step(
-                module, problem, space, ops, cfg, gen, sink, comm, plan.row_chunk, plan.fold_budget, selection
+        settings = adaptive_settings(problem.raw)
+        run_cfg, plan = plan_pde_memory(problem, ops, cfg, meter, comm)
+        sub, step = _choose_step(module, problem, space, ops, run_cfg, plan, gen, sink, comm, validation)
+        if settings is not None and validation.problem is not None:
+            problem, ops, sub, step, plan = _adaptive_rounds(
+                module, problem, space, ops, cfg, meter, gen, sink, comm, validation, settings, (sub, step, plan)
             )
-            return sub, exact_step(module, problem, space, ops, sub, cfg, comm, sink, validation.problem)
-
-        sub, step = one_shot(on_validation)
-        if mode == "auto" and validation.problem is not None and step.dz is not None:
-            # the guard: a step that raises the exact residual at points never fitted is not kept
-            before = float(validation.info["loss_before"])
-            after = _validation_loss(module, space, step.dz, validation.problem, comm)
-            validation.info["guard"] = {"loss_before": before, "loss_after_first_choice": after}
-            if not after < before:
-                sub, step = one_shot(validation.selection)
-                again = (
-                    _validation_loss(module, space, step.dz, validation.problem, comm)
-                    if step.dz is not None
-                    else before
-                )
-                validation.info["guard"]["loss_after_validation_choice"] = again
-                if again < before:
-                    validation.info["guard"]["outcome"] = (
-                        "the held-out-rows or GCV choice raised the validation loss; chosen on the validation points"
-                    )
-                else:
-                    validation.info["guard"]["outcome"] = "no step lowered the validation loss: the input is kept"
-                    sub = dataclasses.replace(sub, rank=0, dz=None, basis=None, z=None)
-                    step = ExactStep(
-                        None, ops.f0, ops.f0, {"ran": False, "reason": "the input is kept (validation guard)"}
-                    )
-            else:
-                validation.info["guard"]["outcome"] = "kept: the step lowered the validation loss"
         stage_peaks["sketch_project_solve"] = meter.peak_above_start()
         timings.update(sub.timings)
         t1 = time.perf_counter()
@@ -699,24 +856,23 @@ def refine_pde(
             for name in before_b
         }
         errors = {}
+        components = None  # systems: the reference errors per component (system_report)
         if problem.reference is not None:
-            x_ref, u_ref = problem.reference
-            u0 = predict(module, (x_ref,), 4096).reshape(u_ref.shape)
-            u_lin = u0
-            if dz is not None:
-                u_lin = u0 + JacobianOperator(module, space, (x_ref,), 4096, cfg.lsr.tangent_chunk).matvec(dz).reshape(
-                    u_ref.shape
-                )
-            u_net = predict(module, (x_ref,), 4096, net_params).reshape(u_ref.shape)
-            errors["reference"] = {
-                "before": global_error_metrics(u0, u_ref, comm),
-                "after": global_error_metrics(u_lin, u_ref, comm),
-                "network_after": global_error_metrics(u_net, u_ref, comm),
-            }
+            errors["reference"], components = reference_errors(
+                module, space, dz, net_params, problem, cfg.lsr.tangent_chunk, comm
+            )
+        network, net_delta, unknown_steps = split_delta(module, delta)  # pde.unknowns: not in the checkpoint's δ
+        unknowns = (
+            unknowns_report(problem.unknowns, module.values(), unknown_steps, space)
+            if isinstance(module, WithUnknowns)
+            else None
+        )
         timings["evaluate"] = time.perf_counter() - t1
         stage_peaks["evaluate"] = meter.peak_above_start()
 
     total_before = global_mean_square(ops.f0, comm)
+    for b in problem.blocks:
+        residuals[b.name]["weight"] = b.weight
     total_after = global_mean_square(f_after, comm)
     lin_total = global_mean_square(f_lin, comm)
     if sub.rank == 0:
@@ -741,6 +897,8 @@ def refine_pde(
             ref = errors["reference"]
             ratio = (ref["before"]["rel_l2"] or 0.0) / max(ref["after"]["rel_l2"] or 0.0, 1e-300)
             message += f"; error vs the reference {ratio:.3g}x lower"
+    if unknowns:
+        message += f"; {unknowns_message(unknowns)}"
     warnings = [f"lsr.max_memory: {note}" for note in plan.adapted]
     if sub.rank > 0 and total_after > total_before:
         warnings.append(
@@ -753,8 +911,8 @@ def refine_pde(
     return RefineResult(
         status=status,
         message=message,
-        model=LinearizedModel(module, delta),
-        delta=delta,
+        model=LinearizedModel(network, net_delta),
+        delta=net_delta,
         rank=sub.rank,
         selection_metric=sub.regularization["chosen_by"],
         regularization=sub.regularization,
@@ -777,6 +935,7 @@ def refine_pde(
             "before": total_before,
             "after": total_after,
             "after_linearized": lin_total,
+            "weights": problem.weights or {"mode": "config", "weights": {b.name: b.weight for b in problem.blocks}},
         },
         jacobian=ops.jacobian,
         nonlinear=nonlinear,
@@ -798,6 +957,8 @@ def refine_pde(
             if cfg.lsr.compile is not None
             else None
         ),
+        unknowns=unknowns,
+        components=components,
     )
 
 

@@ -1,0 +1,172 @@
+"""Residual-based adaptive collocation: points added where the refined predictor's residual is
+largest, then the one-shot step solved again.
+
+A PINN trained elsewhere comes with that library's point set. LSR can drive the exact residual
+at those points to round-off while the predictor stays wrong between them (measured on a Burgers
+PINN: 3e-7 at the fit points, 4e-3 at fresh points, where a shock is under-resolved). When the
+validation loss (:mod:`.validation`) is more than :data:`TRIGGER` times the fit loss, each round:
+
+1. draws a dense seeded candidate set for every ``pde`` block (the validation rules with their own
+   seed, ``CANDIDATE_FACTOR`` times the block's points, at most :data:`CANDIDATE_MAX`);
+2. evaluates the refined predictor's exact residual there and samples as many new points as the
+   block has (at most :data:`ADD_MAX`) with probability ``∝ |r| / mean|r| + 1`` — residual-based
+   adaptive distribution (RAD, k = 1, c = 1), the default recommended by Wu et al., "A
+   comprehensive study of non-adaptive and residual-based adaptive sampling for PINNs" (2023):
+   half of the mass follows the residual, half is spread out;
+3. adds them as a block ``NAME+addedK`` weighted so that the block's group keeps its weight in
+   the loss (``w_b · mean`` over all of the group's points), and solves again from the checkpoint.
+
+A round is kept only when the validation loss falls below ``(1 - MIN_GAIN)`` times the best so
+far and no block's part of it rises by more than the square root of the factor by which the
+total fell (at least ``1 + MIN_GAIN`` is allowed): a round that buys interior accuracy with the
+boundary's is refused. The rounds stop there, after ``pde.adaptive.rounds``, or past ``pde.adaptive.time_limit``.
+The validation points never change, and the candidates are drawn from a generator of their own,
+so no validation point is ever fitted.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lsr_cli.distributed import SINGLE, Comm, shard_range
+from lsr_cli.errors import ConfigError
+
+from .problem import Block, PdeProblem, set_scales
+from .validation import validation_problem
+
+TRIGGER = 10.0
+"""Rounds run while the validation loss exceeds this many times the fit loss."""
+
+MIN_GAIN = 0.1
+"""A round is kept when it lowers the best validation loss by at least this fraction."""
+
+CANDIDATE_OFFSET = 15485863
+"""The candidate generator is seeded with ``seed + CANDIDATE_OFFSET + round``."""
+
+CANDIDATE_FACTOR = 4
+CANDIDATE_MAX = 16384
+ADD_MAX = 8192
+
+DEFAULT_ROUNDS = 3
+DEFAULT_TIME_LIMIT = 600.0
+
+
+@dataclasses.dataclass
+class AdaptiveSettings:
+    """``pde.adaptive``: ``auto`` (the defaults), ``none``, or ``{rounds, time_limit}``."""
+
+    rounds: int = DEFAULT_ROUNDS
+    time_limit: float = DEFAULT_TIME_LIMIT
+
+
+def adaptive_settings(raw: dict[str, Any]) -> AdaptiveSettings | None:
+    """The settings from the ``pde:`` section (``None``: off)."""
+    spec = raw.get("adaptive", "auto")
+    if spec == "auto" or spec is True:
+        return AdaptiveSettings()
+    if spec in ("none", False):
+        return None
+    if isinstance(spec, dict):
+        unknown = [k for k in spec if k not in ("rounds", "time_limit")]
+        rounds, limit = spec.get("rounds", DEFAULT_ROUNDS), spec.get("time_limit", DEFAULT_TIME_LIMIT)
+        ok = (
+            not unknown
+            and isinstance(rounds, int)
+            and not isinstance(rounds, bool)
+            and rounds >= 1
+            and isinstance(limit, int | float)
+            and not isinstance(limit, bool)
+            and limit > 0
+        )
+        if ok:
+            return AdaptiveSettings(int(rounds), float(limit))
+    raise ConfigError(
+        f"config.pde.adaptive: expected 'auto', 'none' or {{rounds: N >= 1, time_limit: seconds > 0}}, got {spec!r}"
+    )
+
+
+def candidates(problem: PdeProblem, seed: int, round_index: int) -> PdeProblem | None:
+    """The candidate points of every ``pde`` block (all ranks' points, unsharded)."""
+    cand, _ = validation_problem(
+        problem,
+        seed,
+        offset=CANDIDATE_OFFSET + round_index,
+        max_points=CANDIDATE_MAX,
+        factor=CANDIDATE_FACTOR,
+        kinds=("pde",),
+    )
+    return cand
+
+
+def _residual_by_block(model: nn.Module, cand: PdeProblem, chunk: int = 4096) -> list[Tensor]:
+    out = []
+    with torch.no_grad():
+        for b in cand.blocks:
+            parts = [
+                b.residual(model, tuple(x[s : s + chunk] for x in b.inputs)).reshape(-1)
+                for s in range(0, b.points.shape[0], chunk)
+            ]
+            out.append(torch.cat(parts).detach())
+    return out
+
+
+def augment(
+    problem: PdeProblem,
+    cand: PdeProblem,
+    model: nn.Module,
+    round_index: int,
+    gen: torch.Generator,
+    comm: Comm = SINGLE,
+) -> tuple[PdeProblem, dict[str, int]]:
+    """``problem`` with a block of points added per ``pde`` block of ``cand`` where ``model``'s
+    residual is large (RAD sampling, see the module doc); this rank keeps its share of them."""
+    blocks = [copy.copy(b) for b in problem.blocks]
+    added: dict[str, int] = {}
+    for cb, r in zip(cand.blocks, _residual_by_block(model, cand), strict=True):
+        parent = next(b for b in blocks if b.name == cb.name)
+        mag = r.double().abs().cpu()
+        if not bool(torch.isfinite(mag).all()) or float(mag.sum()) == 0.0:
+            continue
+        n_add = min(ADD_MAX, parent.num_global, int(mag.numel()))
+        p = mag / mag.mean() + 1.0
+        idx = torch.multinomial(p / p.sum(), n_add, replacement=False, generator=gen)
+        s, e = shard_range(n_add, comm.rank, comm.world)
+        keep = idx[s:e].to(cb.points.device)
+        group = [b for b in blocks if b.name == parent.name or b.spec.get("adaptive_of") == parent.name]
+        total_weight = sum(b.weight for b in group)
+        new = Block(
+            name=f"{parent.name}+added{round_index + 1}",
+            kind=parent.kind,
+            weight=0.0,
+            points=cb.points[keep],
+            inputs=tuple(x[keep] for x in cb.inputs),
+            spec={**parent.spec, "points": {"adaptive": parent.name}, "adaptive_of": parent.name},
+            residual_fn=cb.residual_fn,
+            first_point=s,
+            total_points=n_add,
+        )
+        group.append(new)
+        count = sum(b.num_global for b in group)
+        for b in group:
+            b.weight = total_weight * b.num_global / count
+        blocks.append(new)
+        added[parent.name] = n_add
+    out = dataclasses.replace(problem, blocks=blocks)
+    set_scales(out.blocks)
+    return out, added
+
+
+__all__ = [
+    "ADD_MAX",
+    "AdaptiveSettings",
+    "MIN_GAIN",
+    "TRIGGER",
+    "adaptive_settings",
+    "augment",
+    "candidates",
+]

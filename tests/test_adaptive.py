@@ -1,0 +1,106 @@
+"""Residual-based adaptive collocation: points go where the residual is largest, never onto the
+validation points, seeded; bad settings are one-line config errors; the report says what was added."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lsr_cli.errors import ConfigError
+from lsr_cli.pde.adaptive import adaptive_settings, augment, candidates
+from lsr_cli.pde.problem import parse_problem
+from lsr_cli.pde.validation import validation_problem
+
+from .test_cli import assert_clean_failure, run
+from .test_cli_pde import PROBLEM, _pinn, pinn, write_config  # noqa: F401  (fixtures)
+
+HOT = torch.tensor([0.7, 0.3], dtype=torch.float64)
+
+
+class HotSpot(nn.Module):
+    """``u = exp(-|x - HOT|² / 0.01)``: its Laplacian, hence the Poisson residual, peaks at ``HOT``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-((x - HOT.to(x)) ** 2).sum(-1, keepdim=True) / 0.01)
+
+
+def _problem(data):
+    raw = {**PROBLEM, "coefficients": {"source": "0"}}
+    return parse_problem(raw, data, torch.Generator().manual_seed(0))
+
+
+def test_points_are_added_where_the_residual_is_largest(pinn):  # noqa: F811
+    problem = _problem(pinn["data"])
+    cand = candidates(problem, seed=0, round_index=0)
+    assert cand is not None and [b.name for b in cand.blocks] == ["interior"]  # pde blocks only
+    n_fit = problem.blocks[0].num_global
+    assert cand.blocks[0].num_global == 4 * n_fit
+    out, added = augment(problem, cand, HotSpot(), 0, torch.Generator().manual_seed(0))
+    assert added == {"interior": n_fit}
+    new = out.blocks[-1]
+    assert new.name == "interior+added1" and new.kind == "pde"
+    near = lambda p: float(((p - HOT).norm(dim=1) < 0.15).double().mean())  # noqa: E731
+    # half of the sampling mass follows |r|, which lives near HOT: far more added points there
+    # than among the candidates, and the candidates with the largest residual are all taken
+    assert near(new.points) > 2.5 * near(cand.blocks[0].points)
+    r = cand.blocks[0].residual(HotSpot(), cand.blocks[0].inputs).reshape(-1).abs()
+    top = cand.blocks[0].points[r.topk(20).indices]
+    assert int((torch.cdist(top, new.points).min(1).values < 1e-12).sum()) >= 18
+    # the group keeps the block's weight, split by point counts; the loss stays a weighted mean
+    first = out.blocks[0]
+    assert first.weight + new.weight == pytest.approx(problem.blocks[0].weight)
+    assert first.weight == pytest.approx(new.weight)
+    assert [b.name for b in problem.blocks] == ["interior", "walls"]  # the input problem is unchanged
+
+
+def test_candidates_are_seeded_and_never_validation_points(pinn):  # noqa: F811
+    problem = _problem(pinn["data"])
+    a, b = candidates(problem, 0, 0), candidates(problem, 0, 0)
+    c = candidates(problem, 0, 1)
+    val, _ = validation_problem(problem, seed=0)
+    assert a is not None and b is not None and c is not None and val is not None
+    assert torch.equal(a.blocks[0].points, b.blocks[0].points)
+    assert not torch.equal(a.blocks[0].points, c.blocks[0].points)
+    assert float(torch.cdist(a.blocks[0].points, val.blocks[0].points).min()) > 1e-9
+    assert float(torch.cdist(a.blocks[0].points, problem.blocks[0].points).min()) > 1e-9
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["sometimes", {"rounds": 0}, {"rounds": 2, "time": 5}, {"time_limit": -1}, {"rounds": True}],
+)
+def test_bad_adaptive_settings_are_one_line_config_errors(pinn, spec):  # noqa: F811
+    with pytest.raises(ConfigError) as exc:
+        adaptive_settings({"adaptive": spec})
+    assert str(exc.value).startswith("config.pde.adaptive: expected") and "\n" not in str(exc.value)
+    cfg = write_config(pinn["dir"] / "bad_adaptive.yaml", {}, {**PROBLEM, "adaptive": spec})
+    out = pinn["dir"] / "never_adaptive.pt"
+    result = run("refine", pinn["torchscript"], "--config", cfg, "--out", out)
+    assert_clean_failure(result, 2, "config.pde.adaptive: expected", [out])
+
+
+def test_refine_reports_the_adaptive_rounds(pinn):  # noqa: F811
+    out = pinn["dir"] / "adaptive.pt"
+    cfg = write_config(pinn["dir"] / "adaptive.yaml", {}, {**PROBLEM, "adaptive": {"rounds": 1}})
+    result = run("refine", pinn["torchscript"], "--config", cfg, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.stdout)
+    ad = rep["validation"]["adaptive"]
+    first = ad["rounds"][0]
+    assert first["round"] == 0 and first["points_added"] == {}
+    assert first["validation_loss"] > 0 and first["fit_loss"] > 0
+    if first["validation_loss"] > ad["trigger"] * first["fit_loss"]:  # a round ran: what it added
+        assert ad["rounds"][1]["points_added"] == {"interior": 300}
+        kept = ad["kept_round"]
+        assert ad["points_added"] == ({"interior": 300} if kept == 1 else {})
+        if kept == 1:
+            assert "interior+added1" in rep["residual_blocks"]
+    else:
+        assert ad["stop_reason"].startswith("the validation loss is within")
+    off = write_config(pinn["dir"] / "adaptive_off.yaml", {}, {**PROBLEM, "adaptive": "none"})
+    result = run("refine", pinn["torchscript"], "--config", off, "--out", pinn["dir"] / "off.pt", "--json")
+    assert result.exit_code == 0, result.output
+    assert "adaptive" not in json.loads(result.stdout)["validation"]
