@@ -102,6 +102,15 @@ class LoadedCheckpoint:
         return len(self.example_inputs) if self.example_inputs is not None else None
 
 
+def require_plain_network(ckpt: LoadedCheckpoint) -> None:
+    """`lsr iterate` starts from a plain network: a refined (linearized) checkpoint is refused."""
+    if ckpt.delta is not None:
+        raise CheckpointError(
+            f"{ckpt.path}: `lsr iterate` starts from a plain network, not from a refined "
+            "(linearized) checkpoint; pass the network that was refined"
+        )
+
+
 def _is_torchscript_archive(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False

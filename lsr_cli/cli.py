@@ -1404,14 +1404,12 @@ def _iterate_run(
         local_rows = splits["train"].num_samples
     else:
         problem = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base)
-        if problem.unknowns:
+        guessed = [u.name for u in problem.unknowns if u.parameter is None]
+        if resume and guessed:
             raise ConfigError(
-                "config.pde.unknowns: `lsr iterate` does not refine unknown constants yet; use `lsr refine`"
-            )
-        if len(problem.outputs) > 1:
-            raise ConfigError(
-                f"config.pde.outputs: `lsr iterate` fits networks with one output; this one has {problem.outputs} "
-                "(use `lsr refine`)"
+                f"config.pde.unknowns.{guessed[0]}: --resume restarts from the written network, which does not "
+                "hold an unknown given by an initial guess; give its refined value as the new guess and run "
+                "without --resume"
             )
         data_info = {"path": str(data_path) if data_path else None, **_problem_info(problem)}
         problem.shard(comm.rank, comm.world)
@@ -1481,8 +1479,19 @@ def _write_iterate_outputs(
 ) -> None:
     """Rank 0 (or the only process): the network and the report, atomically; plots; the table."""
     t1 = time.perf_counter()
+    metadata = None
+    if result.unknowns:  # pde.unknowns: the kept values, as `lsr refine` records them
+        metadata = {
+            "lsr_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": str(start),
+            "command": "iterate",
+            "best_iteration": result.best_iteration,
+            "dtype": result.dtype,
+            "unknowns": {k: v["after"] for k, v in result.unknowns.items()},
+        }
     with atomic_outputs(out_path, report_path) as (tmp_out, tmp_report):
-        saved_dtype = _save_network(tmp_out, ckpt, result, original, cfg.iterate.save_dtype)
+        saved_dtype = _save_network(tmp_out, ckpt, result, original, cfg.iterate.save_dtype, metadata)
         timings = {
             "load": t_load,
             **result.timings,
@@ -1513,6 +1522,7 @@ def _write_iterate_outputs(
             "splits": result.errors,
             "residual_blocks": result.residual_blocks,
             "residual_loss": result.residual_loss,
+            **({"unknowns": result.unknowns} if result.unknowns else {}),
             "timings": timings,
             "peak_memory_bytes": result.peak_memory_bytes,
             "peak_memory_kind": result.peak_memory_kind,
@@ -1549,10 +1559,23 @@ def _iteration_line(e: dict[str, Any]) -> str:
     )
 
 
+ITERATE_METADATA = "lsr.json"
+"""The extra file of a TorchScript network written by ``lsr iterate`` with its metadata."""
+
+
 def _save_network(
-    out: Path, ckpt: LoadedCheckpoint, result: IterateResult, original: dict[str, torch.dtype], save_dtype: str
+    out: Path,
+    ckpt: LoadedCheckpoint,
+    result: IterateResult,
+    original: dict[str, torch.dtype],
+    save_dtype: str,
+    metadata: dict[str, Any] | None = None,
 ) -> str:
-    """The best network as a plain checkpoint in the input's format; returns the dtype written."""
+    """The best network as a plain checkpoint in the input's format; returns the dtype written.
+
+    ``metadata`` (with ``pde.unknowns``): TorchScript keeps it as the extra file
+    ``ITERATE_METADATA`` (``torch.jit.load(path, _extra_files={ITERATE_METADATA: ""})``), a state
+    dict as its non-tensor entry ``metadata`` (loaders of weights skip it)."""
     module = result.module.to("cpu")
     if save_dtype == "original":
         first = next((d for d in original.values() if d.is_floating_point), torch.float64)  # a real dtype
@@ -1560,7 +1583,8 @@ def _save_network(
     else:
         target = TORCH_DTYPES[save_dtype]
     if ckpt.format == "torchscript":
-        cast_module(module, target, torch.device("cpu")).save(str(out))  # type: ignore[operator]
+        extra = {ITERATE_METADATA: json.dumps(metadata)} if metadata else {}
+        cast_module(module, target, torch.device("cpu")).save(str(out), _extra_files=extra)  # type: ignore[operator]
     else:
         state = {
             k: (
@@ -1570,7 +1594,7 @@ def _save_network(
             )
             for k, v in module.state_dict().items()
         }
-        torch.save(state, out)
+        torch.save({**state, "metadata": metadata} if metadata else state, out)
     return str(target).replace("torch.", "")
 
 

@@ -26,10 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lsr_cli.checkpoint import LoadedCheckpoint
+from lsr_cli.checkpoint import LoadedCheckpoint, require_plain_network
 from lsr_cli.config import Config
 from lsr_cli.data import Split
-from lsr_cli.errors import CheckpointError
 from lsr_cli.metrics import describe_change, format_error
 from lsr_cli.refine import _moved, predict, prepare_module, refine
 from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, start_run
@@ -63,11 +62,7 @@ def iterate_supervised(
 ) -> IterateResult:
     """Iterate LSR and network fits on the ``train`` split of ``splits`` (see the module doc);
     ``test`` (or ``val``) errors are reported before and after, the ``val`` split chooses."""
-    if ckpt.delta is not None:
-        raise CheckpointError(
-            f"{ckpt.path}: `lsr iterate` starts from a plain network, not from a refined "
-            "(linearized) checkpoint; pass the network that was refined"
-        )
+    require_plain_network(ckpt)
     sink = progress or NoProgress()
     dtype, device, gen = start_run(cfg.dtype, cfg.device, cfg.seed)
     it_cfg = cfg.iterate

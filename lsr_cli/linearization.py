@@ -266,6 +266,11 @@ def _pad_rows(rows: Inputs, count: int, shared: Sequence[bool]) -> Inputs:
     )
 
 
+def _zero_row(inputs: Inputs, shared: Sequence[bool]) -> Inputs:
+    """One sample of zeros shaped like a sample of ``inputs`` (shared inputs whole)."""
+    return tuple(x if (i < len(shared) and shared[i]) else x.new_zeros(1, *x.shape[1:]) for i, x in enumerate(inputs))
+
+
 class JacobianOperator:
     """``J``: ``n × m`` Jacobian of ``vec q(θ, X)`` at ``θ0`` w.r.t. a :class:`ParameterSpace`.
 
@@ -275,7 +280,8 @@ class JacobianOperator:
     ``tangent_chunk`` columns are processed at a time. With ``residual``, the rows are those
     of ``residual(model, rows_of_inputs)`` instead of the network output (a physics residual:
     the Jacobian is then ``G``). ``probe``: one row of inputs used to learn the output shape
-    when ``inputs`` have no rows (a rank's empty share of a row subset).
+    when ``inputs`` have no rows (a rank's empty share of a row subset); without one (or an empty
+    one: a rank that holds no point at all), a row of zeros shaped like a row of ``inputs``.
     """
 
     def __init__(
@@ -305,7 +311,10 @@ class JacobianOperator:
         self._primals = {n: named[n].detach() for n in space.names}
         # parameters outside the space enter as detached constants: no autograd graph on them
         self._frozen = {n: p.detach() for n, p in named.items() if n not in self._primals}
-        first = probe if probe is not None and self.num_samples == 0 else take_rows(inputs, 0, 1, self.shared)
+        first = take_rows(inputs, 0, 1, self.shared)
+        if self.num_samples == 0:  # only the shape of a row's output is learnt here
+            usable = probe is not None and num_rows(probe, self.shared) > 0
+            first = probe if usable and probe is not None else _zero_row(inputs, self.shared)
         out = self._forward_chunk(first)
         self.output_shape = tuple(out.shape[1:])
         self.out_numel = int(out[0].numel())

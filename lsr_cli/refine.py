@@ -136,6 +136,11 @@ def predict(
             rows = take_rows(inputs, s, s + row_chunk, shared)
             out = call(params, rows) if call is not None and params is not None else module(*rows)
             outs.append(out.detach())
+        if not outs:  # no rows here (a distributed rank's empty share): the output's shape, zero rows
+            flags = tuple(shared) + (False,) * (len(inputs) - len(shared))
+            zero = tuple(x if f else x.new_zeros((1, *x.shape[1:])) for x, f in zip(inputs, flags, strict=True))
+            out = call(params, zero) if call is not None and params is not None else module(*zero)
+            return out.detach()[:0]
     return torch.cat(outs)
 
 

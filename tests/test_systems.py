@@ -732,22 +732,6 @@ def test_refine_a_system_lowers_every_components_error(tmp_path):
     assert result.unknowns is None
 
 
-@pytest.mark.parametrize("what", ["unknowns", "outputs"])
-def test_cli_iterate_refuses_unknowns_and_several_outputs(tmp_path, what):
-    pde = decay_problem(tmp_path, {"k": 0.5})
-    if what == "outputs":
-        pde.pop("unknowns")
-        pde["coefficients"] = {"k": 1.3}
-        pde["outputs"] = ["u", "w"]
-        pde["blocks"][1]["component"] = "u"
-    config = write_decay_files(tmp_path, pde)
-    before = listing(tmp_path)
-    out, report = tmp_path / "i.pt", tmp_path / "i.json"
-    result = run("iterate", "--config", config, "--out", out, "--report", report)
-    message = "does not refine unknown constants" if what == "unknowns" else "fits networks with one output"
-    assert_clean_failure(result, 2, [f"config.pde.{what}: `lsr iterate`", message], [out, report], tmp_path, before)
-
-
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = {
     "kovasznay": ["interior.momentum_x", "interior.momentum_y", "interior.continuity", "walls.u", "walls.v", "outflow"],

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch import Tensor
 
-from lsr_cli.errors import ConfigError
 from lsr_cli.models import MLP
 from lsr_cli.pde import parse_problem
 
@@ -196,15 +196,105 @@ def test_adaptive_collocation_on_two_processes_matches_one(tmp_path):
     assert diff < SYSTEM_RTOL, diff
 
 
-def test_system_refuses_blocks_with_fewer_points_than_processes(tmp_path):
-    """An initial condition per component is one point: sharding over two processes is refused
-    with the expanded block's name (a limit of distributed runs, docs/distributed.md)."""
+LV_START = {"x": 1.0, "y": 0.5}
+
+
+def _make_ode_files(root: Path, ode_points: int = 40) -> dict[str, Path]:
+    """Lotka–Volterra (``x' = x − x y``, ``y' = x y − y``) on ``t ∈ [0, 1]`` with
+    ``x(0) = 1``, ``y(0) = 0.5``: the initial condition is one point per component (the blocks
+    ``start.x`` and ``start.y``, fewer points than processes). A 1-10-10-2 network briefly
+    Adam-trained on the problem (TorchScript), and its config."""
+    raw: dict[str, Any] = {
+        "equation": "lotka_volterra",
+        "variables": ["t"],
+        "outputs": ["x", "y"],
+        "domain": {"t": [0, 1]},
+        "adaptive": "none",
+        "blocks": [
+            {"name": "ode", "points": {"sample": "sobol", "count": ode_points}},
+            {
+                "name": "start",
+                "kind": "initial",
+                "component": ["x", "y"],
+                "value": LV_START,
+                "weight": 10,
+                "points": {"sample": "grid", "count": 1},
+            },
+        ],
+    }
+    problem = parse_problem(raw, None, torch.Generator().manual_seed(0), root)
+    counts = {b.name: b.points.shape[0] for b in problem.blocks}
+    assert counts == {"ode.x": ode_points, "ode.y": ode_points, "start.x": 1, "start.y": 1}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = MLP(1, 2, hidden=[10, 10]).double()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        loss = sum(torch.sum(b.residual(net, b.inputs) ** 2) for b in problem.blocks) / problem.num_rows
+        loss.backward()  # type: ignore[union-attr]
+        opt.step()
+    torch.jit.script(net.eval()).save(str(root / "lv_ts.pt"))
+    cfg = {"model": {"checkpoint": "lv_ts.pt"}, "pde": raw, "device": "cpu", "seed": 0}
+    (root / "lv.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return {"checkpoint": root / "lv_ts.pt", "config": root / "lv.yaml", "dir": root}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("ode_points", "rows"), [(40, [42, 40]), (1, [4, 0])], ids=["shared", "rank_without_points"])
+def test_one_point_initial_condition_on_two_processes_matches_one(tmp_path, ode_points, rows):
+    """A block with fewer points than processes (one initial point per component) sits on the
+    first rank, the other ranks holding an empty share of it: the result is one process's. With
+    one point per equation too, rank 1 holds no point at all."""
+    files = _make_ode_files(tmp_path, ode_points)
+    args = ["refine", files["checkpoint"], "--config", files["config"], "-q"]
+    single = run(*args, "--out", tmp_path / "n1.pt")
+    assert single.exit_code == 0, single.output
+    proc = _lsr(*args, "--out", tmp_path / "n2.pt", "--nproc", 2)
+    assert proc.returncode == 0, proc.stderr
+    rep1 = json.loads((tmp_path / "n1.report.json").read_text())
+    rep2 = json.loads((tmp_path / "n2.report.json").read_text())
+    for name in PATH_FIELDS:
+        assert _field(rep2, name) == _field(rep1, name), name
+    assert rep2["distributed"]["world_size"] == 2
+    assert [r["rows"] for r in rep2["distributed"]["ranks"]] == rows  # start.x, start.y on rank 0
+    assert rep2["num_residuals"] == rep1["num_residuals"] == sum(rows)
+    for name in ("start.x", "start.y", "ode.x", "ode.y"):
+        for when in ("before", "after"):
+            b1, b2 = rep1["residual_blocks"][name][when], rep2["residual_blocks"][name][when]
+            assert b2 == pytest.approx(b1, rel=SYSTEM_RTOL, abs=1e-14), (name, when)
+    x = torch.linspace(0, 1, 101, dtype=F64)[:, None]
+    p1, p2 = _predict_refined(tmp_path / "n1.pt", x), _predict_refined(tmp_path / "n2.pt", x)
+    assert p1.shape == (101, 2)
+    diff = float((p2 - p1).norm() / p1.norm())
+    assert diff < SYSTEM_RTOL, diff
+    start = _predict_refined(tmp_path / "n2.pt", torch.zeros(1, 1, dtype=F64))[0]
+    x0 = torch.tensor([LV_START["x"], LV_START["y"]], dtype=F64)
+    before = float((net_at_zero(files["checkpoint"]) - x0).norm())
+    assert float((start - x0).norm()) < before  # the refinement fitted the one-point blocks too
+
+
+def net_at_zero(checkpoint: Path) -> Tensor:
+    """The trained network's ``(x, y)`` at ``t = 0``."""
+    with torch.no_grad():
+        return torch.jit.load(str(checkpoint))(torch.zeros(1, 1, dtype=F64))[0]
+
+
+def test_blocks_with_fewer_points_than_processes_are_sharded_to_the_first_ranks(tmp_path):
+    """One-point blocks (an initial condition per component) on two processes: rank 0 holds the
+    point, rank 1 an empty share (its global position kept for the row maps)."""
     (tmp_path / "res.py").write_text(f"def residual(F, c):\n    {RESIDUAL}\n", encoding="utf-8")
     raw = _problem(unknown=False, adaptive="none", weights="config")
     raw["blocks"][1]["points"] = {"sample": "sobol", "count": 1}
-    problem = parse_problem(raw, None, torch.Generator().manual_seed(0), tmp_path)
-    with pytest.raises(ConfigError, match=r"block 'walls\.u' has 1 points, fewer than the 2 processes"):
-        problem.shard(0, 2)
+    shares = []
+    for rank in (0, 1):
+        problem = parse_problem(raw, None, torch.Generator().manual_seed(0), tmp_path).shard(rank, 2)
+        shares.append({b.name: (b.points.shape[0], b.first_point, b.num_global) for b in problem.blocks})
+        walls = next(b for b in problem.blocks if b.name == "walls.u")
+        assert walls.residual(lambda x: x[:, :2], walls.inputs).shape == (shares[-1]["walls.u"][0],)
+    assert shares[0]["walls.u"] == shares[0]["walls.v"] == (1, 0, 1)
+    assert shares[1]["walls.u"] == shares[1]["walls.v"] == (0, 1, 1)
+    assert shares[0]["interior.a"] == (80, 0, 160) and shares[1]["interior.a"] == (80, 80, 160)
 
 
 # --------------------------------------------------------------------------------------------

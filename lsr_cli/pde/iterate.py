@@ -19,6 +19,12 @@ Each outer iteration (METHOD.md §3, with the fit measured best in issue 22):
    rejected or non-finite iteration is undone, so the written network is the best seen and
    never worse than the input.
 
+Systems and inverse problems: the fit targets are every output column of the predictor at
+every block's points (the row groups of a system's block share them: fitted once); unknown
+constants (``pde.unknowns``, the extra columns of :class:`~.unknowns.WithUnknowns`) take
+their LSR step ``ν ← ν + δν`` directly — parameters, not outputs, so not fitted — and are kept
+or undone with the network.
+
 The loop stops at the iteration cap, when the fit is below ``iterate.tolerance``, or after
 ``iterate.patience`` rejected iterations. Nothing here prints; the CLI writes the network and
 the per-iteration report.
@@ -44,19 +50,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lsr_cli.checkpoint import LoadedCheckpoint
+from lsr_cli.checkpoint import LoadedCheckpoint, require_plain_network
 from lsr_cli.config import Config
 from lsr_cli.distributed import SINGLE, Comm, global_mean_square, global_norm, merge_accumulators
-from lsr_cli.errors import CheckpointError
+from lsr_cli.errors import ConfigError
 from lsr_cli.linearization import JacobianOperator, ParameterSpace, materialize
 from lsr_cli.metrics import describe_change, format_error, global_error_metrics
-from lsr_cli.refine import predict, select_parameters
+from lsr_cli.refine import predict
 from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, resolve_memory_budget, start_run
 from lsr_cli.sketch import RangeSketch
 from lsr_cli.solve import QRAccumulator
 
 from .problem import PdeProblem, resample
 from .refine_pde import block_losses, build_operators, exact_step, lsr_step, prepare_pde_run, true_residual
+from .system_report import unknowns_message
+from .unknowns import WithUnknowns, select_space, unknowns_report
 from .validation import validation_problem
 
 
@@ -69,7 +77,7 @@ class IterateResult:
     module: nn.Module  # best network (refinement dtype)
     best_iteration: int
     history: list[dict[str, Any]]
-    errors: dict[str, dict[str, dict[str, float | None]]]
+    errors: dict[str, dict[str, Any]]
     residual_blocks: dict[str, dict[str, float]]
     residual_loss: dict[str, float]
     timings: dict[str, float]
@@ -82,6 +90,7 @@ class IterateResult:
     stop_reason: str
     warnings: list[str] = field(default_factory=list)
     selection: dict[str, Any] = field(default_factory=dict)
+    unknowns: dict[str, dict[str, Any]] = field(default_factory=dict)  # pde.unknowns: before/after per constant
 
 
 def _alignment_sums(module: nn.Module, problem: PdeProblem, targets: list[Tensor], dtau: float) -> tuple[Tensor, int]:
@@ -238,6 +247,7 @@ def gauss_newton_fit(
     comm: Comm = SINGLE,
     time_limit: float = math.inf,
     shared: Sequence[bool] = (),
+    frozen: Sequence[str] = (),
 ) -> int:
     """Levenberg–Marquardt with geodesic acceleration on ``‖q(θ, x) − y‖²`` in a parameter
     subspace, re-linearized every step; returns the number of accepted steps.
@@ -263,6 +273,8 @@ def gauss_newton_fit(
     (:class:`~lsr_cli.sketch.RangeSketch` with ``comm``), the SVD is that of the ``R`` factor
     of ``J W`` merged over ranks, and every sum over rows (``Aᵀ r``, misfits) is all-reduced, so
     every rank takes the same steps.
+
+    ``frozen``: parameter names left out of the fit (unknown constants beside the network).
     """
     it = cfg.iterate
     inputs = points if isinstance(points, tuple) else (points,)
@@ -272,7 +284,9 @@ def gauss_newton_fit(
     for _ in range(it.gauss_newton_steps):
         if time.perf_counter() - t0 > time_limit:
             break
-        named = {n: p.detach().clone() for n, p in module.named_parameters() if p.is_floating_point()}
+        named = {
+            n: p.detach().clone() for n, p in module.named_parameters() if p.is_floating_point() and n not in frozen
+        }
         space = ParameterSpace(named)
         op: Any = JacobianOperator(module, space, inputs, 1024, cfg.lsr.tangent_chunk, shared=shared)
         n, m = comm.sum_int(op.shape[0]), op.shape[1]
@@ -331,13 +345,69 @@ def gauss_newton_fit(
 def _reference_errors(
     module: nn.Module, problem: PdeProblem, dz_u: Tensor | None = None, comm: Comm = SINGLE
 ) -> dict[str, float | None] | None:
+    """Errors of the first ``C_ref`` output columns against ``/reference/values`` ``[N, C_ref]``
+    (``dz_u``: the predictor's step there, ``[N · columns]``)."""
+    errors = _component_errors(module, problem, dz_u, comm)
+    return None if errors is None else errors[0]
+
+
+def _component_errors(
+    module: nn.Module, problem: PdeProblem, dz_u: Tensor | None = None, comm: Comm = SINGLE
+) -> tuple[dict[str, float | None], dict[str, dict[str, float | None]]] | None:
+    """The errors over every compared column, and per component (name → metrics; empty for one)."""
     if problem.reference is None:
         return None
     x_ref, u_ref = problem.reference
-    u = predict(module, (x_ref,), 4096).reshape(u_ref.shape)
+    n = u_ref.shape[0]
+    c = u_ref.reshape(n, -1).shape[1]
+    u = predict(module, (x_ref,), 4096).reshape(n, -1)
     if dz_u is not None:
-        u = u + dz_u.reshape(u_ref.shape)
-    return global_error_metrics(u, u_ref, comm)
+        u = u + dz_u.reshape(n, -1)
+    u = u[:, :c]
+    r = u_ref.reshape(n, c)
+    total = global_error_metrics(u.reshape(u_ref.shape), u_ref, comm)
+    if c == 1:
+        return total, {}
+    per = {
+        name: global_error_metrics(u[:, j : j + 1], r[:, j : j + 1], comm) for j, name in enumerate(problem.outputs[:c])
+    }
+    return total, per
+
+
+def _fit_points(problem: PdeProblem) -> list[Tensor]:
+    """Every block's points once: the row groups of a system's block (``interior.a``,
+    ``walls.u``, …) share one tensor of points, fitted once with every output column."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out = []
+    for block in problem.blocks:
+        key = (block.points.data_ptr(), tuple(block.points.shape))
+        if key not in seen:
+            seen.add(key)
+            out.append(block.points)
+    return out
+
+
+def _unknown_steps(module: nn.Module, space: Any, dz: Tensor | None) -> dict[str, float]:
+    """Each unknown constant's ``δ`` in the LSR step ``dz`` (zero when it is not linearized)."""
+    if not isinstance(module, WithUnknowns):
+        return {}
+    steps = dict.fromkeys(module.names, 0.0)
+    if dz is None:
+        return steps
+    delta = space.unflatten_vector(dz)
+    for name, path in zip(module.names, module.paths, strict=True):
+        if path in delta:
+            steps[name] = float(delta[path].detach())
+    return steps
+
+
+def _apply_unknown_steps(module: nn.Module, steps: dict[str, float]) -> None:
+    """``ν ← ν + δν`` for every unknown: they are parameters, set directly, never fitted."""
+    if not isinstance(module, WithUnknowns):
+        return
+    with torch.no_grad():
+        for name, path in zip(module.names, module.paths, strict=True):
+            module._parameter(path).add_(steps.get(name, 0.0))
 
 
 def _distance(u: Tensor, target: Tensor, comm: Comm = SINGLE) -> float:
@@ -399,23 +469,30 @@ def iterate(
 
     Distributed (``comm``): ``problem`` holds this rank's share of the points; every rank
     returns the same network and history."""
-    if ckpt.delta is not None:
-        raise CheckpointError(
-            f"{ckpt.path}: `lsr iterate` starts from a plain network, not from a refined "
-            "(linearized) checkpoint; pass the network that was refined"
-        )
+    require_plain_network(ckpt)
     sink = progress or NoProgress()
     dtype, device, gen = start_run(cfg.dtype, cfg.device, cfg.seed)
     it_cfg = cfg.iterate
     timings = {"lsr": 0.0, "align": 0.0, "evaluate": 0.0}
     history: list[dict[str, Any]] = []
     warnings: list[str] = []
+    if it_cfg.lbfgs_iterations > 0 and (len(problem.outputs) > 1 or problem.unknowns):
+        raise ConfigError(
+            "config.iterate.lbfgs_iterations: the pseudo-time L-BFGS pass needs one output and no "
+            f"pde.unknowns (this problem has outputs {problem.outputs}); set it to 0"
+        )
     with no_tf32():
         module, space, ops = prepare_pde_run(ckpt, problem, cfg, dtype, device, gen, comm)
+        # pde.unknowns: the wrapper's extra columns are the constants; the fit sees the network alone
+        network = module.net if isinstance(module, WithUnknowns) else module
+        frozen = [path.removeprefix("net.") for path in getattr(module, "paths", [])]
+        num_out = len(problem.outputs)
+        values_start = module.values() if isinstance(module, WithUnknowns) else {}
         val, val_info = _validation_set(problem, cfg, comm) if it_cfg.select == "validation" else (None, {})
         start_blocks = block_losses(ops.f0, problem, comm)
         start_loss = global_mean_square(ops.f0, comm)
-        start_ref = _reference_errors(module, problem, comm=comm)
+        start_errors = _component_errors(module, problem, comm=comm)
+        start_ref = start_errors[0] if start_errors else None
         # the kept network: (iteration, weights, residual loss, per-block losses, criterion); the start is one
         best_state = copy.deepcopy(module.state_dict())
         start_crit = _criterion(it_cfg.select, val, module, start_loss, math.inf, comm)
@@ -428,7 +505,7 @@ def iterate(
             if it_cfg.resample and k > start_iteration:
                 resample(problem, gen, data_path, base_dir, comm.rank, comm.world)
             if k > start_iteration:  # the first iteration uses the operators built at the start
-                space = select_parameters(module, cfg, gen)
+                space = select_space(module, cfg, gen)
                 ops = build_operators(module, problem, space, cfg, comm=comm)
             sub = lsr_step(module, problem, space, ops, cfg, gen, NoProgress(), comm)
             # nonlinear equations: the predictor's exact residual, minimized in LSR's subspace
@@ -436,14 +513,19 @@ def iterate(
             sub.dz, nonlinear = step.dz, step.info
             # the LSR predictor's residual: its own (exact) one when the stage ran, else f0 + G dz
             lin_loss_total = global_mean_square(step.f_after if nonlinear.get("ran") else step.f_lin, comm)
+            # the fit targets: every output column of the predictor at every block's points (once)
             targets = []
             u_now = []
-            for block in problem.blocks:
-                u = predict(module, (block.points,), 4096).reshape(-1)
-                u_now.append(u)
+            for pts in _fit_points(problem):
+                u = predict(module, (pts,), 4096).reshape(pts.shape[0], -1)
+                u_now.append(u[:, :num_out].reshape(-1))
                 if sub.dz is not None:
-                    u = u + JacobianOperator(module, space, (block.points,), 1024, cfg.lsr.tangent_chunk).matvec(sub.dz)
-                targets.append(u.detach())
+                    jv = JacobianOperator(module, space, (pts,), 1024, cfg.lsr.tangent_chunk).matvec(sub.dz)
+                    u = u + jv.reshape(pts.shape[0], -1)
+                targets.append(u[:, :num_out].reshape(-1).detach())
+            # the unknown constants take their LSR step directly (parameters, not outputs: not fitted)
+            unknown_steps = _unknown_steps(module, space, sub.dz)
+            _apply_unknown_steps(module, unknown_steps)
             # distance of the incoming network to the LSR predictor: an error estimate that needs no
             # reference (the predictor's residual is orders of magnitude below the network's)
             estimate = _distance(torch.cat(u_now), torch.cat(targets), comm)
@@ -457,9 +539,13 @@ def iterate(
                 lin_ref = _reference_errors(module, problem, comm=comm)
             t1 = time.perf_counter()
             timings["lsr"] += t1 - t0
-            points = torch.cat([b.points for b in problem.blocks])
+            points = torch.cat(_fit_points(problem))
             target = torch.cat(targets)
-            gn_steps = gauss_newton_fit(module, points, target, cfg, gen, comm) if it_cfg.gauss_newton_steps > 0 else 0
+            gn_steps = (
+                gauss_newton_fit(network, points, target, cfg, gen, comm, frozen=frozen)
+                if it_cfg.gauss_newton_steps > 0
+                else 0
+            )
             evaluations, align_loss, lbfgs_kept = 0, math.nan, False
             if it_cfg.lbfgs_iterations > 0:
                 before_lbfgs = copy.deepcopy(module.state_dict())
@@ -477,8 +563,9 @@ def iterate(
                 f_net = torch.cat([b.residual(module, b.inputs).reshape(-1) for b in problem.blocks])
             net_loss = global_mean_square(f_net, comm)
             net_blocks = block_losses(f_net, problem, comm)
-            u_all = torch.cat([predict(module, (b.points,), 4096).reshape(-1) for b in problem.blocks])
+            u_all = predict(network, (points,), 4096).reshape(-1)
             fit = _distance(u_all, target, comm)
+            values_now = module.values() if isinstance(module, WithUnknowns) else {}
             crit = _criterion(it_cfg.select, val, module, net_loss, fit, comm) if math.isfinite(net_loss) else math.inf
             # monotone: kept only if the criterion fell (for `distance`: below the incoming network's)
             reference_value = estimate if it_cfg.select == "distance" else best[3]
@@ -516,6 +603,8 @@ def iterate(
                 },
                 "seconds": {"lsr": t1 - t0, "align": t2 - t1, "total": time.perf_counter() - t0},
             }
+            if values_now:  # pde.unknowns: this iteration's values (kept or not)
+                entry["unknowns"] = values_now
             history.append(entry)
             if on_iteration is not None:
                 on_iteration(entry)
@@ -530,13 +619,25 @@ def iterate(
                 break
         sink.end()
         module.load_state_dict(best_state)
-        final_ref = _reference_errors(module, problem, comm=comm)
+        final_errors = _component_errors(module, problem, comm=comm)
+        final_ref = final_errors[0] if final_errors else None
 
     best_it, best_loss, best_blocks, best_crit = best
-    errors = {}
+    errors: dict[str, dict[str, Any]] = {}
     if start_ref is not None and final_ref is not None:
         errors["reference"] = {"before": start_ref, "after": final_ref}
+    if start_errors and final_errors and start_errors[1]:
+        errors["components"] = {
+            name: {"before": start_errors[1][name], "after": final_errors[1][name]} for name in start_errors[1]
+        }
     residual_blocks = {n: {"before": start_blocks[n], "after": best_blocks[n]} for n in start_blocks}
+    unknowns: dict[str, dict[str, Any]] = {}
+    if isinstance(module, WithUnknowns):
+        values_end = module.values()
+        steps = {name: values_end[name] - values_start[name] for name in values_start}
+        unknowns = unknowns_report(problem.unknowns, values_start, steps, space)
+        for name, entry in unknowns.items():
+            entry["after"] = values_end[name]  # exactly the kept value (before + step rounds)
     criterion = _CRITERIA[it_cfg.select]
     if it_cfg.select == "validation" and val is None:
         criterion = _CRITERIA["residual"] + " (no validation points: " + str(val_info.get("source", "none")) + ")"
@@ -565,11 +666,13 @@ def iterate(
             change += f"; the kept network is chosen by its {criterion}, not by its residual loss at the fit points"
         parts.append(f"weighted residual loss {format_error(start_loss)} -> {format_error(best_loss)} ({change})")
         message = "; ".join(parts)
+    if unknowns:
+        message += f"; {unknowns_message(unknowns)}"
     peak, kind = peak_memory_bytes(device)
     return IterateResult(
         status,
         message,
-        module,
+        network,
         best_it,
         history,
         errors,
@@ -585,6 +688,7 @@ def iterate(
         stop_reason,
         warnings,
         {"criterion": criterion, "start": start_crit, "kept": best_crit, "validation": val_info},
+        unknowns,
     )
 
 

@@ -343,7 +343,11 @@ class Block:
         return "sample" in self.spec.get("points", {})
 
     def residual(self, model: ModelFn, rows: tuple[Tensor, ...]) -> Tensor:
+        """The scaled residual ``[N]`` of ``rows`` (``[N, ...]`` each); ``N = 0`` (a rank's
+        empty share of a block smaller than the process count) gives an empty ``[0]``."""
         assert self.residual_fn is not None
+        if rows[0].shape[0] == 0:
+            return rows[0].new_zeros(0)
         return self.scale * self.residual_fn(model, rows)
 
 
@@ -375,23 +379,20 @@ class PdeProblem:
 
     def shard(self, rank: int, world: int) -> PdeProblem:
         """Keep only rank ``rank``'s contiguous share of every block's points (and of the
-        reference points), sizes differing by at most one; the row scales stay global."""
+        reference points), sizes differing by at most one; the row scales stay global. A block
+        with fewer points than processes sits on the first ranks, the others holding none of it
+        (a rank may hold no point at all: its residual, Jacobian and sums are empty)."""
         if world == 1:
             return self
         for b in self.blocks:
             n = int(b.points.shape[0])
-            if n < world:
-                raise ConfigError(
-                    f"config.pde.blocks: block '{b.name}' has {n} points, fewer than the {world} processes; "
-                    "give it more points or run on fewer processes"
-                )
             s, e = shard_range(n, rank, world)
             b.points = b.points[s:e]
             b.inputs = tuple(x[s:e] for x in b.inputs)
             b.first_point, b.total_points = s, n
         if self.reference is not None:
             n = int(self.reference[0].shape[0])
-            if n < world:
+            if n < world:  # the reference errors evaluate the network on every rank's share
                 raise DataError(f"/reference: {n} points, fewer than the {world} processes; run on fewer processes")
             s, e = shard_range(n, rank, world)
             self.reference = (self.reference[0][s:e], self.reference[1][s:e])

@@ -78,8 +78,12 @@ class ResidualOperators:
 
 
 def check_points_fit(module: nn.Module, problem: PdeProblem, where: str) -> None:
-    """One forward pass on a few points: ``[N, d]`` in, one value per point out."""
-    x = problem.blocks[0].points[:4]
+    """One forward pass on a few points: ``[N, d]`` in, one value per point out (distributed:
+    of the first block this rank holds points of; nothing to check on a rank that holds none)."""
+    held = [b for b in problem.blocks if b.points.shape[0] > 0]
+    if not held:
+        return
+    x = held[0].points[:4]
     try:
         with torch.no_grad():
             out = module(x)
@@ -105,8 +109,11 @@ def check_points_fit(module: nn.Module, problem: PdeProblem, where: str) -> None
 
 def check_blocks(module: nn.Module, problem: PdeProblem) -> None:
     """Evaluate every block's residual on a few points: one finite value per point, or a
-    one-line error naming the block (user residuals included)."""
+    one-line error naming the block (user residuals included). Distributed: the blocks this
+    rank holds points of (rank 0 holds a point of every block)."""
     for b in problem.blocks:
+        if b.points.shape[0] == 0:
+            continue
         rows = tuple(x[:3] for x in b.inputs)
         try:
             r = b.residual(module, rows)
@@ -162,7 +169,7 @@ def true_residual(model: nn.Module, problem: PdeProblem, chunk: int = 4096) -> T
     with torch.no_grad():
         for b in problem.blocks:
             n = b.points.shape[0]
-            for s in range(0, n, chunk):
+            for s in range(0, max(n, 1), chunk):  # an empty share gives an empty part
                 rows = tuple(x[s : s + chunk] for x in b.inputs)
                 parts.append(b.residual(model, rows).reshape(-1).detach())
     return torch.cat(parts)

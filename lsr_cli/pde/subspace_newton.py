@@ -54,8 +54,11 @@ class BlockTables:
     V: Tensor  # [N, C, r] the same quantities of the basis functions J p_j
 
     def residual(self, table: Tensor) -> Tensor:
-        """The block's scaled residual ``[N]`` for quantities ``table`` ``[N, C]``."""
+        """The block's scaled residual ``[N]`` for quantities ``table`` ``[N, C]`` (``[0]`` for a
+        rank's empty share of a block)."""
         assert self.block.residual_fn is not None
+        if table.shape[0] == 0:
+            return table.new_zeros(0)
         out = self.block.residual_fn(TabulatedModel(self.layout, table), self.block.inputs)
         return self.block.scale * out.reshape(-1)
 
@@ -66,6 +69,8 @@ class BlockTables:
         """``∂R/∂z`` ``[N, r]`` at ``z`` (pointwise: one JVP per table column)."""
         table = self.base + self.V @ z
         J = torch.zeros(self.V.shape[0], self.V.shape[2], dtype=z.dtype, device=z.device)
+        if table.shape[0] == 0:
+            return J
         for c in range(table.shape[1]):
             e = torch.zeros_like(table)
             e[:, c] = 1.0
@@ -75,7 +80,9 @@ class BlockTables:
 
 
 def _layout(block: Block, module: nn.Module) -> list[list[Key]]:
-    rows = tuple(x[:3] for x in block.inputs)
+    """What the block's residual asks of each field, from a few of its points (a row of zeros
+    shaped like them on a rank that holds none of the block: the same questions are asked)."""
+    rows = tuple(x[:3] if x.shape[0] else x.new_zeros(1, *x.shape[1:]) for x in block.inputs)
     assert block.residual_fn is not None
     with torch.no_grad(), recording() as seen:
         block.residual_fn(module, rows)
