@@ -60,7 +60,7 @@ from .subspace_newton import layouts, levenberg_marquardt, table_bytes, tabulate
 from .system_report import reference_errors, unknowns_message
 from .unknowns import WithUnknowns, attach_unknowns, select_space, split_delta, unknowns_report
 from .validation import validation_problem
-from .weights import balance_weights, weights_mode
+from .weights import balance_weights
 
 ROW_CHUNK = 256
 """Collocation points per Jacobian-product chunk (second derivatives make each row costlier)."""
@@ -519,7 +519,9 @@ def prepare_pde_run(
     module = attach_unknowns(module, problem.unknowns, dtype, device)  # pde.unknowns: columns after the outputs
     check_blocks(module, problem)
     space = select_space(module, cfg, gen)
-    if weights_mode(problem.raw) == "auto":  # balanced at the checkpoint, then fixed (iterate keeps them)
+    if (
+        problem.raw.get("weights") == "auto"
+    ):  # (parse_problem checked the value) balanced at the checkpoint, then fixed (iterate keeps them)
         problem.weights = balance_weights(module, problem, space, cfg.seed, cfg.lsr.tangent_chunk, comm)
     ops = build_operators(module, problem, space, cfg, comm=comm)
     bad = int((~torch.isfinite(ops.f0)).sum())
@@ -617,19 +619,25 @@ def plan_pde_memory(
     return dataclasses.replace(cfg, lsr=dataclasses.replace(lsr, **changes)), plan
 
 
+def _predictor(module: nn.Module, space: ParameterSpace, dz: Tensor | None) -> nn.Module:
+    """The refined predictor ``q(θ0, x) + J(x) dz`` (the network itself when ``dz`` is ``None``)."""
+    return LinearizedModel(module, space.unflatten_vector(dz)) if dz is not None else module
+
+
+def _validation_parts(
+    module: nn.Module, space: ParameterSpace, dz: Tensor | None, val: PdeProblem, comm: Comm
+) -> tuple[float, dict[str, float]]:
+    """The refined predictor's exact weighted residual loss at the validation points, and each
+    block's part ``w_b · mean_b(r²)`` of it (the parts sum to the loss), from one evaluation."""
+    f = true_residual(_predictor(module, space, dz), val)
+    weights = {b.name: b.weight for b in val.blocks}
+    parts = {name: weights[name] * loss for name, loss in block_losses(f, val, comm).items()}
+    return global_mean_square(f, comm), parts
+
+
 def _validation_loss(module: nn.Module, space: ParameterSpace, dz: Tensor, val: PdeProblem, comm: Comm) -> float:
     """The refined predictor's exact weighted residual loss at the validation points."""
-    return global_mean_square(true_residual(LinearizedModel(module, space.unflatten_vector(dz)), val), comm)
-
-
-def _validation_blocks(
-    module: nn.Module, space: ParameterSpace, dz: Tensor | None, val: PdeProblem, comm: Comm
-) -> dict[str, float]:
-    """Each block's part ``w_b · mean_b(r²)`` of the refined predictor's exact residual loss at
-    the validation points (the parts sum to the loss)."""
-    model = LinearizedModel(module, space.unflatten_vector(dz)) if dz is not None else module
-    weights = {b.name: b.weight for b in val.blocks}
-    return {name: weights[name] * loss for name, loss in block_losses(true_residual(model, val), val, comm).items()}
+    return global_mean_square(true_residual(_predictor(module, space, dz), val), comm)
 
 
 def _validation_report(
@@ -713,19 +721,17 @@ def _adaptive_rounds(
     assert validation.problem is not None
     sub, step, plan = first
     t0 = time.perf_counter()
-    best_val = (
-        _validation_loss(module, space, step.dz, validation.problem, comm)
-        if step.dz is not None
-        else float(validation.info["loss_before"])
-    )
+    best_val, best_blocks = _validation_parts(module, space, step.dz, validation.problem, comm)
+    if step.dz is None:
+        best_val = float(validation.info["loss_before"])
     fit = global_mean_square(step.f_after, comm)
-    best_blocks = _validation_blocks(module, space, step.dz, validation.problem, comm)
     log: list[dict[str, Any]] = [
         {"round": 0, "points_added": {}, "fit_loss": fit, "validation_loss": best_val, "validation_blocks": best_blocks}
     ]
     info: dict[str, Any] = {"trigger": TRIGGER, "rounds": log}
     validation.info["adaptive"] = info
     best = (problem, ops, sub, step, plan)
+    kept = 0
     guards = {0: validation.info.get("guard")}
     for k in range(settings.rounds):
         if not best_val > TRIGGER * fit:
@@ -739,10 +745,8 @@ def _adaptive_rounds(
             info["stop_reason"] = "no pde block allows candidate points"
             break
         cand.to(ops.f0.device, ops.f0.dtype)
-        dz = best[3].dz
-        predictor = LinearizedModel(module, space.unflatten_vector(dz)) if dz is not None else module
         cand_gen = torch.Generator().manual_seed(cfg.seed + k)
-        new_problem, added = augment(best[0], cand, predictor, k, cand_gen, comm)
+        new_problem, added = augment(best[0], cand, _predictor(module, space, best[3].dz), k, cand_gen, comm)
         if not added:
             info["stop_reason"] = "the residual at the candidates is zero or not finite"
             break
@@ -753,12 +757,9 @@ def _adaptive_rounds(
         new_sub, new_step = _choose_step(
             module, new_problem, space, new_ops, new_cfg, new_plan, gen, sink, comm, validation
         )
-        val = (
-            _validation_loss(module, space, new_step.dz, validation.problem, comm)
-            if new_step.dz is not None
-            else math.inf
-        )
-        blocks = _validation_blocks(module, space, new_step.dz, validation.problem, comm)
+        val, blocks = _validation_parts(module, space, new_step.dz, validation.problem, comm)
+        if new_step.dz is None:
+            val = math.inf
         fit = global_mean_square(new_step.f_after, comm)
         log.append(
             {
@@ -788,14 +789,14 @@ def _adaptive_rounds(
                 f"{allowed:.3g}x (the square root of the total's fall)"
             )
             break
-        best_val, best_blocks = val, blocks
+        best_val, best_blocks, kept = val, blocks, k + 1
         best = (new_problem, new_ops, new_sub, new_step, new_plan)
         problem = new_problem
     else:
         info["stop_reason"] = f"pde.adaptive.rounds ({settings.rounds})"
-    info["kept_round"] = max((r["round"] for r in log if r["validation_loss"] == best_val), default=0)
-    if guards.get(info["kept_round"]) is not None:  # the guard of the kept round's choice
-        validation.info["guard"] = guards[info["kept_round"]]
+    info["kept_round"] = kept
+    if guards.get(kept) is not None:  # the guard of the kept round's choice
+        validation.info["guard"] = guards[kept]
     totals: dict[str, int] = {}
     for b in best[0].blocks:
         if "adaptive_of" in b.spec:

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from lsr_cli.distributed import SINGLE, Comm, global_norm
-from lsr_cli.errors import ConfigError
 from lsr_cli.linearization import JacobianOperator, ParameterSpace
 
 from .problem import PdeProblem, set_scales
@@ -32,14 +31,6 @@ from .problem import PdeProblem, set_scales
 PROBES = 16
 SEED_OFFSET = 271828
 ROW_CHUNK = 256
-
-
-def weights_mode(raw: dict[str, Any]) -> str:
-    """``pde.weights``: ``config`` (the blocks' weights as written, the default) or ``auto``."""
-    mode = raw.get("weights", "config")
-    if mode not in ("config", "auto"):
-        raise ConfigError(f"config.pde.weights: expected 'config' or 'auto', got {mode!r}")
-    return str(mode)
 
 
 def gradient_norms(
@@ -83,4 +74,4 @@ def balance_weights(
     }
 
 
-__all__ = ["PROBES", "balance_weights", "gradient_norms", "weights_mode"]
+__all__ = ["PROBES", "balance_weights", "gradient_norms"]
