@@ -37,6 +37,7 @@ from .config import (
     load_config,
     parse_device,
     parse_dtype,
+    parse_duration,
     parse_memory,
     parse_output_format,
     parse_rank,
@@ -256,6 +257,7 @@ def _apply_overrides(
     rank: str | None,
     max_memory: str | None = None,
     use_compile: bool = False,
+    time_limit: str | None = None,
 ) -> None:
     if use_compile:
         cfg.lsr.compile = "inductor"
@@ -271,6 +273,8 @@ def _apply_overrides(
         cfg.lsr.rank = parse_rank("lsr.rank (--rank)", rank)
     if max_memory is not None:
         cfg.lsr.max_memory = parse_memory("lsr.max_memory (--max-memory)", max_memory)
+    if time_limit is not None:
+        cfg.lsr.time_limit = parse_duration("lsr.time_limit (--time-limit)", time_limit)
 
 
 def _split_info(data: dict[str, Any]) -> dict[str, Any]:
@@ -419,6 +423,15 @@ MemoryOpt = Annotated[
         "--max-memory",
         help="Memory budget, e.g. 2GB or 512MiB (overrides lsr.max_memory; default: half of the free memory). "
         "Inputs larger than a quarter of it are streamed from the HDF5 file.",
+        rich_help_panel=RUNTIME,
+    ),
+]
+TimeLimitOpt = Annotated[
+    str | None,
+    Option(
+        "--time-limit",
+        help="Wall-time budget, e.g. 10min, 600s or 1.5h (sets lsr.time_limit): the rank plan is cut to what the "
+        "measured cost per column says fits; the report gives the estimate beside the measured time.",
         rich_help_panel=RUNTIME,
     ),
 ]
@@ -623,6 +636,7 @@ def refine_cmd(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     max_memory: MemoryOpt = None,
+    time_limit: TimeLimitOpt = None,
     use_compile: CompileOpt = False,
     nproc: NprocOpt = None,
     debug: DebugOpt = False,
@@ -683,6 +697,7 @@ def refine_cmd(
             verbose=verbose,
             out_format=out_format,
             trust_checkpoint=trust_checkpoint,
+            time_limit=time_limit,
         )
     except typer.Exit as exc:
         _leave_if_failed_rank(exc)
@@ -714,6 +729,7 @@ def _refine_cmd(
     verbose: bool = False,
     out_format: str | None = None,
     trust_checkpoint: bool = False,
+    time_limit: str | None = None,
 ) -> None:
     with _guard(debug):
         _check_nproc(nproc)
@@ -738,6 +754,7 @@ def _refine_cmd(
                 debug=debug,
                 format=out_format,
                 trust_checkpoint=trust_checkpoint,
+                time_limit=time_limit,
             )
             code = _launch(nproc, argv)
             if code != 0:
@@ -745,7 +762,14 @@ def _refine_cmd(
             return
         cfg, base = _config(config)
         _apply_overrides(
-            cfg, device=device, dtype=dtype, seed=seed, rank=rank, max_memory=max_memory, use_compile=use_compile
+            cfg,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            rank=rank,
+            max_memory=max_memory,
+            use_compile=use_compile,
+            time_limit=time_limit,
         )
         if out_format is not None:
             cfg.output.format = parse_output_format("output.format (--format)", out_format)

@@ -8,6 +8,7 @@ values through :func:`apply_overrides` and are validated the same way.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -177,6 +178,15 @@ class LsrConfig:
         "free host (or GPU) memory. A bound for `lsr refine` (see `--max-memory` in the README): too small a "
         "budget is exit code 2 with the minimum, before any heavy stage; a given budget also makes glibc "
         "return freed blocks at once (steadier resident memory)",
+    )
+    time_limit: float | None = key(
+        None,
+        shown="null",
+        shown_type="number | string",
+        help="wall-time budget of `lsr refine` (`--time-limit`): seconds or `90s`, `10min`, `1.5h`. Before the "
+        "long stages the cost per column of the sketch and the projection is measured and the largest rank plan "
+        "that fits is chosen; the report's `time_budget` gives the estimate, the measured time and what an "
+        "unlimited run would have tried. Without a limit the estimate is still printed and reported",
     )
     sketch_rows: int | str = key(
         "auto",
@@ -490,6 +500,8 @@ def parse_config(raw: Any) -> Config:
         lsr.row_chunk = "auto" if v == "auto" else _int("lsr.row_chunk", v, lo=1)
     if "max_memory" in s:
         lsr.max_memory = parse_memory("lsr.max_memory", s["max_memory"])
+    if "time_limit" in s:
+        lsr.time_limit = parse_duration("lsr.time_limit", s["time_limit"])
     if "jacobian" in s:
         if s["jacobian"] not in ("auto", "dense", "matrix_free"):
             raise ConfigError(f"config.lsr.jacobian: expected auto, dense or matrix_free, got {s['jacobian']!r}")
@@ -677,6 +689,30 @@ def parse_memory(path: str, value: Any) -> int | str:
     if size < 2**20:
         raise ConfigError(f"config.{path}: must be at least 1 MiB, got {value!r} ({size} bytes)")
     return size
+
+
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hr": 3600.0}
+_DURATION_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*$")
+
+
+def parse_duration(path: str, value: Any) -> float | None:
+    """``null``, seconds, or ``"90s"``, ``"10min"``, ``"1.5h"`` → seconds (at least 1)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"config.{path}: expected seconds or a duration such as 10min, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION_PATTERN.match(str(value).lower())
+        if m is None or m.group(2) not in _DURATION_UNITS:
+            raise ConfigError(
+                f"config.{path}: expected seconds or a duration such as 90s, 10min or 1.5h, got {value!r}"
+            )
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if not math.isfinite(seconds) or seconds < 1.0:
+        raise ConfigError(f"config.{path}: must be at least 1 second, got {value!r}")
+    return seconds
 
 
 def parse_device(path: str, value: Any) -> str:
