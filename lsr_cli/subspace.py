@@ -79,6 +79,9 @@ class SubspaceResult:
     z: Tensor | None = None  # [rank]
     lambda_abs: float = 0.0  # the chosen Tikhonov λ in absolute terms (λ_rel · σ_max(A))
     selection: Selection | None = None
+    # lsr.time_limit / estimate: the planned and measured times, what the budget allowed and what an
+    # unlimited run would have tried (report field `time_budget`); None before it is planned
+    time_budget: dict[str, Any] | None = None
 
 
 def holdout_rows(
