@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import __version__
@@ -254,6 +254,12 @@ class LineProgress:
 
         return advance
 
+    def note(self, text: str) -> None:
+        """One line that is not a stage (the time plan's estimate)."""
+        if self.enabled:
+            self._stream.write(f"[lsr] {text}\n")
+            self._stream.flush()
+
     def end(self) -> None:
         if not self._stages:
             return
@@ -286,6 +292,8 @@ class RichProgress:
             BarColumn(),
             TaskProgressColumn(),
             TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
             console=console,
             transient=False,
             disable=not enabled,
@@ -303,6 +311,11 @@ class RichProgress:
         task = self._progress.add_task(description, total=max(total, 1))
         self._task = task
         return lambda amount: self._progress.advance(task, amount)
+
+    def note(self, text: str) -> None:
+        """One line above the bars (the time plan's estimate)."""
+        if self.enabled:
+            self._progress.console.print(text)
 
     def end(self) -> None:
         if self._task is not None:

@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from .errors import DeviceError
+from .timeplan import mark_run_start
 
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 _COMPLEX_OF = {torch.float64: torch.complex128, torch.float32: torch.complex64, torch.float16: torch.complex32}
@@ -200,7 +201,9 @@ class MemoryMeter:
 
 
 def start_run(dtype_name: str, device_spec: str, seed: int) -> tuple[torch.dtype, torch.device, torch.Generator]:
-    """Dtype, device (peak-memory counter reset on CUDA) and the run's seeded CPU generator."""
+    """Dtype, device (peak-memory counter reset on CUDA) and the run's seeded CPU generator;
+    starts the run's clock (:func:`~.timeplan.mark_run_start`, for ``lsr.time_limit``)."""
+    mark_run_start()
     device = resolve_device(device_spec)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

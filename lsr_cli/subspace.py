@@ -24,7 +24,25 @@ from .distributed import SINGLE, Comm, fault_point, global_mean_square, global_n
 from .errors import ConfigError, NumericalError
 from .runtime import ProgressSink
 from .sketch import LinearOperator, RangeSketch
-from .solve import DEFAULT_TIKHONOV_GRID, QRAccumulator, ReducedProblem
+from .solve import (
+    DEFAULT_TIKHONOV_GRID,
+    QRAccumulator,
+    ReducedProblem,
+    leading_column_losses,
+    leading_column_solution,
+)
+from .timeplan import (
+    SVD_SWEEP_MAX,
+    Costs,
+    TimePlan,
+    default_candidates,
+    dense_rate,
+    ladder,
+    plan_time,
+    probe_jvp,
+    run_elapsed,
+    single_round_candidates,
+)
 
 ProgressFn = Callable[[int], None]
 
@@ -258,6 +276,84 @@ def _plan_ranks(lsr: LsrConfig, limit: int, n: int, m: int) -> tuple[list[int], 
     return wanted, max(wanted)
 
 
+def _leading_sweep(
+    fit_qr: QRAccumulator,
+    sel_qr: QRAccumulator | None,
+    candidates: list[int] | None,
+    norm_fit: float,
+) -> tuple[list[SweepEntry], tuple[float, SweepEntry] | None]:
+    """Every rank (``candidates`` None) or the given ranks scored by leading-column losses
+    (:func:`~.solve.leading_column_losses`); reported: about 32 ranks and the best."""
+    fit_loss, sel_loss, usable = leading_column_losses(fit_qr, sel_qr)
+    ranks = list(range(1, usable + 1)) if candidates is None else sorted({min(c, usable) for c in candidates} - {0})
+    if not ranks:
+        return [], None
+    n_fit, n_sel = max(fit_qr.n, 1), max(sel_qr.n, 1) if sel_qr is not None else 1
+    idx = torch.tensor(ranks)
+    metric = (sel_loss[idx] / n_sel) if sel_loss is not None else (fit_loss[idx] / n_fit)
+    best_i = int(torch.argmin(metric))
+    if not math.isfinite(float(metric[best_i])):
+        return [], None
+    diag = fit_qr.parts()[0].diagonal().abs()
+
+    def entry(r: int) -> SweepEntry:
+        d = diag[:r]
+        return SweepEntry(
+            r,
+            float(fit_loss[r]) / n_fit,
+            float(sel_loss[r]) / n_sel if sel_loss is not None else None,
+            math.sqrt(max(float(fit_loss[r]), 0.0)) / max(norm_fit, 1e-300),
+            0.0,
+            0,
+            float(d.max() / d.min()),  # a cheap proxy: the triangle's diagonal ratio
+        )
+
+    shown = ranks if len(ranks) <= 32 else sorted({ranks[round(i * (len(ranks) - 1) / 31)] for i in range(32)})
+    chosen = ranks[best_i]
+    entries = [entry(r) for r in sorted(set(shown) | {chosen})]
+    return entries, (float(metric[best_i]), entry(chosen))
+
+
+def _time_plan(
+    sketch: RangeSketch,
+    train_op: LinearOperator,
+    selection: Selection,
+    lsr: LsrConfig,
+    plan_ranks: tuple[list[int], int],
+    limit: int,
+    sink: ProgressSink,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> TimePlan:
+    """Measure the costs (the sketch's first block, a JVP probe, a QR) and plan the rounds."""
+    ranks_wanted, rank = plan_ranks
+    if sketch.columns["jvp"] == 0:  # the first block, timed (a whole block: the same Ω as unplanned runs)
+        k = min(sketch.block_size, rank + lsr.oversampling, limit)
+        advance = sink.begin(f"sketch {lsr_label(sketch)} (first {k} columns, timed)", 2 * k)
+        sketch.extend(k, advance)
+        sink.end()
+    rates = sketch.rates()
+    cols = max(1, min(int(getattr(train_op, "tangent_chunk", 32)), 32))
+    sel_rows = selection.op.shape[0] if selection.op is not None else 0
+    costs = Costs(
+        jvp_s=probe_jvp(train_op, cols, dtype, device),
+        sketch_jvp_s=rates["jvp_row_column_s"],
+        sketch_vjp_s=rates["vjp_row_column_s"],
+        flops=dense_rate(device),
+        rows=train_op.shape[0] + sel_rows,
+        rows_sketch=sketch.num_rows,
+        m=train_op.shape[1],
+        oversampling=lsr.oversampling,
+        eval_rows=train_op.shape[0] + sel_rows,
+    )
+    planned = ladder(rank, lsr.growth, min(lsr.max_rank, limit)) if not ranks_wanted else [rank]
+    return plan_time(costs, planned, ranks_wanted, sketch.num_columns, lsr.time_limit, run_elapsed())
+
+
+def lsr_label(sketch: RangeSketch) -> str:
+    return getattr(sketch, "label", "J")
+
+
 def solve_subspace(
     basis_op: LinearOperator,
     train_op: LinearOperator,
@@ -279,6 +375,11 @@ def solve_subspace(
     ``train_op`` is ``G`` (``n × m``) and ``f0`` its residual ``[n]``; the selection's operator
     (if any) has the same columns. Returns the best step ``dz = P z`` (``[m]``) or rank 0.
 
+    On one process the rounds follow a time plan (:mod:`.timeplan`): measured costs, an
+    estimate, and under ``lsr.time_limit`` the largest plan that fits. Ranks above
+    :data:`~.timeplan.SVD_SWEEP_MAX` are scored by leading-column losses (every rank of the
+    round at once, no SVD per rank, λ = 0).
+
     Distributed (``comm``): every operator and ``f0`` hold this rank's rows; the sketch is
     distributed (:class:`~.sketch.RangeSketch`), each rank folds its rows into its own QR
     triangles, which are merged on every rank (:func:`~.distributed.merge_accumulators`), so
@@ -291,6 +392,7 @@ def solve_subspace(
     grid = tikhonov_grid(lsr, selection.kind != "train_loss")
     rcond = None if lsr.truncation_rcond == "auto" else float(lsr.truncation_rcond)
     timings = {"sketch": 0.0, "project": 0.0, "solve": 0.0}
+    t_start = time.perf_counter()
 
     fit_f = f0 if selection.fit_rows is None else f0[selection.fit_rows]
     norm_fit = global_norm(fit_f, comm)
@@ -311,6 +413,20 @@ def solve_subspace(
     rounds: list[dict[str, Any]] = []
     if sketch is None:
         sketch = RangeSketch(basis_op, gen, dtype, device, lsr.power_iterations, comm=comm)
+    sketch.label = label  # type: ignore[attr-defined]
+    tplan: TimePlan | None = None
+    if comm.world == 1:
+        t0 = time.perf_counter()
+        tplan = _time_plan(sketch, train_op, selection, lsr, (ranks_wanted, rank), limit, sink, device, dtype)
+        timings["sketch"] += time.perf_counter() - t0
+        if tplan.single:
+            rank = tplan.ranks[0]
+            if ranks_wanted:
+                ranks_wanted = sorted({min(r, rank) for r in ranks_wanted})
+        note = getattr(sink, "note", None)
+        if note is not None:
+            note(_plan_line(tplan))
+    rounds_measured: list[float] = []
     rising = 0
     stop_reason = ""
     while True:
@@ -328,12 +444,21 @@ def solve_subspace(
         if r_eff == 0:
             stop_reason = "the Jacobian sketch has no direction above round-off; the model is unchanged"
             break
+        last = bool(ranks_wanted) or (tplan is not None and tplan.single)
         if ranks_wanted:
-            candidates = sorted({min(r, r_eff) for r in ranks_wanted})
+            candidates: list[int] | None = sorted({min(r, r_eff) for r in ranks_wanted})
+        elif r_eff > SVD_SWEEP_MAX:
+            candidates = None  # every rank, by leading-column losses
+        elif tplan is not None and tplan.single:
+            candidates = single_round_candidates(r_eff)
         else:
-            candidates = sorted({max(1, r_eff // 4), max(1, r_eff // 2), r_eff})
+            candidates = default_candidates(r_eff)
         t2 = time.perf_counter()
-        P, _ = sketch.basis(r_eff)
+        if last and r_eff > SVD_SWEEP_MAX and comm.world == 1:
+            sketch.release()  # the sketch will not grow again: Q and B go, P is W scaled in place
+            P, _ = sketch.basis(r_eff, consume=True)
+        else:
+            P, _ = sketch.basis(r_eff)
         advance = sink.begin(f"project A = G P (r={r_eff})", r_eff * (2 if selection.op is not None else 1))
         fit_qr, hold_qr = project_and_accumulate(train_op, P, f0, hold_mask, advance, memory_budget)
         fit_qr = merge_accumulators(fit_qr, comm)
@@ -345,13 +470,18 @@ def solve_subspace(
         sink.end()
         timings["project"] += time.perf_counter() - t2
         t3 = time.perf_counter()
-        problem = ReducedProblem.from_qr(fit_qr)
-        entries, round_best = _sweep(problem, sel_qr, candidates, grid, rcond, norm_fit)
+        leading = r_eff > SVD_SWEEP_MAX
+        if leading:
+            entries, round_best = _leading_sweep(fit_qr, sel_qr, candidates, norm_fit)
+            problem = None
+        else:
+            problem = ReducedProblem.from_qr(fit_qr)
+            entries, round_best = _sweep(problem, sel_qr, candidates or [r_eff], grid, rcond, norm_fit)
         sweep.extend(entries)
         if round_best is None:
             raise NumericalError("the reduced least-squares problem produced no finite solution")
         metric, entry = round_best
-        top = entries[-1]
+        top = entries[-1] if not leading else max(entries, key=lambda e: e.rank)
         rounds.append(
             {
                 "rank": r_eff,
@@ -365,19 +495,31 @@ def solve_subspace(
         if metric < best_metric:
             best_metric = metric
             # the chosen (rank, λ) is solved on all rows (held-out rows included)
-            full = problem if hold_qr is None else ReducedProblem.from_qr(fit_qr.merge(hold_qr))
-            z = full.solve(entry.rank, entry.tikhonov, rcond).z.to(P.dtype)
-            sigma = full.singular_values(entry.rank)
-            lam = float(entry.tikhonov) * (float(sigma[0]) if sigma.numel() else 0.0)
+            whole = fit_qr if hold_qr is None else fit_qr.merge(hold_qr)
+            if leading:
+                z = leading_column_solution(whole, entry.rank).to(P.dtype)
+                lam = 0.0
+            else:
+                full = problem if hold_qr is None or problem is None else ReducedProblem.from_qr(whole)
+                assert full is not None
+                z = full.solve(entry.rank, entry.tikhonov, rcond).z.to(P.dtype)
+                sigma = full.singular_values(entry.rank)
+                lam = float(entry.tikhonov) * (float(sigma[0]) if sigma.numel() else 0.0)
             best = {"rank": entry.rank, "dz": P[:, : entry.rank] @ z, "entry": entry, "P": P[:, : entry.rank], "z": z}
             best["lambda"] = lam
         timings["solve"] += time.perf_counter() - t3
+        rounds_measured.append(time.perf_counter() - t1)
         # a round only counts against growth when the selection loss clearly rises: on a
         # plateau (Adam's residual in the tail of the spectrum) it stays flat until a larger
         # rank reaches the directions that matter
         rising = rising + 1 if metric > (1.0 + lsr.rise_tolerance) * best_metric else 0
+        next_rank = min(int(math.ceil(rank * lsr.growth)), lsr.max_rank, limit)
         if ranks_wanted:
             stop_reason = "fixed ranks"
+            if tplan is not None and tplan.single:
+                stop_reason += f" capped by lsr.time_limit: {tplan.note}"
+        elif tplan is not None and tplan.single:
+            stop_reason = f"lsr.time_limit: {tplan.note}"
         elif r_eff < rank:
             stop_reason = f"rank limited to {r_eff}: the sketch has no more directions above round-off"
         elif rank >= min(lsr.max_rank, limit):
@@ -386,15 +528,21 @@ def solve_subspace(
             stop_reason = f"the {selection.kind} rose above its best for {rising} rounds (overfitting)"
         elif top.linearized_residual < RESIDUAL_FLOOR:
             stop_reason = "the linearized training residual reached round-off"
+        elif tplan is not None and tplan.limit_s is not None:
+            stop_reason = _out_of_time(tplan, sketch.num_columns, next_rank, rounds_measured)
         if stop_reason:
             break
-        rank = min(int(math.ceil(rank * lsr.growth)), lsr.max_rank, limit)
+        rank = next_rank
         del fit_qr, hold_qr, sel_qr, problem
 
     if comm.world > 1 and best["dz"] is not None:  # identical everywhere already; rank 0's to be safe
         best["dz"] = comm.broadcast(best["dz"])
     chosen = best["entry"]
     S = sketch.singular_values() if sketch.num_columns else torch.zeros(0)
+    time_budget = None
+    if tplan is not None:
+        time_budget = tplan.report(time.perf_counter() - t_start, rounds_measured, run_elapsed())
+        time_budget["ranks_run"] = [r["rank"] for r in rounds]
     return SubspaceResult(
         rank=int(best["rank"]),
         dz=best["dz"],
@@ -411,6 +559,11 @@ def solve_subspace(
             "cond": chosen.cond,
             "chosen_by": selection.kind,
             "holdout_fraction": selection.holdout_fraction,
+            **(
+                {"large_rank_sweep": f"ranks above {SVD_SWEEP_MAX}: leading-column losses, lambda 0"}
+                if any(r["rank"] > SVD_SWEEP_MAX for r in rounds)
+                else {}
+            ),
         },
         singular_values=[float(s) for s in S.cpu()],
         timings=timings,
@@ -418,4 +571,27 @@ def solve_subspace(
         z=best.get("z"),
         lambda_abs=float(best.get("lambda", 0.0)),
         selection=selection,
+        time_budget=time_budget,
     )
+
+
+def _plan_line(plan: TimePlan) -> str:
+    ranks = ", ".join(str(r) for r in plan.ranks)
+    limit = f"limit {plan.limit_s:.0f} s, " if plan.limit_s is not None else ""
+    return (
+        f"time plan: ranks {ranks}, estimate {plan.estimate_s:.0f} s "
+        f"({limit}{plan.elapsed_before_s:.0f} s elapsed); {plan.note}"
+    )
+
+
+def _out_of_time(plan: TimePlan, k0: int, next_rank: int, measured: list[float]) -> str:
+    """Why the next round of the ladder is not run under ``lsr.time_limit`` ("" when it fits):
+    its estimate, scaled by how the rounds so far compared with theirs."""
+    assert plan.limit_s is not None
+    done = sum(plan.round_estimates[: len(measured)]) or 1.0
+    scale = max(1.0, sum(measured) / done)
+    est = scale * plan.costs.round_seconds(k0, next_rank, default_candidates(next_rank))
+    left = plan.limit_s - run_elapsed() - plan.costs.reserve()
+    if est <= left:
+        return ""
+    return f"lsr.time_limit: the next round (rank {next_rank}) is estimated at {est:.0f} s, over the {left:.0f} s left"

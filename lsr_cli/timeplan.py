@@ -1,0 +1,256 @@
+"""The time plan of a one-shot solve: measured costs, the estimate, the largest plan that fits.
+
+Before the long stages of :func:`~.subspace.solve_subspace` the run measures what its stages
+cost on this machine, on this model:
+
+- the sketch's first block of columns (JVPs and VJPs over the sketched rows, timed apart);
+- a JVP probe on the residual operator: the first row blocks of ``G V`` for one tangent block,
+  until a sixteenth of the rows or two seconds (JVP cost is linear in rows and columns);
+- a QR of a ``2048 × 256`` matrix, for the dense algebra (QR folds, SVDs, orthogonalization).
+
+From these, one round at rank ``r`` after a sketch of ``k₀`` columns costs about
+
+    sketch   (k − k₀) · rows_s · (t_jvp + t_vjp) + 3 rows_s (k² − k₀²) + 4 m k² + 20 k³   (k = r + oversampling)
+    project  r · rows · t_jvp + 2 rows · r²
+    solve    Σ 20 c³ over the candidate ranks c (an SVD each), or r³ for the leading-column sweep
+
+(dense terms in flops at the measured rate; the SVD constant 20 was measured here: a full SVD
+of a 3 000 × 3 000 matrix took as long as 18 r³ flops of QR). With ``lsr.time_limit`` the plan
+is the whole rank ladder when it fits, otherwise one round at the largest rank that fits (the
+ladder re-projects every round, one round does not), with every smaller rank scored from its
+QR. Without a limit the estimate is reported all the same. The run's clock starts in
+:func:`~.runtime.start_run`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+SVD_FLOPS_PER_CUBE = 20.0
+"""A full SVD of an ``r × r`` matrix costs about this many ``r³`` flops at the QR rate."""
+
+SVD_SWEEP_MAX = 2048
+"""Above this rank a round scores its ranks by leading-column losses (one triangular solve,
+:func:`~.solve.leading_column_losses`) instead of an SVD per candidate rank."""
+
+PROBE_SECONDS = 2.0
+"""Longest JVP probe of the residual operator."""
+
+_RUN_CLOCK = [time.perf_counter()]
+
+
+def mark_run_start() -> None:
+    """Start the run's clock (called by :func:`~.runtime.start_run`)."""
+    _RUN_CLOCK[0] = time.perf_counter()
+
+
+def run_elapsed() -> float:
+    """Seconds since the run started."""
+    return time.perf_counter() - _RUN_CLOCK[0]
+
+
+LARGE_QR_SPEEDUP = 1.8
+"""Rate of a large QR (``20 000 × 2 000``) over that of the ``2048 × 256`` probe, measured here
+(20.3 and 10.1 GFLOP/s on one core; 14.9 at ``4096 × 512``). The probe stays small so that it
+fits any memory budget (4 MB)."""
+
+
+def dense_rate(device: torch.device, dtype: torch.dtype = torch.float64) -> float:
+    """Flop rate of large thin QRs (``2 n k²`` flops), from a ``2048 × 256`` probe."""
+    n, k = 2048, 256
+    X = torch.randn(n, k, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
+    torch.linalg.qr(X[:k], mode="r")  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    torch.linalg.qr(X, mode="r")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return LARGE_QR_SPEEDUP * 2.0 * n * k * k / max(time.perf_counter() - t0, 1e-6)
+
+
+def probe_jvp(op: Any, columns: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Seconds per (row · column) of ``op``'s JVPs: the first row blocks of ``op V`` for one
+    block of ``columns`` tangents, until a sixteenth of the rows or :data:`PROBE_SECONDS`."""
+    n, m = op.shape
+    V = torch.randn(m, columns, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device)
+    it = getattr(op, "iter_matmat", None)
+    t0 = time.perf_counter()
+    rows = 0
+    if it is None:
+        rows = int(op.matmat(V).shape[0])
+    else:
+        blocks: Iterator[tuple[int, torch.Tensor]] = it(V, None)
+        for _, block in blocks:
+            rows += int(block.shape[0])
+            if rows * 16 >= n or time.perf_counter() - t0 >= PROBE_SECONDS:
+                break
+        close = getattr(blocks, "close", None)
+        if close is not None:
+            close()
+    return (time.perf_counter() - t0) / max(rows * columns, 1)
+
+
+@dataclass
+class Costs:
+    """Measured unit costs and the sizes they apply to."""
+
+    jvp_s: float  # seconds per row · column of the residual operator's JVPs
+    sketch_jvp_s: float  # per row · column over the sketched rows
+    sketch_vjp_s: float
+    flops: float  # dense algebra rate
+    rows: int  # rows projected per column (fitted + selection rows)
+    rows_sketch: int
+    m: int
+    oversampling: int
+    eval_rows: int = 0  # rows evaluated after the solve (every split)
+
+    def round_parts(self, k0: int, r: int, candidates: list[int]) -> dict[str, float]:
+        """Seconds of one round at rank ``r`` after a sketch of ``k0`` columns."""
+        k = max(k0, r + self.oversampling)
+        new = k - k0
+        sketch = new * self.rows_sketch * (self.sketch_jvp_s + self.sketch_vjp_s)
+        sketch += (3.0 * self.rows_sketch * (k * k - k0 * k0) + 4.0 * self.m * k * k) / self.flops
+        sketch += SVD_FLOPS_PER_CUBE * float(k) ** 3 / self.flops
+        project = r * self.rows * self.jvp_s + 2.0 * self.rows * float(r) ** 2 / self.flops
+        if r > SVD_SWEEP_MAX:
+            solve = float(r) ** 3 / self.flops
+        else:
+            solve = sum(SVD_FLOPS_PER_CUBE * float(c) ** 3 for c in candidates) / self.flops
+        return {"sketch": sketch, "project": project, "solve": solve}
+
+    def round_seconds(self, k0: int, r: int, candidates: list[int]) -> float:
+        return sum(self.round_parts(k0, r, candidates).values())
+
+    def reserve(self) -> float:
+        """After the solve: the evaluation (one JVP and forward passes per split) and saving."""
+        return 3.0 * self.eval_rows * self.jvp_s + 2.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "jvp_row_column_s": self.jvp_s,
+            "sketch_jvp_row_column_s": self.sketch_jvp_s,
+            "sketch_vjp_row_column_s": self.sketch_vjp_s,
+            "dense_gflops": self.flops / 1e9,
+        }
+
+
+def ladder(first: int, growth: float, cap: int) -> list[int]:
+    """The ranks of ``rank: auto``: ``first``, then ×``growth`` up to ``cap``."""
+    out = [max(1, min(first, cap))]
+    while out[-1] < cap:
+        out.append(min(int(math.ceil(out[-1] * growth)), cap))
+    return out
+
+
+def default_candidates(r: int) -> list[int]:
+    """The ranks a round of ``auto`` scores: ``r/4, r/2, r`` (SVD sweep), every rank above
+    :data:`SVD_SWEEP_MAX` (the leading-column sweep scores them all at once)."""
+    return sorted({max(1, r // 4), max(1, r // 2), r})
+
+
+def single_round_candidates(r: int) -> list[int]:
+    """One budget-limited round: ``r/16 … r`` by factors of two (every rank above
+    :data:`SVD_SWEEP_MAX`)."""
+    return sorted({max(1, r >> i) for i in range(5)})
+
+
+@dataclass
+class TimePlan:
+    """The ranks to run and what they are estimated to cost."""
+
+    ranks: list[int]  # the rounds
+    estimate_s: float  # the rounds, from the plan on
+    single: bool  # one budget-limited round instead of the ladder
+    limit_s: float | None
+    elapsed_before_s: float
+    unlimited_ranks: list[int]
+    unlimited_estimate_s: float
+    costs: Costs
+    round_estimates: list[float] = field(default_factory=list)
+    note: str = ""
+
+    def report(self, measured_s: float, rounds_measured: list[float], total_elapsed_s: float) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "limit_s": self.limit_s,
+            "elapsed_before_s": round(self.elapsed_before_s, 3),
+            "estimate_s": round(self.estimate_s, 3),
+            "measured_s": round(measured_s, 3),
+            "estimate_total_s": round(self.elapsed_before_s + self.estimate_s + self.costs.reserve(), 3),
+            "elapsed_after_solve_s": round(total_elapsed_s, 3),
+            "ranks_planned": self.ranks,
+            "plan": self.note,
+            "unlimited_ranks": self.unlimited_ranks,
+            "unlimited_estimate_s": round(self.unlimited_estimate_s, 3),
+            "rounds": [
+                {"rank": r, "estimate_s": round(e, 3), "measured_s": round(t, 3)}
+                for r, e, t in zip(self.ranks, self.round_estimates, rounds_measured, strict=False)
+            ],
+            "costs": self.costs.to_dict(),
+        }
+        return out
+
+
+def _ladder_estimates(costs: Costs, ranks: list[int], k0: int, fixed: list[int]) -> list[float]:
+    out, k = [], k0
+    for r in ranks:
+        cands = sorted({min(w, r) for w in fixed}) if fixed else default_candidates(r)
+        out.append(costs.round_seconds(k, r, cands))
+        k = max(k, r + costs.oversampling)
+    return out
+
+
+def plan_time(
+    costs: Costs,
+    ranks: list[int],
+    fixed: list[int],
+    k0: int,
+    limit_s: float | None,
+    elapsed_s: float,
+) -> TimePlan:
+    """The plan for ``ranks`` (the ladder, or the one round of fixed ranks) under ``limit_s``.
+
+    Fits: the ladder as it is. Does not fit: one round at the largest rank whose estimate fits
+    the time left (at least rank 1; ``note`` says when even that does not fit)."""
+    est = _ladder_estimates(costs, ranks, k0, fixed)
+    total = sum(est)
+    plan = TimePlan(list(ranks), total, False, limit_s, elapsed_s, list(ranks), total, costs, est)
+    if limit_s is None:
+        plan.note = "no time limit: the whole plan"
+        return plan
+    left = limit_s - elapsed_s - costs.reserve()
+    if total <= left:
+        plan.note = f"the whole plan fits the time left ({left:.0f} s)"
+        return plan
+
+    def one(r: int) -> float:
+        cands = sorted({min(w, r) for w in fixed}) if fixed else single_round_candidates(r)
+        return costs.round_seconds(k0, r, cands)
+
+    lo, hi = 1, max(ranks)
+    if one(lo) > left:
+        best = lo
+        plan.note = f"even rank 1 is estimated at {one(lo):.0f} s, over the {max(left, 0):.0f} s left"
+    else:
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if one(mid) <= left:
+                lo = mid
+            else:
+                hi = mid - 1
+        best = lo
+        plan.note = (
+            f"one round at rank {best}: the plan up to rank {max(ranks)} is estimated at {total:.0f} s, "
+            f"over the {left:.0f} s left"
+        )
+    plan.ranks = [best]
+    plan.single = True
+    plan.round_estimates = [one(best)]
+    plan.estimate_s = plan.round_estimates[0]
+    return plan
