@@ -172,12 +172,25 @@ class RangeSketch:
         self.Q, self.B = Q_buf[:, :k], B_buf[:, :k]
 
     def release(self) -> None:
-        """Drop ``Q`` and ``B`` once the sketch will not grow again (their SVD is kept): at
-        large ranks they are the largest arrays of the run (``(rows + m) · k`` entries)."""
-        self.svd()
+        """Drop ``Q`` and ``B`` once the sketch will not grow again, keeping their SVD: at large
+        ranks they are the largest arrays of the run (``(rows + m) · k`` entries). ``Q`` goes
+        first; the SVD of ``B`` is then taken as ``B = Q_B R_B`` (Householder), ``R_B = U S Vh``,
+        ``W = Q_B U`` formed in place block by block, so the peak is ``2 m k`` entries instead
+        of LAPACK's ``gesdd`` copies (same factors to round-off)."""
         self.Q = self.Q.new_zeros(self.Q.shape[0], 0)
-        self.B = self.B.new_zeros(self.B.shape[0], 0)
-        self._Q_buf, self._B_buf = self.Q, self.B
+        self._Q_buf = self.Q
+        if self._svd is None and self.B.shape[1] > 0:
+            B = self.B
+            self.B = self._B_buf = B.new_zeros(B.shape[0], 0)
+            Qb, Rb = torch.linalg.qr(B, mode="reduced")
+            del B
+            U, S, Vh = torch.linalg.svd(Rb)
+            del Rb
+            step = max(1, (1 << 24) // max(Qb.shape[1], 1))
+            for start in range(0, Qb.shape[0], step):
+                Qb[start : start + step] = Qb[start : start + step] @ U
+            self._svd = (Qb, S, Vh)
+        self.B = self._B_buf = self.B.new_zeros(self.B.shape[0], 0)
         self.released = True
 
     def rates(self) -> dict[str, float]:

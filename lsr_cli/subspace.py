@@ -437,6 +437,9 @@ def solve_subspace(
             advance = sink.begin(f"sketch {label} (k={k_target})", 2 * new_cols)
             sketch.extend(new_cols, advance)
             sink.end()
+        last = bool(ranks_wanted) or (tplan is not None and tplan.single)
+        if last and rank > SVD_SWEEP_MAX and comm.world == 1:
+            sketch.release()  # the sketch will not grow again: Q and B go (lean SVD), P is W scaled in place
         usable = sketch.usable_rank()
         r_eff = min(rank, usable)
         timings["sketch"] += time.perf_counter() - t1
@@ -444,7 +447,6 @@ def solve_subspace(
         if r_eff == 0:
             stop_reason = "the Jacobian sketch has no direction above round-off; the model is unchanged"
             break
-        last = bool(ranks_wanted) or (tplan is not None and tplan.single)
         if ranks_wanted:
             candidates: list[int] | None = sorted({min(r, r_eff) for r in ranks_wanted})
         elif r_eff > SVD_SWEEP_MAX:
@@ -454,8 +456,7 @@ def solve_subspace(
         else:
             candidates = default_candidates(r_eff)
         t2 = time.perf_counter()
-        if last and r_eff > SVD_SWEEP_MAX and comm.world == 1:
-            sketch.release()  # the sketch will not grow again: Q and B go, P is W scaled in place
+        if sketch.released:
             P, _ = sketch.basis(r_eff, consume=True)
         else:
             P, _ = sketch.basis(r_eff)
