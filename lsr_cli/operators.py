@@ -1,8 +1,9 @@
-"""Operator networks: DeepONet and a small 2-D Fourier neural operator (FNO).
+"""Operator networks: DeepONet, MultiONet and a small 2-D Fourier neural operator (FNO).
 
 Both are plain ``nn.Module``s that ``torch.jit.script`` compiles, so that a trained model can
 be shipped as a TorchScript checkpoint or as a state dict plus one of the factories below
-(config: ``model.factory: "lsr_cli.operators:deeponet"`` or ``"lsr_cli.operators:fno2d"``).
+(config: ``model.factory: "lsr_cli.operators:deeponet"``, ``"lsr_cli.operators:multionet"`` or
+``"lsr_cli.operators:fno2d"``).
 
 Calling conventions
 -------------------
@@ -14,6 +15,7 @@ Calling conventions
   ``i`` with point ``i``) → ``[N, 1]``.
 
 The two layouts share parameters and buffers: a state dict saved from one loads into the other.
+``MultiONet(branch, trunk)`` takes the same inputs and layouts (see :class:`MultiONet`).
 
 ``FNO2d(x)``: ``x`` ``[N, in_channels, H, W]`` → ``[N, out_channels, H, W]``. With
 ``coordinates=True`` the model appends the cell-centre coordinates ``((i + ½)/H, (j + ½)/W)``
@@ -28,6 +30,7 @@ scaling travels with the checkpoint.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +41,7 @@ from torch import Tensor, nn
 from .models import ACTIVATIONS, MLP
 
 LAYOUTS = ("cartesian", "paired")
+MULTIONET_ACTIVATIONS = (*ACTIVATIONS, "tanh_sin")
 
 
 def _check_positive(**values: int) -> None:
@@ -244,9 +248,120 @@ class FNO2d(nn.Module):
         return x * self.output_scale.view(1, -1, 1, 1) + self.output_shift.view(1, -1, 1, 1)  # type: ignore[operator]
 
 
+class TanhSin(nn.Module):
+    """``tanh(sin(π (x + 1))) + x``: the ``Tanh_Sin`` activation of Zang's MultiONet examples."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(torch.sin(math.pi * (x + 1.0))) + x
+
+
+class MultiONetTower(nn.Module):
+    """One side (branch or trunk) of a :class:`MultiONet`: ``in_features → width`` (input layer),
+    then ``depth`` layers ``width → width``, every layer followed by the activation.
+
+    ``x`` ``[N, in_features]`` is z-scored by the buffers ``input_shift``/``input_scale``
+    ``[in_features]``; returns the ``depth`` hidden outputs after the input layer, each ``[N, width]``.
+    """
+
+    def __init__(self, in_features: int, width: int, depth: int, activation: str) -> None:
+        super().__init__()
+        self.input_layer = nn.Linear(int(in_features), int(width))
+        self.hidden = nn.ModuleList([nn.Linear(int(width), int(width)) for _ in range(int(depth))])
+        self.act = TanhSin() if activation == "tanh_sin" else ACTIVATIONS[activation]()
+        self.register_buffer("input_shift", torch.zeros(int(in_features)))
+        self.register_buffer("input_scale", torch.ones(int(in_features)))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        h = self.act(self.input_layer((x - self.input_shift) / self.input_scale))  # type: ignore[operator]
+        outs: list[Tensor] = []
+        for layer in self.hidden:
+            h = self.act(layer(h))
+            outs.append(h)
+        return outs
+
+
+class MultiONet(nn.Module):
+    """MultiONet (Zang & Koutsourelakis): a DeepONet whose output averages the branch–trunk inner
+    products of several hidden layers instead of taking one at the last layer.
+
+    Branch and trunk are :class:`MultiONetTower`\\ s with the same ``width`` and ``depth``; with
+    ``b_l``, ``t_l`` their outputs after hidden layer ``l`` (``l = 1..depth``, the input layer not
+    counted) and ``S`` the last ``sum_layers`` layers (all by default),
+
+        u(s)(y) = (1/|S|) Σ_{l ∈ S} w_l ⟨b_l(s), t_l(y)⟩ + bias,
+
+    ``w`` = ``layer_weights`` ``[|S|]`` (learnable, initialized to 1), ``bias`` ``[1]`` (a parameter
+    when ``out_bias`` else a zero buffer). Inputs are z-scored by ``branch.input_shift``/
+    ``branch.input_scale`` ``[m]`` and ``trunk.input_shift``/``trunk.input_scale`` ``[d]``. Layouts
+    as :class:`DeepONet`: ``"cartesian"`` ``[B, m], [P, d] → [B, P]``; ``"paired"``
+    ``[N, m], [N, d] → [N, 1]``. ``activation``: a name of :data:`lsr_cli.models.ACTIVATIONS` or
+    ``"tanh_sin"`` (:class:`TanhSin`).
+
+    Source: the authors' code, github.com/yaohua32/Deep-Neural-Operators-for-PDEs,
+    ``Networks/MultiONets.py`` (``MultiONetCartesianProd``; DGenNO paper, arXiv 2502.06250). The
+    version that produced their Burgers example (commit 2a0b161, ``hidden_list=[128]*3``, 115 846
+    parameters) sums every hidden layer after the input layer, ``(1/L) Σ_l (w_l ⟨b_l, t_l⟩ + β_l)``
+    with ``w_l = 1``, ``β_l = 0`` at start; here the ``L`` biases are one ``bias`` (same function,
+    without ``L − 1`` redundant parameters). Their later version (commit c32cec3) sums only the last
+    ``sum_layers`` layers, starts ``w_l`` at 0 and has one bias; ``sum_layers`` covers that choice.
+    ``width=128, depth=3`` has 115 844 parameters, as many as ``DeepONet(width=128, depth=3,
+    basis=128)`` (115 841).
+    """
+
+    def __init__(
+        self,
+        branch_features: int,
+        trunk_features: int,
+        width: int = 128,
+        depth: int = 3,
+        sum_layers: int | None = None,
+        activation: str = "tanh",
+        layout: str = "cartesian",
+        out_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_positive(branch_features=branch_features, trunk_features=trunk_features, width=width, depth=depth)
+        summed = int(depth) if sum_layers is None else int(sum_layers)
+        if not 1 <= summed <= int(depth):
+            raise ValueError(f"sum_layers must be between 1 and depth ({depth}), got {sum_layers}")
+        if activation not in MULTIONET_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(MULTIONET_ACTIVATIONS)}, got {activation!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+        self.branch = MultiONetTower(int(branch_features), int(width), int(depth), activation)
+        self.trunk = MultiONetTower(int(trunk_features), int(width), int(depth), activation)
+        self.layout: str = layout
+        self.first: int = int(depth) - summed
+        self.num_summed: int = summed
+        self.layer_weights = nn.Parameter(torch.ones(summed))
+        if out_bias:
+            self.bias = nn.Parameter(torch.zeros(1))
+        else:
+            self.register_buffer("bias", torch.zeros(1))
+
+    def _inner(self, b: Tensor, t: Tensor) -> Tensor:
+        if self.layout == "paired":
+            return (b * t).sum(dim=1, keepdim=True)
+        return torch.einsum("bk,pk->bp", b, t)
+
+    def forward(self, branch: Tensor, trunk: Tensor) -> Tensor:
+        """``[B, m], [P, d] → [B, P]`` (cartesian) or ``[N, m], [N, d] → [N, 1]`` (paired)."""
+        bs = self.branch(branch)
+        ts = self.trunk(trunk)
+        out = self.layer_weights[0] * self._inner(bs[self.first], ts[self.first])
+        for k in range(1, self.num_summed):
+            out = out + self.layer_weights[k] * self._inner(bs[self.first + k], ts[self.first + k])
+        return out / self.num_summed + self.bias
+
+
 def deeponet(**kwargs: Any) -> DeepONet:
     """Factory of :class:`DeepONet` (config: ``factory: "lsr_cli.operators:deeponet"``)."""
     return DeepONet(**kwargs)
+
+
+def multionet(**kwargs: Any) -> MultiONet:
+    """Factory of :class:`MultiONet` (config: ``factory: "lsr_cli.operators:multionet"``)."""
+    return MultiONet(**kwargs)
 
 
 def fno2d(**kwargs: Any) -> FNO2d:
