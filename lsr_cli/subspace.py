@@ -442,6 +442,8 @@ def solve_subspace(
             sketch.release()  # the sketch will not grow again: Q and B go (lean SVD), P is W scaled in place
         usable = sketch.usable_rank()
         r_eff = min(rank, usable)
+        if tplan is not None and tplan.single:
+            r_eff = tplan.shrink_after_sketch(r_eff, time.perf_counter() - t1, ranks_wanted or None)
         timings["sketch"] += time.perf_counter() - t1
         fault_point("sketch", comm)
         if r_eff == 0:

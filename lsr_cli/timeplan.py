@@ -175,6 +175,38 @@ class TimePlan:
     costs: Costs
     round_estimates: list[float] = field(default_factory=list)
     note: str = ""
+    k0: int = 0  # sketch columns when the plan was made
+    replanned: str = ""
+
+    def shrink_after_sketch(self, rank: int, sketch_s: float, candidates: list[int] | None) -> int:
+        """The one budget-limited round, after its sketch: the largest rank ``≤ rank`` whose
+        projection and sweep, scaled by how much slower the sketch ran than estimated, still fit
+        the time left (other jobs may have slowed the machine since the costs were measured)."""
+        if self.limit_s is None or not self.single:
+            return rank
+        k = max(self.k0, self.ranks[0] + self.costs.oversampling)
+        est_sketch = self.costs.round_parts(self.k0, self.ranks[0], [])["sketch"]
+        scale = max(1.0, sketch_s / max(est_sketch, 1e-9))
+        left = self.limit_s - run_elapsed() - self.costs.reserve()
+
+        def rest(r: int) -> float:
+            parts = self.costs.round_parts(k, r, candidates or single_round_candidates(r))
+            return scale * (parts["project"] + parts["solve"])
+
+        if rest(rank) <= left:
+            return rank
+        lo, hi = 1, rank
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if rest(mid) <= left:
+                lo = mid
+            else:
+                hi = mid - 1
+        self.replanned = (
+            f"after the sketch ({sketch_s:.0f} s, estimated {est_sketch:.0f} s) rank {rank} no longer fitted the "
+            f"{max(left, 0):.0f} s left: rank {lo}"
+        )
+        return lo
 
     def report(self, measured_s: float, rounds_measured: list[float], total_elapsed_s: float) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -186,6 +218,7 @@ class TimePlan:
             "elapsed_after_solve_s": round(total_elapsed_s, 3),
             "ranks_planned": self.ranks,
             "plan": self.note,
+            **({"replanned": self.replanned} if self.replanned else {}),
             "unlimited_ranks": self.unlimited_ranks,
             "unlimited_estimate_s": round(self.unlimited_estimate_s, 3),
             "rounds": [
@@ -220,7 +253,7 @@ def plan_time(
     the time left (at least rank 1; ``note`` says when even that does not fit)."""
     est = _ladder_estimates(costs, ranks, k0, fixed)
     total = sum(est)
-    plan = TimePlan(list(ranks), total, False, limit_s, elapsed_s, list(ranks), total, costs, est)
+    plan = TimePlan(list(ranks), total, False, limit_s, elapsed_s, list(ranks), total, costs, est, k0=k0)
     if limit_s is None:
         plan.note = "no time limit: the whole plan"
         return plan

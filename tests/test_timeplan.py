@@ -132,3 +132,16 @@ def test_bad_durations_are_one_line_config_errors(bad: object) -> None:
     with pytest.raises(ConfigError, match=r"^config\.lsr\.time_limit: ") as exc:
         parse_duration("lsr.time_limit", bad)
     assert "\n" not in str(exc.value)
+
+
+def test_a_slow_sketch_shrinks_the_projected_rank() -> None:
+    from lsr_cli.timeplan import mark_run_start
+
+    mark_run_start()
+    plan = plan_time(_costs(), ladder(256, 2.0, 4096), [], 128, 120.0, 0.0)
+    assert plan.single
+    r = plan.ranks[0]
+    est_sketch = plan.costs.round_parts(128, r, [])["sketch"]
+    assert plan.shrink_after_sketch(r, est_sketch, None) == r  # on time: unchanged
+    slow = plan.shrink_after_sketch(r, 6.0 * est_sketch + 30.0, None)
+    assert 1 <= slow < r and "no longer fitted" in plan.replanned
