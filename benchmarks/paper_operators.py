@@ -117,14 +117,14 @@ def refine(model: str, time_limit: str, max_memory: str) -> dict[str, Any]:
 
 
 def _row(model: str, rep: dict[str, Any]) -> dict[str, Any]:
-    err = rep["errors"]["test"]
+    err = rep["splits"]["test"]
     before, after = err["before"]["rel_l2_mean"], err["after"]["rel_l2_mean"]
     bench = rep.get("_benchmark", {})
     tb = rep.get("time_budget") or {}
     return {
         "model": model,
-        "parameters": rep.get("parameters", {}).get("total"),
-        "linearized": rep.get("parameters", {}).get("linearized"),
+        "parameters": rep.get("num_parameters"),
+        "linearized": rep.get("num_linearized_parameters"),
         "authors_adam": AUTHORS[model]["adam"],
         "authors_lsr": AUTHORS[model]["lsr"],
         "authors_rank": AUTHORS[model]["rank"],
@@ -134,8 +134,8 @@ def _row(model: str, rep: dict[str, Any]) -> dict[str, Any]:
         "target_gain": TARGET_GAIN[model],
         "rank": rep.get("rank"),
         "rank_planned": (tb.get("ranks_planned") or [None])[-1],
-        "val_before": rep["errors"]["val"]["before"]["rel_l2_mean"],
-        "val_after": rep["errors"]["val"]["after"]["rel_l2_mean"],
+        "val_before": rep["splits"]["val"]["before"]["rel_l2_mean"],
+        "val_after": rep["splits"]["val"]["after"]["rel_l2_mean"],
         "timings_s": rep.get("timings", {}),
         "estimate_s": tb.get("estimate_s"),
         "measured_s": tb.get("measured_s"),
@@ -145,6 +145,8 @@ def _row(model: str, rep: dict[str, Any]) -> dict[str, Any]:
         "budget_bytes": rep.get("memory", {}).get("budget_bytes"),
         "time_limit": bench.get("time_limit"),
         "plan": tb.get("plan"),
+        "replanned": tb.get("replanned"),
+        "row_chunk_samples": rep.get("memory", {}).get("row_chunk_samples"),
     }
 
 
@@ -191,7 +193,12 @@ def write_docs(rows: list[dict[str, Any]], trained: dict[str, float]) -> None:
             + f" | {_fmt(t.get('total'), '.1f')} |"
         )
     lines += ["", "Time plans:", ""]
-    lines += [f"- {r['model']}: {r['plan']}" for r in rows]
+    lines += [
+        f"- {r['model']}: {r['plan']}"
+        + (f"; {r['replanned']}" if r.get("replanned") else "")
+        + f" (JVP chunk {r['row_chunk_samples']} functions)"
+        for r in rows
+    ]
     if trained:
         lines += ["", "Training (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in trained.items())]
     (DOCS / "paper_operators.md").write_text("\n".join(lines) + "\n")

@@ -7,19 +7,32 @@ values through :func:`apply_overrides` and are validated the same way.
 
 from __future__ import annotations
 
-import difflib
-import math
-import re
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import yaml
 
+from .config_sections import parse_data, parse_free_sections, parse_lsr, parse_model, parse_output, parse_top_level
+from .config_values import DEVICE_PATTERN as DEVICE_PATTERN
+from .config_values import DTYPES as DTYPES
+from .config_values import OUTPUT_FORMATS as OUTPUT_FORMATS
+from .config_values import SPLIT_NAMES as SPLIT_NAMES
+from .config_values import check_keys as _check_keys
+from .config_values import parse_compile as parse_compile
+from .config_values import parse_device as parse_device
+from .config_values import parse_dtype as parse_dtype
+from .config_values import parse_duration as parse_duration
+from .config_values import parse_float as _float
+from .config_values import parse_int as _int
+from .config_values import parse_memory as parse_memory
+from .config_values import parse_output_format as parse_output_format
+from .config_values import parse_rank as parse_rank
+from .config_values import parse_section as _section
+from .config_values import parse_split as parse_split
+from .config_values import type_name as _type_name
+from .config_values import wrong_type as _fail
 from .errors import ConfigError
-
-DTYPES = ("float64", "float32")
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 class KeyDoc(NamedTuple):
@@ -246,6 +259,16 @@ class IterateConfig:
         40, help="Levenberg–Marquardt steps (geodesic acceleration) of each fit to the LSR predictor"
     )
     gauss_newton_rank: int = key(600, help="parameter directions sketched for each of those steps")
+    time_limit: float | None = key(
+        540.0,
+        shown="9min",
+        shown_type="number | string | null",
+        help="wall-time budget of the iterations: seconds or `90s`, `10min`, `1.5h` (`null`: none). The "
+        "Levenberg–Marquardt fit stops at it, and no iteration starts when the time left is below its LSR step, "
+        "its evaluation and a quarter of its fit (each as long as the longest so far); the best network is "
+        "written and the report's `stop_reason` says so. 9 minutes keep a default run, loading and writing "
+        "included, within 10",
+    )
 
 
 @dataclass
@@ -319,213 +342,27 @@ _SECTIONS = {
 }
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "a mapping",
-    }.get(type(value), type(value).__name__)
-
-
-def _fail(path: str, expected: str, value: Any) -> ConfigError:
-    return ConfigError(f"config.{path}: expected {expected}, got {_type_name(value)} ({value!r})")
-
-
-def _int(path: str, value: Any, lo: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(path, "an integer", value)
-    if lo is not None and value < lo:
-        raise ConfigError(f"config.{path}: must be at least {lo}, got {value}")
-    return value
-
-
-def _float(path: str, value: Any, lo: float | None = None, hi: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(path, "a number", value)
-    value = float(value)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ConfigError(f"config.{path}: must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def _str(path: str, value: Any, optional: bool = False) -> str | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str):
-        raise _fail(path, "a string" + (" or null" if optional else ""), value)
-    return value
-
-
-def _str_list(path: str, value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _fail(path, "a list of strings", value)
-    return list(value)
-
-
-def parse_rank(path: str, value: Any) -> int | list[int] | str:
-    """``"auto"``, a positive integer, or a list of positive integers (a sweep)."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text == "auto":
-            return "auto"
-        parts = [p.strip() for p in text.split(",") if p.strip()]
-        try:
-            nums = [int(p) for p in parts]
-        except ValueError:
-            raise ConfigError(
-                f"config.{path}: expected 'auto', an integer or a comma-separated list of integers, got {value!r}"
-            ) from None
-        value = nums[0] if len(nums) == 1 else nums
-    if isinstance(value, list):
-        if not value:
-            raise ConfigError(f"config.{path}: the rank list is empty")
-        ranks = [_int(f"{path}[{i}]", v) for i, v in enumerate(value)]
-        for r in ranks:
-            if r < 1:
-                raise ConfigError(f"config.{path}: ranks must be at least 1, got {r}")
-        return sorted(set(ranks))
-    r = _int(path, value)
-    if r < 1:
-        raise ConfigError(f"config.{path}: must be at least 1 (or 'auto'), got {r}")
-    return r
-
-
-def _check_keys(path: str, raw: dict[str, Any], cls: type) -> None:
-    valid = [f.name for f in fields(cls)]
-    for key in raw:
-        if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-            where = f"config.{path}.{key}" if path else f"config.{key}"
-            raise ConfigError(f"{where}: unknown key{hint}")
-
-
-def _section(path: str, raw: Any, cls: type) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise _fail(path, "a mapping", raw)
-    _check_keys(path, raw, cls)
-    return raw
-
-
 def parse_config(raw: Any) -> Config:
-    """Validate a mapping (from YAML) into a :class:`Config`."""
+    """Validate a mapping (from YAML) into a :class:`Config`, one section after another (the value
+    validators are in :mod:`.config_values`, the sections but ``iterate:`` in :mod:`.config_sections`)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {_type_name(raw)}")
     _check_keys("", raw, Config)
     cfg = Config()
+    parse_model(raw, cfg)
+    parse_data(raw, cfg)
+    parse_lsr(raw, cfg)
+    _parse_iterate(raw, cfg)
+    parse_free_sections(raw, cfg)
+    parse_output(raw, cfg)
+    parse_top_level(raw, cfg)
+    return cfg
 
-    m = _section("model", raw.get("model"), ModelConfig)
-    if "factory" in m:
-        cfg.model.factory = _str("model.factory", m["factory"], optional=True)
-    if "checkpoint" in m:
-        cfg.model.checkpoint = _str("model.checkpoint", m["checkpoint"], optional=True)
-    for name in ("key", "prefix"):
-        if name in m:
-            setattr(cfg.model, name, _str(f"model.{name}", m[name], optional=True) or None)
-    if "trust_checkpoint" in m:
-        if not isinstance(m["trust_checkpoint"], bool):
-            raise _fail("model.trust_checkpoint", "true or false", m["trust_checkpoint"])
-        cfg.model.trust_checkpoint = m["trust_checkpoint"]
-    if "kwargs" in m:
-        if m["kwargs"] is not None and not isinstance(m["kwargs"], dict):
-            raise _fail("model.kwargs", "a mapping", m["kwargs"])
-        cfg.model.kwargs = dict(m["kwargs"] or {})
 
-    d = _section("data", raw.get("data"), DataConfig)
-    for key in ("path", "val", "test"):
-        if key in d:
-            setattr(cfg.data, key, _str(f"data.{key}", d[key], optional=True))
-    for key in ("train", "targets"):
-        if key in d:
-            setattr(cfg.data, key, _str(f"data.{key}", d[key]))
-    if "inputs" in d:
-        v = d["inputs"]
-        if isinstance(v, list):
-            if not v or not all(isinstance(x, str) for x in v):
-                raise _fail("data.inputs", "a dataset name or a non-empty list of dataset paths", v)
-            cfg.data.inputs = list(v)
-        else:
-            cfg.data.inputs = str(_str("data.inputs", v))
-    if "shared" in d:
-        cfg.data.shared = _str_list("data.shared", d["shared"])
-        listed = cfg.data.inputs if isinstance(cfg.data.inputs, list) else [cfg.data.inputs]
-        for name in cfg.data.shared:
-            if name not in listed:
-                raise ConfigError(f"config.data.shared: {name!r} is not one of config.data.inputs {listed}")
-    if d.get("split") is not None:
-        cfg.data.split = parse_split("data.split", d["split"])
-
-    s = _section("lsr", raw.get("lsr"), LsrConfig)
-    lsr = cfg.lsr
-    if "rank" in s:
-        lsr.rank = parse_rank("lsr.rank", s["rank"])
-    for key in ("start_rank", "max_rank", "tangent_chunk", "patience"):
-        if key in s:
-            setattr(lsr, key, _int(f"lsr.{key}", s[key], lo=1))
-    for key in ("oversampling", "power_iterations"):
-        if key in s:
-            setattr(lsr, key, _int(f"lsr.{key}", s[key], lo=0))
-    if "growth" in s:
-        lsr.growth = _float("lsr.growth", s["growth"], lo=1.1, hi=16.0)
-    if "holdout" in s:
-        lsr.holdout = _float("lsr.holdout", s["holdout"], lo=0.0, hi=0.5)
-    if "rise_tolerance" in s:
-        lsr.rise_tolerance = _float("lsr.rise_tolerance", s["rise_tolerance"], lo=0.0, hi=10.0)
-    if "truncation_rcond" in s:
-        v = s["truncation_rcond"]
-        lsr.truncation_rcond = "auto" if v == "auto" else _float("lsr.truncation_rcond", v, 0.0, 1.0)
-    if "tikhonov" in s:
-        v = s["tikhonov"]
-        if v == "auto":
-            lsr.tikhonov = "auto"
-        elif isinstance(v, list):
-            lsr.tikhonov = [_float(f"lsr.tikhonov[{i}]", x, 0.0, 1e6) for i, x in enumerate(v)]
-        else:
-            lsr.tikhonov = _float("lsr.tikhonov", v, 0.0, 1e6)
-    if "row_chunk" in s:
-        v = s["row_chunk"]
-        lsr.row_chunk = "auto" if v == "auto" else _int("lsr.row_chunk", v, lo=1)
-    if "max_memory" in s:
-        lsr.max_memory = parse_memory("lsr.max_memory", s["max_memory"])
-    if "time_limit" in s:
-        lsr.time_limit = parse_duration("lsr.time_limit", s["time_limit"])
-    if "jacobian" in s:
-        if s["jacobian"] not in ("auto", "dense", "matrix_free"):
-            raise ConfigError(f"config.lsr.jacobian: expected auto, dense or matrix_free, got {s['jacobian']!r}")
-        lsr.jacobian = s["jacobian"]
-    if "compile" in s:
-        lsr.compile = parse_compile("lsr.compile", s["compile"])
-    if "exact" in s:
-        if not isinstance(s["exact"], bool):
-            raise _fail("lsr.exact", "true or false", s["exact"])
-        lsr.exact = s["exact"]
-    if "sketch_rows" in s:
-        v = s["sketch_rows"]
-        lsr.sketch_rows = "auto" if v == "auto" else _int("lsr.sketch_rows", v, lo=1)
-    p = _section("lsr.parameters", s.get("parameters"), ParametersConfig)
-    if "include" in p:
-        lsr.parameters.include = _str_list("lsr.parameters.include", p["include"])
-    if "exclude" in p:
-        lsr.parameters.exclude = _str_list("lsr.parameters.exclude", p["exclude"])
-    if "fraction" in p:
-        frac = _float("lsr.parameters.fraction", p["fraction"], 0.0, 1.0)
-        if frac <= 0.0:
-            raise ConfigError(f"config.lsr.parameters.fraction: must be in (0, 1], got {frac}")
-        lsr.parameters.fraction = frac
-
+def _parse_iterate(raw: dict[str, Any], cfg: Config) -> None:
+    """``iterate:`` into ``cfg.iterate``."""
     it = _section("iterate", raw.get("iterate"), IterateConfig)
     if "gauss_newton_steps" in it:
         cfg.iterate.gauss_newton_steps = _int("iterate.gauss_newton_steps", it["gauss_newton_steps"], lo=0)
@@ -540,6 +377,8 @@ def parse_config(raw: Any) -> Config:
         cfg.iterate.dtau = _float("iterate.dtau", it["dtau"], lo=0.0, hi=1e6)
         if cfg.iterate.dtau <= 0:
             raise ConfigError(f"config.iterate.dtau: must be positive, got {it['dtau']}")
+    if "time_limit" in it:
+        cfg.iterate.time_limit = parse_duration("iterate.time_limit", it["time_limit"])
     if "tolerance" in it:
         cfg.iterate.tolerance = _float("iterate.tolerance", it["tolerance"], lo=0.0, hi=1e6)
     for key in ("resample",):
@@ -557,168 +396,6 @@ def parse_config(raw: Any) -> Config:
                 f"config.iterate.save_dtype: expected original, float64 or float32, got {it['save_dtype']!r}"
             )
         cfg.iterate.save_dtype = it["save_dtype"]
-    if raw.get("pde") is not None:
-        if not isinstance(raw["pde"], dict):
-            raise _fail("pde", "a mapping", raw["pde"])
-        cfg.pde = dict(raw["pde"])
-    if raw.get("instances") is not None:
-        if not isinstance(raw["instances"], dict):
-            raise _fail("instances", "a mapping", raw["instances"])
-        cfg.instances = dict(raw["instances"])
-
-    o = _section("output", raw.get("output"), OutputConfig)
-    for key in ("checkpoint", "report"):
-        if key in o:
-            setattr(cfg.output, key, _str(f"output.{key}", o[key], optional=True))
-    if o.get("format") is not None:
-        cfg.output.format = parse_output_format("output.format", o["format"])
-
-    if "dtype" in raw:
-        cfg.dtype = parse_dtype("dtype", raw["dtype"])
-    if "device" in raw:
-        cfg.device = parse_device("device", raw["device"])
-    if "seed" in raw:
-        cfg.seed = _int("seed", raw["seed"], lo=0)
-    return cfg
-
-
-OUTPUT_FORMATS = ("torchscript", "export", "state-dict", "safetensors")
-SPLIT_NAMES = ("train", "val", "test")
-
-
-def parse_split(path: str, value: Any) -> dict[str, Any]:
-    """``{train: 0.8, val: 0.1, test: 0.1, seed: 0}`` (fractions summing to at most 1) or
-    ``{train: [0, 800], val: [800, 900]}`` (row ranges ``[start, stop)``, not overlapping)."""
-    if not isinstance(value, dict):
-        raise _fail(path, "a mapping such as {train: 0.8, val: 0.1, test: 0.1}", value)
-    for name in value:
-        if name not in (*SPLIT_NAMES, "seed"):
-            raise ConfigError(f"config.{path}.{name}: unknown key; valid keys: train, val, test, seed")
-    if "train" not in value:
-        raise ConfigError(f"config.{path}: needs a 'train' entry")
-    out: dict[str, Any] = {"seed": _int(f"{path}.seed", value.get("seed", 0), lo=0)}
-    parts = {k: v for k, v in value.items() if k in SPLIT_NAMES and v is not None}
-    if all(isinstance(v, list) for v in parts.values()):
-        spans = []
-        for name, v in parts.items():
-            if len(v) != 2:
-                raise _fail(f"{path}.{name}", "a row range [start, stop]", v)
-            start, stop = _int(f"{path}.{name}[0]", v[0], lo=0), _int(f"{path}.{name}[1]", v[1], lo=0)
-            if stop <= start:
-                raise ConfigError(f"config.{path}.{name}: the range [{start}, {stop}] holds no row")
-            spans.append((start, stop, name))
-            out[name] = [start, stop]
-        spans.sort()
-        for (_, stop_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False):
-            if start_b < stop_a:
-                raise ConfigError(f"config.{path}: the ranges of {a} and {b} overlap")
-        return out
-    for name, v in parts.items():
-        frac = _float(f"{path}.{name}", v, 0.0, 1.0)
-        if frac <= 0.0:
-            raise ConfigError(f"config.{path}.{name}: must be in (0, 1], got {frac}")
-        out[name] = frac
-    total = sum(out[n] for n in SPLIT_NAMES if n in out)
-    if total > 1.0 + 1e-9:
-        raise ConfigError(f"config.{path}: the fractions add up to {total:g}, more than 1")
-    return out
-
-
-def parse_output_format(path: str, value: Any) -> str:
-    """``torchscript``, ``export``, ``state-dict`` (``state_dict`` accepted) or ``safetensors``."""
-    if value == "state_dict":
-        value = "state-dict"
-    if value not in OUTPUT_FORMATS:
-        raise ConfigError(f"config.{path}: expected one of {', '.join(OUTPUT_FORMATS)}, got {value!r}")
-    return str(value)
-
-
-def parse_dtype(path: str, value: Any) -> str:
-    if value not in DTYPES:
-        raise ConfigError(f"config.{path}: expected one of {', '.join(DTYPES)}, got {value!r}")
-    return str(value)
-
-
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$")
-
-
-def parse_compile(where: str, v: Any) -> str | None:
-    """``false`` (off), ``true`` (``inductor``) or a backend name (inductor, aot_eager)."""
-    backends = ("inductor", "aot_eager")
-    if v is False or v is None:
-        return None
-    if v is True:
-        return "inductor"
-    if isinstance(v, str) and v in backends:
-        return v
-    raise ConfigError(f"config.{where}: expected true, false or one of {', '.join(backends)}, got {v!r}")
-
-
-def parse_memory(path: str, value: Any) -> int | str:
-    """``"auto"``, a byte count, or a size such as ``"512MB"``, ``"2GiB"``, ``"1.5GB"``."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    if isinstance(value, bool):
-        raise ConfigError(f"config.{path}: expected 'auto' or a size such as 2GB, got {value!r}")
-    if isinstance(value, int | float):
-        num, unit = float(value), ""
-    else:
-        m = _SIZE_PATTERN.match(str(value).lower())
-        if m is None or m.group(2) not in _SIZE_UNITS:
-            raise ConfigError(
-                f"config.{path}: expected 'auto' or a size such as 512MB, 2GiB or a byte count, got {value!r}"
-            )
-        num, unit = float(m.group(1)), m.group(2)
-    size = int(num * _SIZE_UNITS[unit])
-    if size < 2**20:
-        raise ConfigError(f"config.{path}: must be at least 1 MiB, got {value!r} ({size} bytes)")
-    return size
-
-
-_DURATION_UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hr": 3600.0}
-_DURATION_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*$")
-
-
-def parse_duration(path: str, value: Any) -> float | None:
-    """``null``, seconds, or ``"90s"``, ``"10min"``, ``"1.5h"`` → seconds (at least 1)."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ConfigError(f"config.{path}: expected seconds or a duration such as 10min, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        m = _DURATION_PATTERN.match(str(value).lower())
-        if m is None or m.group(2) not in _DURATION_UNITS:
-            raise ConfigError(
-                f"config.{path}: expected seconds or a duration such as 90s, 10min or 1.5h, got {value!r}"
-            )
-        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    if not math.isfinite(seconds) or seconds < 1.0:
-        raise ConfigError(f"config.{path}: must be at least 1 second, got {value!r}")
-    return seconds
-
-
-def parse_device(path: str, value: Any) -> str:
-    if not isinstance(value, str) or not DEVICE_PATTERN.match(value):
-        raise ConfigError(f"config.{path}: expected auto, cpu, cuda or cuda:N, got {value!r}")
-    return value
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -27,7 +27,7 @@ from rich.table import Table
 
 from . import __version__
 from .metrics import describe_change
-from .refine import RefineResult
+from .result import RefineResult
 
 SPLIT_ORDER = ("train", "val", "test")
 
@@ -104,6 +104,7 @@ def refine_report(
             **({"memory": result.memory} if result.memory is not None else {}),
             **({"jacobian": result.jacobian} if result.jacobian is not None else {}),
             **({"compile": result.compile} if result.compile is not None else {}),
+            **({"time_budget": result.time_budget} if result.time_budget is not None else {}),
             **({"nonlinear": result.nonlinear} if result.nonlinear is not None else {}),
             **({"validation": result.validation} if result.validation is not None else {}),
             **({"unknowns": result.unknowns} if result.unknowns is not None else {}),

@@ -30,6 +30,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -78,6 +80,45 @@ def _selection_losses(
     return comm.allreduce_sum(out)
 
 
+@dataclass
+class _Scores:
+    """Every candidate rank scored for every λ of the grid (CPU tensors)."""
+
+    candidates: Tensor  # [c] the candidate ranks
+    train: Tensor  # [len(grid), c] training loss (mean square of the linearized residual)
+    sel: Tensor  # [len(grid), c] selection loss (validation loss or GCV)
+    kind: str  # what scores: val_loss, gcv or train_loss
+    grid: tuple[float, ...]
+    n: int  # residual rows (all processes)
+    f_sq: float  # ‖f0‖²
+    num_sel: int  # validation rows (0 without a validation operator)
+    S: Tensor  # [K] the singular values of G
+    lam_of: Tensor = field(init=False)  # [c] index of the best λ per rank
+    best_per_rank: Tensor = field(init=False)  # [c] the best score per rank
+    best: int = field(init=False)  # index of the best candidate
+
+    def __post_init__(self) -> None:
+        scored = self.train if self.kind == "train_loss" else self.sel
+        metric = torch.where(torch.isfinite(scored), scored, torch.inf)
+        self.lam_of = metric.argmin(0)
+        self.best_per_rank = metric.min(0).values
+        self.best = int(self.best_per_rank.argmin())
+
+    def entry(self, i: int) -> SweepEntry:
+        """The sweep entry of candidate ``i`` at its best λ."""
+        li = int(self.lam_of[i])
+        norm_f = math.sqrt(self.f_sq)
+        return SweepEntry(
+            int(self.candidates[i]),
+            float(self.train[li, i]),
+            float(self.sel[li, i]) if self.kind != "train_loss" else None,
+            math.sqrt(float(self.train[li, i]) * self.n) / max(norm_f, 1e-300),
+            self.grid[li],
+            0,
+            float(self.S[0] / self.S[int(self.candidates[i]) - 1]),
+        )
+
+
 def solve_spectral(
     G: LinearOperator,
     f0: Tensor,
@@ -107,14 +148,7 @@ def solve_spectral(
     timings = {"sketch": 0.0, "project": 0.0, "solve": 0.0}
 
     t0 = time.perf_counter()
-    if sketch is None:
-        sketch = RangeSketch(G, gen, f0.dtype, f0.device, lsr.power_iterations, SPECTRAL_BLOCK, comm)
-    k_target = min(lsr.max_rank + SPECTRAL_BLOCK, limit)
-    new_cols = k_target - sketch.num_columns
-    if new_cols > 0:
-        advance = sink.begin(f"sketch {label} (exact, k≤{k_target})", 2 * new_cols)
-        sketch.extend(new_cols, advance)
-        sink.end()
+    sketch = _exhaust_sketch(G, f0, lsr, gen, sink, label, sketch, limit, comm)
     complete = sketch.exhausted or sketch.num_columns >= limit
     usable = sketch.usable_rank()
     timings["sketch"] = time.perf_counter() - t0
@@ -137,13 +171,92 @@ def solve_spectral(
     timings["project"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
+    scores = _score_ranks(f0, sketch.Q, Vh[:k], b, S, selection, sel_sq, ranks_wanted, kind, grid, shrinks, n, comm)
+    base_train, base_sel, base_metric = _baselines(scores, selection, sel_sq, comm)
+    shown = None if ranks_wanted else set(_reported(int(scores.candidates[-1]), int(scores.candidates[scores.best])))
+    sweep = [SweepEntry(0, base_train, base_sel, 1.0, 0.0, 0, 1.0)]
+    sweep += [
+        scores.entry(i) for i in range(len(scores.candidates)) if shown is None or int(scores.candidates[i]) in shown
+    ]
+    chosen = sweep[0]
+    dz = z = basis = None
+    if float(scores.best_per_rank[scores.best]) < base_metric:
+        chosen = scores.entry(scores.best)
+        z = -b[: chosen.rank] / (1.0 + chosen.tikhonov**2)
+        basis = W[:, : chosen.rank] / S[: chosen.rank]
+        dz = basis @ z
+        if comm.world > 1:  # identical everywhere already; rank 0's, as on the adaptive path
+            dz = comm.broadcast(dz)
+    timings["solve"] = time.perf_counter() - t2
+    return SubspaceResult(
+        rank=int(chosen.rank),
+        dz=dz,
+        chosen=chosen,
+        sweep=sweep,
+        rounds=[_round(scores, k, sketch.num_columns, usable, chosen)],
+        stop_reason=_stop_reason(label, usable, k, kind),
+        regularization=_regularization(label, grid, chosen, kind),
+        singular_values=[float(s) for s in S.cpu()],
+        timings=timings,
+        basis=basis,
+        z=z,
+        lambda_abs=float(chosen.tikhonov),
+        selection=Selection(kind) if selection.op is None else selection,
+    )
+
+
+def _exhaust_sketch(
+    G: LinearOperator,
+    f0: Tensor,
+    lsr: LsrConfig,
+    gen: torch.Generator,
+    sink: ProgressSink,
+    label: str,
+    sketch: RangeSketch | None,
+    limit: int,
+    comm: Comm,
+) -> RangeSketch:
+    """``sketch`` (a new one of ``G`` if None) extended to ``lsr.max_rank`` + a block of columns,
+    or fewer when a block adds nothing above round-off."""
+    if sketch is None:
+        sketch = RangeSketch(G, gen, f0.dtype, f0.device, lsr.power_iterations, SPECTRAL_BLOCK, comm)
+    k_target = min(lsr.max_rank + SPECTRAL_BLOCK, limit)
+    new_cols = k_target - sketch.num_columns
+    if new_cols > 0:
+        advance = sink.begin(f"sketch {label} (exact, k≤{k_target})", 2 * new_cols)
+        sketch.extend(new_cols, advance)
+        sink.end()
+    return sketch
+
+
+def _score_ranks(
+    f0: Tensor,
+    Q: Tensor,
+    Vh_k: Tensor,
+    b: Tensor,
+    S: Tensor,
+    selection: Selection,
+    sel_sq: Tensor | None,
+    ranks_wanted: list[int],
+    kind: str,
+    grid: tuple[float, ...],
+    shrinks: list[float],
+    n: int,
+    comm: Comm,
+) -> _Scores:
+    """The training and selection losses of every candidate rank and λ.
+
+    ``f0`` ``[n_local]``; ``Q`` ``[n_local, K]`` the sketch's basis; ``Vh_k`` ``[k, K]``; ``b``
+    ``[k]`` = ``U_kᵀ f0``; ``S`` ``[K]``; ``sel_sq`` ``[len(grid), k]`` the validation losses (sums),
+    or None: GCV (or the training loss for ``train_loss``)."""
+    k = b.shape[0]
     f_sq = comm.sum_float(float(f0.square().sum()))
     # the scores are computed on the CPU (k numbers per λ), whatever the device
     b2 = b.square().cpu()
     b_cum = torch.cumsum(b2, 0)  # ‖U_rᵀ f0‖² for r = 1..k
     # ‖f0 − U_r U_rᵀ f0‖² as (part outside range(U_k)) + Σ_{i>r} b_i², not ‖f0‖² − ‖b_r‖²:
     # no cancellation when the residual falls many orders below ‖f0‖
-    perp = comm.sum_float(float((f0 - sketch.Q @ (Vh[:k].T @ b)).square().sum()))
+    perp = comm.sum_float(float((f0 - Q @ (Vh_k.T @ b)).square().sum()))
     tail = torch.flip(torch.cumsum(torch.flip(b2, (0,)), 0), (0,)) - b2
     if ranks_wanted:
         candidates = torch.tensor(sorted({min(r, k) for r in ranks_wanted}))
@@ -163,84 +276,55 @@ def solve_spectral(
             sel_rows.append(torch.where(dof > 0, res_sq / n / dof.square(), torch.inf))
     train = torch.stack(train_rows).cpu()  # [λ, candidate]
     sel = torch.stack(sel_rows)
-    scored = train if kind == "train_loss" else sel
-    metric = torch.where(torch.isfinite(scored), scored, torch.inf)
-    lam_of = metric.argmin(0)
-    best_per_rank = metric.min(0).values
-    j = int(best_per_rank.argmin())
-    base_train = f_sq / max(n, 1)
+    return _Scores(candidates, train, sel, kind, grid, n, f_sq, num_sel, S)
+
+
+def _baselines(
+    scores: _Scores, selection: Selection, sel_sq: Tensor | None, comm: Comm
+) -> tuple[float, float | None, float]:
+    """Rank 0's training loss, selection loss (None for ``train_loss``) and the metric that scores."""
+    base_train = scores.f_sq / max(scores.n, 1)
     if sel_sq is not None and selection.f0 is not None:
-        base_sel: float | None = comm.sum_float(float(selection.f0.square().sum())) / max(num_sel, 1)
+        base_sel: float | None = comm.sum_float(float(selection.f0.square().sum())) / max(scores.num_sel, 1)
     else:
-        base_sel = base_train if kind == "gcv" else None
-    base_metric = base_train if kind == "train_loss" else float(base_sel)  # type: ignore[arg-type]
-    norm_f = math.sqrt(f_sq)
+        base_sel = base_train if scores.kind == "gcv" else None
+    base_metric = base_train if scores.kind == "train_loss" else float(base_sel)  # type: ignore[arg-type]
+    return base_train, base_sel, base_metric
 
-    def entry(i: int) -> SweepEntry:
-        li = int(lam_of[i])
-        return SweepEntry(
-            int(candidates[i]),
-            float(train[li, i]),
-            float(sel[li, i]) if kind != "train_loss" else None,
-            math.sqrt(float(train[li, i]) * n) / max(norm_f, 1e-300),
-            grid[li],
-            0,
-            float(S[0] / S[int(candidates[i]) - 1]),
-        )
 
-    shown = None if ranks_wanted else set(_reported(int(candidates[-1]), int(candidates[j])))
-    sweep = [SweepEntry(0, base_train, base_sel, 1.0, 0.0, 0, 1.0)]
-    sweep += [entry(i) for i in range(len(candidates)) if shown is None or int(candidates[i]) in shown]
-    chosen = sweep[0]
-    dz = z = basis = None
-    if float(best_per_rank[j]) < base_metric:
-        chosen = entry(j)
-        r = chosen.rank
-        z = -b[:r] / (1.0 + chosen.tikhonov**2)
-        basis = W[:, :r] / S[:r]
-        dz = basis @ z
-        if comm.world > 1:  # identical everywhere already; rank 0's, as on the adaptive path
-            dz = comm.broadcast(dz)
-    timings["solve"] = time.perf_counter() - t2
-    top = entry(len(candidates) - 1)
+def _round(scores: _Scores, k: int, num_columns: int, usable: int, chosen: SweepEntry) -> dict[str, Any]:
+    """The report's one round of the spectral path."""
+    top = scores.entry(len(scores.candidates) - 1)
+    return {
+        "rank": k,
+        "sketch_columns": num_columns,
+        "usable_rank": usable,
+        "best_rank": int(chosen.rank),
+        scores.kind: float(scores.best_per_rank[scores.best]),
+        "linearized_residual": top.linearized_residual,
+        "path": "spectral",
+    }
+
+
+def _stop_reason(label: str, usable: int, k: int, kind: str) -> str:
     if usable > k:
         stop = f"exact: {usable} directions of {label} above round-off, capped at lsr.max_rank {k}"
     else:
         stop = f"exact: the sketch of {label} exhausted its range at {usable} directions above round-off"
-    return SubspaceResult(
-        rank=int(chosen.rank),
-        dz=dz,
-        chosen=chosen,
-        sweep=sweep,
-        rounds=[
-            {
-                "rank": k,
-                "sketch_columns": sketch.num_columns,
-                "usable_rank": usable,
-                "best_rank": int(chosen.rank),
-                kind: float(best_per_rank[j]),
-                "linearized_residual": top.linearized_residual,
-                "path": "spectral",
-            }
-        ],
-        stop_reason=stop + f"; every rank up to {k} scored ({kind})",
-        regularization={
-            "truncation_rcond": f"spectral: directions of {label} above eps * max(n, m) of its largest",
-            "tikhonov_grid": list(grid),
-            "tikhonov": chosen.tikhonov,
-            "tikhonov_meaning": "lambda / largest singular value of A = G P (A = U, orthonormal, here)",
-            "num_truncated": 0,
-            "cond": chosen.cond,
-            "chosen_by": kind,
-            "holdout_fraction": 0.0,
-        },
-        singular_values=[float(s) for s in S.cpu()],
-        timings=timings,
-        basis=basis,
-        z=z,
-        lambda_abs=float(chosen.tikhonov),
-        selection=Selection(kind) if selection.op is None else selection,
-    )
+    return stop + f"; every rank up to {k} scored ({kind})"
+
+
+def _regularization(label: str, grid: tuple[float, ...], chosen: SweepEntry, kind: str) -> dict[str, Any]:
+    return {
+        "truncation_rcond": f"spectral: directions of {label} above eps * max(n, m) of its largest",
+        "tikhonov_grid": list(grid),
+        "tikhonov": chosen.tikhonov,
+        "tikhonov_meaning": "lambda / largest singular value of A = G P (A = U, orthonormal, here)",
+        "num_truncated": 0,
+        "cond": chosen.cond,
+        "chosen_by": kind,
+        "holdout_fraction": 0.0,
+    }
 
 
 def solve_exact_first(

@@ -102,6 +102,41 @@ def probe_jvp(op: Any, columns: int, dtype: torch.dtype, device: torch.device) -
     return PROJECTION_OVERHEAD * (time.perf_counter() - t0) / max(rows * columns, 1)
 
 
+def limited_sketch_rows(limit_s: float, jvp_s: float, rows: int, oversampling: int, floor: int = 8192) -> int:
+    """Residual rows to sketch under ``lsr.time_limit`` (``sketch_rows: auto``): 16 per column
+    of the rank the limit could afford at the probed JVP cost (the sketch and the projection
+    take about three products per row and column), at least ``floor``. Without it the sketch is
+    sized for the whole rank ladder and its first block alone took 60 % of a 10-minute budget on
+    an FNO (`benchmarks/fno_time_limit.py`)."""
+    affordable = limit_s / max(3.0 * jvp_s * max(rows, 1), 1e-12)
+    return max(floor, int(16 * (min(affordable, 1e9) + oversampling)))
+
+
+VJP_OVER_JVP = 1.2
+"""Seconds of a VJP column over a JVP column where no VJP probe is possible (measured 1.16–1.17
+on the sketches of an FNO and of a DeepONet here)."""
+
+
+def probe_vjp(op: Any, columns: int, dtype: torch.dtype, device: torch.device) -> float | None:
+    """Seconds per (row · column) of ``op``'s VJPs, timed on its first samples (a sixteenth,
+    at least one row chunk), or ``None`` when ``op`` is not a
+    :class:`~.linearization.JacobianOperator`."""
+    from .linearization import JacobianOperator, take_rows
+
+    if not isinstance(op, JacobianOperator) or op.num_samples == 0:
+        return None
+    s = min(op.num_samples, max(op.vjp_row_chunk, op.num_samples // 16))
+    sub = JacobianOperator(
+        op.module, op.space, take_rows(op.inputs, 0, s, op.shared), s, columns, op.residual, op.shared
+    )
+    sub.row_chunk, sub.vjp_row_chunk = op.row_chunk, op.vjp_row_chunk
+    gen = torch.Generator().manual_seed(0)  # timing only: the run's random stream is untouched
+    U = torch.randn(sub.shape[0], columns, generator=gen, dtype=dtype).to(device)
+    t0 = time.perf_counter()
+    sub.rmatmat(U)
+    return (time.perf_counter() - t0) / max(sub.shape[0] * columns, 1)
+
+
 @dataclass
 class Costs:
     """Measured unit costs and the sizes they apply to."""

@@ -108,7 +108,7 @@ def test_auto_path_reports_its_choice(regression_files):
 
 
 def test_cost_model():
-    from lsr_cli.refine import estimated_costs
+    from lsr_cli.dense import estimated_costs
 
     # 100 columns at 0.1 s each over all rows, three passes: 30 s matrix-free; dense: 5 s to
     # materialize plus 3 GEMMs of 2·1000·500·100 flops at 1e9 flop/s = 0.3 s

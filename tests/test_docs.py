@@ -15,7 +15,7 @@ import pytest
 from lsr_cli.config import Config
 from lsr_cli.config_doc import documented_keys, render_configuration_md
 from lsr_cli.pde.instances import INSTANCE_KEYS
-from lsr_cli.pde.problem import _BLOCK_KEYS, _PDE_KEYS, _POINT_KEYS
+from lsr_cli.pde.schema import _BLOCK_KEYS, _PDE_KEYS, _POINT_KEYS
 
 from .test_cli import run
 

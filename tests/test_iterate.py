@@ -14,6 +14,7 @@ import torch
 import yaml
 
 import lsr_cli.pde.iterate as iterate_module
+import lsr_cli.pde.iterate_parts as iterate_parts
 from lsr_cli import Config
 from lsr_cli.checkpoint import LoadedCheckpoint
 from lsr_cli.config import parse_config
@@ -23,7 +24,7 @@ from lsr_cli.iterate_supervised import iterate_supervised
 from lsr_cli.models import MLP
 from lsr_cli.pde.iterate import gauss_newton_fit, iterate
 from lsr_cli.pde.problem import parse_problem
-from lsr_cli.pde.refine_pde import true_residual
+from lsr_cli.pde.residual import true_residual
 from lsr_cli.pde.validation import validation_problem
 
 from .test_cli import assert_clean_failure, run
@@ -169,6 +170,52 @@ def test_iterate_select_accepts_validation_and_names_the_choices():
     assert parse_config({"iterate": {"select": "residual"}}).iterate.select == "residual"
     with pytest.raises(ConfigError, match=r"config.iterate.select: expected validation, distance or residual"):
         parse_config({"iterate": {"select": "best"}})
+
+
+def test_iterate_stops_at_its_time_limit_and_writes_the_best_so_far():
+    net = _pinn()
+    result, _ = _run_pde(net, iterations=5, time_limit=1e-9)  # no budget: the fit stops before its first step
+    assert len(result.history) == 1
+    assert result.history[0]["alignment"]["gauss_newton_steps"] == 0
+    assert result.stop_reason.startswith("iterate.time_limit (1e-09 s): the time left is below")
+    assert result.status == "unchanged"
+    for (name, a), (_, b) in zip(result.module.state_dict().items(), net.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name  # nothing was kept: the start is what is written
+
+
+def test_a_step_that_raises_the_validation_residual_is_chosen_again_on_the_validation_points(monkeypatch):
+    calls: list[bool] = []
+
+    def first_raises(module: torch.nn.Module, space: Any, dz: Any, val: Any, comm: Any = None) -> float:
+        calls.append(dz is not None)
+        return math.inf if len(calls) == 1 else 0.0  # the held-out rows' choice raises it, the second lowers it
+
+    monkeypatch.setattr(iterate_parts, "predictor_validation_loss", first_raises)
+    result, _ = _run_pde(_pinn(), iterations=1)
+    guard = result.history[0]["guard"]
+    assert len(calls) == 2 and guard["loss_after_first_choice"] == math.inf
+    assert guard["outcome"].endswith("chosen on the validation points")
+    assert result.history[0]["rank"] > 0
+
+
+def test_iterate_stops_when_no_lsr_step_lowers_the_validation_residual(monkeypatch):
+    monkeypatch.setattr(iterate_parts, "predictor_validation_loss", lambda *args, **kwargs: math.inf)
+    net = _pinn()
+    result, _ = _run_pde(net, iterations=3)
+    assert len(result.history) == 1 and result.history[0]["rank"] == 0
+    assert result.history[0]["guard"]["outcome"] == "no step lowered the validation loss"
+    assert result.stop_reason.startswith("no LSR step lowered the residual at the validation points")
+    assert result.status == "unchanged"
+    for (name, a), (_, b) in zip(result.module.state_dict().items(), net.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_iterate_time_limit_parses_durations_and_names_a_bad_value():
+    assert Config().iterate.time_limit == 540.0
+    assert parse_config({"iterate": {"time_limit": "2min"}}).iterate.time_limit == 120.0
+    assert parse_config({"iterate": {"time_limit": None}}).iterate.time_limit is None
+    with pytest.raises(ConfigError, match=r"config.iterate.time_limit: expected seconds or a duration"):
+        parse_config({"iterate": {"time_limit": "soon"}})
 
 
 # -- supervised data (no `pde:` section) ----------------------------------------------------------

@@ -72,9 +72,11 @@ def test_refine_log_keeps_every_digit_and_one_line_per_stage(regression_files):
         b, a = errs["before"]["rel_l2"], errs["after"]["rel_l2"]
         assert_cells(row_of(stdout, split), [split, sci(b), sci(a), f"{b / a:.3g}×"])
     assert "θ0" not in stdout  # the plain network at θ0 + δ is shown with --verbose only
-    # progress: one plain line per stage, nothing else, no bars
+    # progress: one plain line per stage and the time plan's estimate, nothing else, no bars
     done = stages(stderr)
-    assert len(done) == len(set(done)) == len(stderr.splitlines()), stderr
+    plan = [line for line in stderr.splitlines() if line.startswith("[lsr] time plan: ")]
+    assert len(plan) == 1 and " estimate " in plan[0], stderr
+    assert len(done) == len(set(done)) == len(stderr.splitlines()) - 1, stderr
     assert done[0].startswith("sketch") and done[-1] == "evaluate", done
     assert "━" not in stderr
     # the closing line: the test error first, then the criterion

@@ -13,7 +13,8 @@ from lsr_cli.checkpoint import LoadedCheckpoint
 from lsr_cli.config import Config
 from lsr_cli.models import MLP
 from lsr_cli.pde import parse_problem, refine_pde
-from lsr_cli.pde.refine_pde import choose_basis, equation_is_linear, prepare_pde_run
+from lsr_cli.pde.residual import prepare_pde_run
+from lsr_cli.plan import choose_basis, equation_is_linear
 from lsr_cli.runtime import NoProgress, start_run
 from lsr_cli.spectral import solve_spectral
 from lsr_cli.subspace import Selection

@@ -18,7 +18,7 @@ from lsr_cli.linearization import ParameterSpace
 from lsr_cli.linearized import LinearizedModel
 from lsr_cli.models import MLP
 from lsr_cli.pde import parse_problem, refine_pde
-from lsr_cli.pde.refine_pde import true_residual
+from lsr_cli.pde.residual import true_residual
 from lsr_cli.pde.subspace_newton import tabulate
 from tests.test_pde import poisson_1d_problem
 

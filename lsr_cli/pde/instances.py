@@ -35,9 +35,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,10 +50,11 @@ from lsr_cli.checkpoint import LoadedCheckpoint
 from lsr_cli.config import Config, KeyDoc
 from lsr_cli.data import read_datasets, read_row
 from lsr_cli.errors import ConfigError, DataError, OutputError
-from lsr_cli.metrics import describe_change, format_error
-from lsr_cli.refine import predict
+from lsr_cli.prepare import predict
+from lsr_cli.result import RefineResult
 from lsr_cli.runtime import NoProgress, ProgressSink, cast_module, peak_memory_bytes, resolve_device
 
+from .instances_summary import read_results, summarize, summary_message
 from .problem import parse_problem
 from .refine_pde import refine_pde
 
@@ -199,20 +199,6 @@ class InstancesResult:
     warnings: list[str]
 
 
-def _stats(values: Sequence[float | None]) -> dict[str, float | None]:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return {"mean": None, "std": None, "median": None, "min": None, "max": None}
-    arr = np.asarray(finite)
-    return {
-        "mean": float(arr.mean()),
-        "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
-        "median": float(np.median(arr)),
-        "min": float(arr.min()),
-        "max": float(arr.max()),
-    }
-
-
 def _create_partial(
     path: Path, n: int, q: int, m: int | None, print_: str, names: list[str], outputs: int, unknowns: list[str]
 ) -> None:
@@ -277,6 +263,23 @@ def _instance_reference(data_path: Path, spec: InstancesSpec, i: int, ref_x: Ten
     return values
 
 
+@dataclass
+class _Run:
+    """What every instance of :func:`run_instances` shares."""
+
+    ckpt: LoadedCheckpoint
+    cfg: Config
+    spec: InstancesSpec
+    data_path: Path
+    base_dir: Path | None
+    x_pred: Tensor  # [Q, d] where the predictions are written
+    ref_x: Tensor | None  # [P, d] /reference/inputs
+    outputs: list[str]  # pde.outputs: the network's columns
+    names: list[str]  # the network's floating parameters
+    dtype: torch.dtype
+    device: torch.device
+
+
 def run_instances(
     ckpt: LoadedCheckpoint,
     cfg: Config,
@@ -298,16 +301,7 @@ def run_instances(
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
     net = ckpt.module
-    x_pred = None
-    where_pred = spec.predict_at or "/reference/inputs"
-    found = read_datasets(data_path, [where_pred], torch.float64, optional=spec.predict_at is None)
-    if where_pred in found:
-        x_pred = found[where_pred]
-        if x_pred.ndim == 1:
-            x_pred = x_pred[:, None]
-    ref_x = read_datasets(data_path, ["/reference/inputs"], torch.float64, optional=True).get("/reference/inputs")
-    if spec.reference is not None and ref_x is None:
-        raise DataError(f"{data_path}:/reference/inputs: needed for config.instances.reference ({spec.reference})")
+    x_pred, ref_x = _read_points(data_path, spec)
     first = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base_dir, (spec.group, 0))
     if x_pred is None:
         x_pred = first.blocks[0].points
@@ -324,6 +318,7 @@ def run_instances(
         done = f["instances/done"][()].astype(bool)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     cast_module(net, dtype, device)
+    run = _Run(ckpt, cfg, spec, data_path, base_dir, x_pred, ref_x, first.outputs, names, dtype, device)
     advance = sink.begin(f"instances ({num}, {done_before} done before)", num)
     advance(int(done.sum()))
     num_lin = 0
@@ -331,128 +326,20 @@ def run_instances(
     for i in range(num):
         if done[i]:
             continue
-        t0 = time.perf_counter()
-        problem = parse_problem(cfg.pde, data_path, torch.Generator().manual_seed(cfg.seed), base_dir, (spec.group, i))
-        if spec.reference is not None and ref_x is not None:
-            problem.reference = (ref_x, _instance_reference(data_path, spec, i, ref_x, first.outputs))
-        else:
-            problem.reference = None
-        fixed = tuple(read_row(data_path, f"{spec.group}/{name}", i, dtype).to(device) for name in spec.inputs)
-        module = InstanceModel(net, fixed, spec.layout)
-        inst = LoadedCheckpoint(ckpt.path, "instance", module)
-        res = refine_pde(inst, problem, cfg)
+        res, row, before, after = _refine_instance(run, i)
         num_lin = res.num_linearized_parameters
-        xp = x_pred.to(device=device, dtype=dtype)
-        before = predict(module, (xp,), 4096).reshape(q, num_outputs)  # [Q, C]
-        after = predict(res.model, (xp,), 4096).reshape(q, num_outputs)
-        ref = res.errors.get("reference", {})
-        row = {
-            "index": i,
-            "rank": res.rank,
-            "rel_l2_before": ref.get("before", {}).get("rel_l2"),
-            "rel_l2_after": ref.get("after", {}).get("rel_l2"),
-            "residual_before": (res.residual_loss or {}).get("before"),
-            "residual_after": (res.residual_loss or {}).get("after"),
-            "seconds": time.perf_counter() - t0,
-        }
-        with h5py.File(partial, "a") as f:
-            for when, pred in (("before", before), ("after", after)):
-                values_np = pred.detach().cpu().double().numpy()
-                f[f"predictions/{when}"][i] = values_np[:, 0] if num_outputs == 1 else values_np
-            for name, entry in (res.unknowns or {}).items():  # pde.unknowns: this instance's own constants
-                f[f"unknowns/{name}/before"][i] = entry["before"]
-                f[f"unknowns/{name}/after"][i] = entry["after"]
-            g = f["instances"]
-            for key in ("rel_l2_before", "rel_l2_after", "residual_before", "residual_after", "seconds"):
-                g[key][i] = np.nan if row[key] is None else row[key]
-            g["rank"][i] = res.rank
-            if spec.save_delta:
-                flat = torch.cat(
-                    [
-                        (torch.view_as_real(d) if d.is_complex() else d).reshape(-1).double().cpu()
-                        if (d := res.delta.get(f"net.{n}")) is not None
-                        else torch.zeros(int(dict(net.named_parameters())[n].numel()), dtype=torch.float64)
-                        for n in names
-                    ]
-                ).numpy()
-                if "delta" not in f:
-                    ds = f.create_dataset("delta", shape=(num, flat.size), dtype="f8", fillvalue=np.nan)
-                    ds.attrs["parameters"] = json.dumps(names)
-                f["delta"][i] = flat
-            g["done"][i] = True
-            f.flush()
+        _write_instance(run, partial, num, i, res, row, before, after)
         if on_instance is not None:
             on_instance(i, row)
         advance(1)
     sink.end()
 
-    with h5py.File(partial, "r") as f:
-        g = f["instances"]
-        table = {
-            k: g[k][()]
-            for k in ("rel_l2_before", "rel_l2_after", "residual_before", "residual_after", "seconds", "rank")
-        }
-        unknown_values = {
-            name: {w: f[f"unknowns/{name}/{w}"][()] for w in ("before", "after")} for name in unknown_names
-        }
-    per_instance: list[dict[str, Any]] = [
-        {
-            k: (int(v[i]) if k == "rank" else (None if not math.isfinite(float(v[i])) else float(v[i])))
-            for k, v in table.items()
-        }
-        | {"index": i}
-        | ({"unknowns": {n: float(v["after"][i]) for n, v in unknown_values.items()}} if unknown_values else {})
-        for i in range(num)
-    ]
-    before_err: list[float | None] = [r["rel_l2_before"] for r in per_instance]
-    after_err: list[float | None] = [r["rel_l2_after"] for r in per_instance]
-    have_ref = any(v is not None for v in after_err)
-    ratios = [b / a for b, a in zip(before_err, after_err, strict=True) if b is not None and a is not None and a > 0]
-    summary: dict[str, Any] = {
-        "num_instances": num,
-        "rank": _stats([float(r["rank"]) if r["rank"] >= 0 else None for r in per_instance]),
-        "residual_before": _stats([r["residual_before"] for r in per_instance]),
-        "residual_after": _stats([r["residual_after"] for r in per_instance]),
-        "seconds_per_instance": _stats([r["seconds"] for r in per_instance]),
-    }
-    if unknown_values:  # pde.unknowns: every instance's refined constants
-        summary["unknowns"] = {
-            n: {"before": _stats(v["before"].tolist()), "after": _stats(v["after"].tolist())}
-            for n, v in unknown_values.items()
-        }
-    if have_ref:
-        summary["rel_l2_before"] = _stats(before_err)
-        summary["rel_l2_after"] = _stats(after_err)
-        summary["improvement_of_mean"] = (summary["rel_l2_before"]["mean"] or 0.0) / max(
-            summary["rel_l2_after"]["mean"] or 0.0, 1e-300
-        )
-        summary["improvement_per_instance"] = _stats(ratios)
-        summary["num_improved"] = sum(1 for r in ratios if r > 1.0)
-        summary["num_worse"] = sum(1 for r in ratios if r < 1.0)
-    # in the order a user judges the run: the reference error, the criterion, the residual loss
-    res_b, res_a = summary["residual_before"]["mean"], summary["residual_after"]["mean"]
-    residual = (
-        f"mean weighted residual loss {format_error(res_b)} -> {format_error(res_a)} ({describe_change(res_b, res_a)})"
-    )
-    chosen = "each instance's rank chosen on its own residual"
-    if have_ref:
-        ref_b, ref_a = summary["rel_l2_before"]["mean"], summary["rel_l2_after"]["mean"]
-        message = (
-            f"{num} instances: mean reference rel L2 error {format_error(ref_b)} -> {format_error(ref_a)} "
-            f"({describe_change(ref_b, ref_a)}; {summary['num_improved']} improved, {summary['num_worse']} worse); "
-            f"{chosen}, not on the reference; {residual}"
-        )
-    else:
-        message = f"{num} instances: {residual} (no references to compare with); {chosen}"
-    if unknown_values:  # e.g. "; constants (mean over instances): k 1.5 -> 2"
-        means = [(n, st["before"]["mean"], st["after"]["mean"]) for n, st in summary["unknowns"].items()]
-        message += "; constants (mean over instances): " + ", ".join(
-            f"{n} {b:.6g} -> {a:.6g}" if b is not None and a is not None else f"{n} n/a" for n, b, a in means
-        )
+    per_instance, unknown_values = read_results(partial, num, unknown_names)
+    summary = summarize(num, per_instance, unknown_values)
     peak, kind = peak_memory_bytes(device)
     return InstancesResult(
         status="done",
-        message=message,
+        message=summary_message(num, summary),
         summary=summary,
         per_instance=per_instance,
         num_resumed=done_before,
@@ -464,6 +351,88 @@ def run_instances(
         num_linearized_parameters=num_lin,
         warnings=warnings,
     )
+
+
+def _read_points(data_path: Path, spec: InstancesSpec) -> tuple[Tensor | None, Tensor | None]:
+    """The prediction points ``[Q, d]`` (``instances.predict_at``, else ``/reference/inputs``; None:
+    the first block's points) and ``/reference/inputs`` ``[P, d]`` (None when absent)."""
+    x_pred = None
+    where_pred = spec.predict_at or "/reference/inputs"
+    found = read_datasets(data_path, [where_pred], torch.float64, optional=spec.predict_at is None)
+    if where_pred in found:
+        x_pred = found[where_pred]
+        if x_pred.ndim == 1:
+            x_pred = x_pred[:, None]
+    ref_x = read_datasets(data_path, ["/reference/inputs"], torch.float64, optional=True).get("/reference/inputs")
+    if spec.reference is not None and ref_x is None:
+        raise DataError(f"{data_path}:/reference/inputs: needed for config.instances.reference ({spec.reference})")
+    return x_pred, ref_x
+
+
+def _refine_instance(run: _Run, i: int) -> tuple[RefineResult, dict[str, Any], Tensor, Tensor]:
+    """Refine instance ``i``: (the refinement's result, its table row, the predictions ``[Q, C]``
+    before and after)."""
+    t0 = time.perf_counter()
+    cfg, spec = run.cfg, run.spec
+    problem = parse_problem(
+        cfg.pde, run.data_path, torch.Generator().manual_seed(cfg.seed), run.base_dir, (spec.group, i)
+    )
+    if spec.reference is not None and run.ref_x is not None:
+        problem.reference = (run.ref_x, _instance_reference(run.data_path, spec, i, run.ref_x, run.outputs))
+    else:
+        problem.reference = None
+    fixed = tuple(read_row(run.data_path, f"{spec.group}/{name}", i, run.dtype).to(run.device) for name in spec.inputs)
+    module = InstanceModel(run.ckpt.module, fixed, spec.layout)
+    inst = LoadedCheckpoint(run.ckpt.path, "instance", module)
+    res = refine_pde(inst, problem, cfg)
+    q, num_outputs = int(run.x_pred.shape[0]), len(run.outputs)
+    xp = run.x_pred.to(device=run.device, dtype=run.dtype)
+    before = predict(module, (xp,), 4096).reshape(q, num_outputs)  # [Q, C]
+    after = predict(res.model, (xp,), 4096).reshape(q, num_outputs)
+    ref = res.errors.get("reference", {})
+    row = {
+        "index": i,
+        "rank": res.rank,
+        "rel_l2_before": ref.get("before", {}).get("rel_l2"),
+        "rel_l2_after": ref.get("after", {}).get("rel_l2"),
+        "residual_before": (res.residual_loss or {}).get("before"),
+        "residual_after": (res.residual_loss or {}).get("after"),
+        "seconds": time.perf_counter() - t0,
+    }
+    return res, row, before, after
+
+
+def _write_instance(
+    run: _Run, partial: Path, num: int, i: int, res: RefineResult, row: dict[str, Any], before: Tensor, after: Tensor
+) -> None:
+    """Instance ``i``'s predictions, constants, table row (and step) into ``partial``, marked done."""
+    net, names, num_outputs = run.ckpt.module, run.names, len(run.outputs)
+    with h5py.File(partial, "a") as f:
+        for when, pred in (("before", before), ("after", after)):
+            values_np = pred.detach().cpu().double().numpy()
+            f[f"predictions/{when}"][i] = values_np[:, 0] if num_outputs == 1 else values_np
+        for name, entry in (res.unknowns or {}).items():  # pde.unknowns: this instance's own constants
+            f[f"unknowns/{name}/before"][i] = entry["before"]
+            f[f"unknowns/{name}/after"][i] = entry["after"]
+        g = f["instances"]
+        for key in ("rel_l2_before", "rel_l2_after", "residual_before", "residual_after", "seconds"):
+            g[key][i] = np.nan if row[key] is None else row[key]
+        g["rank"][i] = res.rank
+        if run.spec.save_delta:
+            flat = torch.cat(
+                [
+                    (torch.view_as_real(d) if d.is_complex() else d).reshape(-1).double().cpu()
+                    if (d := res.delta.get(f"net.{n}")) is not None
+                    else torch.zeros(int(dict(net.named_parameters())[n].numel()), dtype=torch.float64)
+                    for n in names
+                ]
+            ).numpy()
+            if "delta" not in f:
+                ds = f.create_dataset("delta", shape=(num, flat.size), dtype="f8", fillvalue=np.nan)
+                ds.attrs["parameters"] = json.dumps(names)
+            f["delta"][i] = flat
+        g["done"][i] = True
+        f.flush()
 
 
 __all__ = ["InstanceModel", "InstancesResult", "InstancesSpec", "fingerprint", "parse_instances", "run_instances"]

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from lsr_cli.distributed import SINGLE, Comm
 from lsr_cli.linearization import JacobianOperator, ParameterSpace
 from lsr_cli.metrics import global_error_metrics
-from lsr_cli.refine import predict
+from lsr_cli.prepare import predict
 
 from .problem import PdeProblem
 

@@ -167,7 +167,7 @@ def select_space(module: nn.Module, cfg: Config, gen: torch.Generator) -> Parame
 
     Patterns see the names of :meth:`WithUnknowns.display_name`; ``fraction`` draws among the
     network's parameters only (an unknown is never dropped at random)."""
-    from lsr_cli.refine import select_parameters
+    from lsr_cli.prepare import select_parameters
 
     if not isinstance(module, WithUnknowns):
         return select_parameters(module, cfg, gen)
