@@ -116,13 +116,15 @@ MIN_FOLD_ROWS = 64
 
 def sketch_bytes(rows: int, m: int, k: int, itemsize: int = 8) -> int:
     """The range finder at ``k`` columns over ``rows`` sketched rows and ``m`` parameters: ``Q``
-    (``rows × k``, allocated once per extension), the block being added (``Y`` and ``Ω``),
-    ``B = JᵀQ``, its SVD factor ``W`` with LAPACK's copy of the same size, and the basis ``P``
-    kept across rounds (``m × k`` each), and the ``k × k`` factors. The last round of a large
-    rank needs less (:meth:`~.sketch.RangeSketch.release`: ``Q`` and ``B`` dropped, ``2 m k``
-    at the SVD, ``P`` formed in ``W``'s place), so this bounds both."""
+    while it grows (the old and the new, concatenated), the block being added (``Y`` or its
+    orthonormal copy; ``Ω``), ``B = JᵀQ`` while it grows, its SVD factor ``W`` and the basis
+    ``P`` (``m × k`` each), and the ``k × k`` factors. LAPACK's SVD of ``B`` takes about as
+    much again as ``W``: a budget counted with ``3 m k`` was exceeded by 14 % at k = 2 005
+    (`benchmarks/paper_operators.py`), so the count stays at ``4 m k`` and ``2 k`` rows of
+    ``Q`` although ``Q`` now grows in place. The last round of a large rank needs less
+    (:meth:`~.sketch.RangeSketch.release`)."""
     b = min(k, SKETCH_BLOCK)
-    return itemsize * (rows * (k + b) + m * b + 3 * m * k + 2 * k * k)
+    return itemsize * (rows * (2 * k + b) + m * b + 4 * m * k + 2 * k * k)
 
 
 def triangle_bytes(r: int) -> int:
