@@ -66,7 +66,7 @@ Writes ``sample_data/burgers_paper.h5`` and ``sample_data/burgers_paper_{deepone
 from __future__ import annotations
 
 import argparse
-import math
+import sys
 import time
 from pathlib import Path
 
@@ -76,6 +76,9 @@ import torch
 from torch import nn
 
 from lsr_cli.operators import DeepONet, MultiONet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_burgers_operator import solve_burgers  # noqa: E402  (the same solver, ν an argument)
 
 HERE = Path(__file__).resolve().parent
 NU = 0.1
@@ -108,32 +111,6 @@ def initial_conditions(rng: np.random.Generator, n: int, m: int) -> np.ndarray:
     # irfft of m √(2 λ_k)/2 (a − i b) gives √(2 λ_k) (a cos 2πkx + b sin 2πkx)
     spec[:, 1 : NUM_MODES + 1] = m * np.sqrt(2 * lam) / 2 * (a - 1j * b)
     return np.fft.irfft(spec, n=m)
-
-
-def solve_burgers(u0: np.ndarray, t_final: float, dt: float, nu: float) -> np.ndarray:
-    """Pseudo-spectral integrating-factor RK4 for periodic viscous Burgers on [0, 1) (as in
-    make_burgers_operator.py, with ν an argument). ``u0`` [n, M] on the grid j/M; returns [n, M]."""
-    m = u0.shape[1]
-    k = 2 * np.pi * np.fft.rfftfreq(m, d=1.0 / m)
-    dealias = np.abs(np.fft.rfftfreq(m, d=1.0 / m)) < m / 3
-    e = np.exp(-nu * k**2 * dt)
-    e2 = np.exp(-nu * k**2 * dt / 2)
-
-    def nonlinear(v: np.ndarray) -> np.ndarray:
-        u = np.fft.irfft(v * dealias, n=m)
-        return -0.5j * k * np.fft.rfft(u * u) * dealias
-
-    steps = round(t_final / dt)
-    if not math.isclose(steps * dt, t_final, rel_tol=1e-12):
-        raise ValueError(f"t_final {t_final} is not a multiple of dt {dt}")
-    v = np.fft.rfft(u0)
-    for _ in range(steps):
-        k1 = dt * nonlinear(v)
-        k2 = dt * nonlinear(e2 * (v + k1 / 2))
-        k3 = dt * nonlinear(e2 * v + k2 / 2)
-        k4 = dt * nonlinear(e * v + e2 * k3)
-        v = e * v + (e * k1 + 2 * e2 * (k2 + k3) + k4) / 6
-    return np.fft.irfft(v, n=m)
 
 
 def make_data(path: Path, seed: int) -> None:
