@@ -144,13 +144,13 @@ def measure_workspace(op: Any, meter: MemoryMeter) -> tuple[float, bool]:
     :class:`~.linearization.JacobianOperator`), measured on its first samples; a dense operator
     has no autodiff workspace. ``(per_unit, measured)``; not measured where the peak counter
     cannot be reset (then a conservative guess from the output size)."""
-    from .linearization import JacobianOperator, take_rows
+    from .linearization import JacobianOperator
 
     if not isinstance(op, JacobianOperator) or op.num_samples == 0:
         return 0.0, True
     s = min(PROBE_SAMPLES, op.num_samples)
     t = min(PROBE_TANGENTS, op.tangent_chunk)
-    sub = JacobianOperator(op.module, op.space, take_rows(op.inputs, 0, s, op.shared), s, t, op.residual, op.shared)
+    sub = op.head(s, s, t)
     gen = torch.Generator().manual_seed(0)  # probing only; the run's random stream is untouched
     V = torch.randn(sub.shape[1], t, generator=gen, dtype=sub.dtype).to(sub.device)
     U = torch.randn(sub.shape[0], t, generator=gen, dtype=sub.dtype).to(sub.device)

@@ -350,6 +350,12 @@ class JacobianOperator:
     def _rows(self, s: int, e: int) -> Inputs:
         return take_rows(self.inputs, s, e, self.shared)
 
+    def head(self, samples: int, row_chunk: int, tangent_chunk: int) -> JacobianOperator:
+        """The operator of the first ``samples`` samples (probes and chunk tuning time it)."""
+        return JacobianOperator(
+            self.module, self.space, self._rows(0, samples), row_chunk, tangent_chunk, self.residual, self.shared
+        )
+
     def _apply(self, params: dict[str, Tensor], rows: Inputs) -> Tensor:
         full = {**self._frozen, **params}
         if self.residual is None:
@@ -481,7 +487,7 @@ def tune_row_chunk(op: JacobianOperator, max_rows: int = 1 << 20, max_seconds: f
     V = torch.randn(op.shape[1], cols, generator=gen, dtype=op.dtype).to(op.device)
     timings: list[tuple[int, float]] = []
     while True:
-        sub = JacobianOperator(op.module, op.space, op._rows(0, size), size, cols, op.residual, op.shared)
+        sub = op.head(size, size, cols)
         if not timings:
             sub.matmat(V)  # warm-up
         t0 = time.perf_counter()

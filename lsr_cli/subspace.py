@@ -178,7 +178,6 @@ def solve_subspace(
     search = _Search([zero], best_metric, {"rank": 0, "dz": None, "entry": zero})
     if sketch is None:
         sketch = RangeSketch(basis_op, gen, dtype, device, lsr.power_iterations, comm=comm)
-    sketch.label = label  # type: ignore[attr-defined]
     tplan: TimePlan | None = None
     if comm.world == 1:
         tplan, ranks_wanted, rank = _plan_rounds(sketch, setup, ranks_wanted, rank, device, dtype, search.timings)
@@ -217,7 +216,7 @@ def _plan_rounds(
     """The time plan (one process) and the fixed ranks and first rank it allows."""
     t0 = time.perf_counter()
     tplan = measure_and_plan(
-        sketch, setup.train_op, setup.selection, setup.lsr, (ranks_wanted, rank), setup.limit, setup.sink, device, dtype
+        sketch, setup.train_op, setup.selection, setup.lsr, (ranks_wanted, rank), setup.limit, device, dtype
     )
     timings["sketch"] += time.perf_counter() - t0
     if tplan.single:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from .config import LsrConfig
-from .runtime import ProgressSink
 from .selection import Selection
 from .sketch import LinearOperator, RangeSketch
 from .timeplan import (
@@ -26,7 +25,7 @@ from .timeplan import (
     run_elapsed,
 )
 
-__all__ = ["lsr_label", "measure_and_plan", "out_of_time", "plan_line"]
+__all__ = ["measure_and_plan", "out_of_time", "plan_line"]
 
 
 def measure_and_plan(
@@ -36,7 +35,6 @@ def measure_and_plan(
     lsr: LsrConfig,
     plan_ranks: tuple[list[int], int],
     limit: int,
-    sink: ProgressSink,
     device: torch.device,
     dtype: torch.dtype,
 ) -> TimePlan:
@@ -66,10 +64,6 @@ def measure_and_plan(
     )
     planned = ladder(rank, lsr.growth, min(lsr.max_rank, limit)) if not ranks_wanted else [rank]
     return plan_time(costs, planned, ranks_wanted, sketch.num_columns, lsr.time_limit, run_elapsed())
-
-
-def lsr_label(sketch: RangeSketch) -> str:
-    return getattr(sketch, "label", "J")
 
 
 def plan_line(plan: TimePlan) -> str:

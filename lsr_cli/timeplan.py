@@ -121,15 +121,13 @@ def probe_vjp(op: Any, columns: int, dtype: torch.dtype, device: torch.device) -
     """Seconds per (row · column) of ``op``'s VJPs, timed on its first samples (a sixteenth,
     at least one row chunk), or ``None`` when ``op`` is not a
     :class:`~.linearization.JacobianOperator`."""
-    from .linearization import JacobianOperator, take_rows
+    from .linearization import JacobianOperator
 
     if not isinstance(op, JacobianOperator) or op.num_samples == 0:
         return None
     s = min(op.num_samples, max(op.vjp_row_chunk, op.num_samples // 16))
-    sub = JacobianOperator(
-        op.module, op.space, take_rows(op.inputs, 0, s, op.shared), s, columns, op.residual, op.shared
-    )
-    sub.row_chunk, sub.vjp_row_chunk = op.row_chunk, op.vjp_row_chunk
+    sub = op.head(s, op.row_chunk, columns)
+    sub.vjp_row_chunk = op.vjp_row_chunk
     gen = torch.Generator().manual_seed(0)  # timing only: the run's random stream is untouched
     U = torch.randn(sub.shape[0], columns, generator=gen, dtype=dtype).to(device)
     t0 = time.perf_counter()
