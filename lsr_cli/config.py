@@ -259,6 +259,13 @@ class IterateConfig:
         40, help="Levenberg–Marquardt steps (geodesic acceleration) of each fit to the LSR predictor"
     )
     gauss_newton_rank: int = key(600, help="parameter directions sketched for each of those steps")
+    physics: bool = key(
+        True,
+        help="after an iteration that lowers the `select` criterion less than 2× (or is rejected), run a physics "
+        "pass: Levenberg–Marquardt steps (`gauss_newton_steps`, `gauss_newton_rank`) on the network's own "
+        "residual at the fit points, kept at the step with the lowest validation residual; passes go on while "
+        "they are kept. The report's iterations say which ran (`step`: `lsr` or `physics`)",
+    )
     time_limit: float | None = key(
         540.0,
         shown="9min",
@@ -381,7 +388,7 @@ def _parse_iterate(raw: dict[str, Any], cfg: Config) -> None:
         cfg.iterate.time_limit = parse_duration("iterate.time_limit", it["time_limit"])
     if "tolerance" in it:
         cfg.iterate.tolerance = _float("iterate.tolerance", it["tolerance"], lo=0.0, hi=1e6)
-    for key in ("resample",):
+    for key in ("resample", "physics"):
         if key in it:
             if not isinstance(it[key], bool):
                 raise _fail(f"iterate.{key}", "true or false", it[key])

@@ -116,8 +116,8 @@ class StackedOperator:
     def shape(self) -> tuple[int, int]:
         return (sum(self.row_counts), self.ops[0].shape[1])
 
-    def forward(self) -> Tensor:
-        return torch.cat([op.forward().reshape(-1) for op in self.ops])
+    def forward(self, params: dict[str, Tensor] | None = None) -> Tensor:
+        return torch.cat([op.forward(params).reshape(-1) for op in self.ops])
 
     def iter_matmat(self, V: Tensor, progress: ProgressFn | None = None) -> Iterator[tuple[int, Tensor]]:
         """Row blocks of ``[G_1; G_2; …] V`` as ``(first_row, block)``, operator after operator."""

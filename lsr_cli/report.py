@@ -334,7 +334,7 @@ def iterate_table(report: dict[str, Any]) -> Table:
         ref = e["reference_rel_l2"]
         table.add_row(
             str(e["iteration"]),
-            str(e["rank"]),
+            "physics" if e.get("step") == "physics" else str(e["rank"]),
             _fmt(e["residual_loss"]["linearized"]),
             _fmt(e["residual_loss"]["network"]),
             _fmt(ref["linearized"]),

@@ -17,6 +17,7 @@ import lsr_cli.pde.iterate as iterate_module
 import lsr_cli.pde.iterate_parts as iterate_parts
 from lsr_cli import Config
 from lsr_cli.checkpoint import LoadedCheckpoint
+from lsr_cli.cli.iterate import _iteration_line as iterate_cli_line
 from lsr_cli.config import parse_config
 from lsr_cli.data import read_data
 from lsr_cli.errors import ConfigError
@@ -156,7 +157,7 @@ def test_a_diverging_step_is_rejected_and_never_kept(monkeypatch):
 
     monkeypatch.setattr(iterate_module, "gauss_newton_fit", diverge)
     net = _pinn()
-    result, _ = _run_pde(net, patience=2)
+    result, _ = _run_pde(net, patience=2, physics=False)
     assert result.status == "unchanged"
     assert result.best_iteration == -1
     assert [e["criterion"]["kept"] for e in result.history] == [False, False]
@@ -201,13 +202,56 @@ def test_a_step_that_raises_the_validation_residual_is_chosen_again_on_the_valid
 def test_iterate_stops_when_no_lsr_step_lowers_the_validation_residual(monkeypatch):
     monkeypatch.setattr(iterate_parts, "predictor_validation_loss", lambda *args, **kwargs: math.inf)
     net = _pinn()
-    result, _ = _run_pde(net, iterations=3)
+    result, _ = _run_pde(net, iterations=3, physics=False)
     assert len(result.history) == 1 and result.history[0]["rank"] == 0
     assert result.history[0]["guard"]["outcome"] == "no step lowered the validation loss"
     assert result.stop_reason.startswith("no LSR step lowered the residual at the validation points")
     assert result.status == "unchanged"
     for (name, a), (_, b) in zip(result.module.state_dict().items(), net.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_weak_lsr_iteration_is_followed_by_a_physics_pass_kept_on_the_validation_points(monkeypatch):
+    # no LSR step lowers the validation residual: the physics pass (LM on the network's own
+    # residual) takes over and is kept only where it lowers the validation residual
+    monkeypatch.setattr(iterate_parts, "predictor_validation_loss", lambda *args, **kwargs: math.inf)
+    net = _pinn()
+    result, cfg = _run_pde(net, iterations=3)
+    steps = [e["step"] for e in result.history]
+    assert steps[0] == "lsr" and result.history[0]["rank"] == 0
+    assert steps[1] == "physics"
+    start = _validation_loss(net, cfg)
+    p = result.history[1]["physics"]
+    assert p["monitor_start"] == pytest.approx(start, rel=1e-9)
+    assert p["steps"] >= 1 and 0 <= p["kept_step"] <= p["steps"]
+    # the pass leaves the weights of its lowest validation residual, which its trace records
+    assert p["monitor_best"] == min([start] + [t["monitor"] for t in p["trace"]])
+    assert result.history[1]["criterion"]["value"] == pytest.approx(p["monitor_best"], rel=1e-9)
+    assert result.history[1]["criterion"]["kept"] == (p["monitor_best"] < start)
+    assert result.status == "improved" and _validation_loss(result.module, cfg) < start
+    assert "physics pass" in iterate_cli_line(result.history[1])
+
+
+def test_physics_pass_stops_after_its_patience_and_restores_the_best_step(monkeypatch):
+    import lsr_cli.pde.iterate_physics as physics
+
+    net = _pinn()
+    cfg = Config()
+    cfg.iterate.gauss_newton_steps = 30
+    cfg.iterate.gauss_newton_rank = 40
+    problem = parse_problem(PDE, None, torch.Generator().manual_seed(cfg.seed))
+    val, _ = validation_problem(problem, cfg.seed)
+    assert val is not None
+    values = iter([1.0, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6])  # best after step 1
+    monkeypatch.setattr(physics, "global_mean_square", lambda *args, **kwargs: next(values))
+    states: list[dict[str, torch.Tensor]] = []
+    monkeypatch.setattr(
+        physics, "true_residual", lambda module, *a, **k: states.append(copy.deepcopy(module.state_dict())) or None
+    )
+    info = physics.physics_pass(net, problem, val, cfg, torch.Generator().manual_seed(0))
+    assert info["steps"] == 1 + physics.PATIENCE and info["kept_step"] == 1 and info["monitor_best"] == 0.5
+    for name, value in net.state_dict().items():  # the weights after step 1, not after the last step
+        assert torch.equal(value, states[1][name]), name
 
 
 def test_iterate_time_limit_parses_durations_and_names_a_bad_value():

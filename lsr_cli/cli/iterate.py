@@ -414,6 +414,14 @@ def _write_iterate_outputs(
 
 def _iteration_line(e: dict[str, Any]) -> str:
     ref = e["reference_rel_l2"]
+    kept = "kept" if e["criterion"].get("kept") else "not kept"
+    if e.get("step") == "physics":
+        p = e["physics"]
+        refs = "" if ref["network"] is None else f", reference rel L2 {ref['network']:.2e} (net)"
+        return (
+            f"iteration {e['iteration']}: physics pass, {p['steps']} steps (kept step {p['kept_step']}), residual "
+            f"{e['residual_loss']['network']:.2e} (net){refs}, {kept}, {e['seconds']['total']:.1f}s"
+        )
     refs = (
         ""
         if ref["network"] is None
@@ -421,7 +429,7 @@ def _iteration_line(e: dict[str, Any]) -> str:
     )
     return (
         f"iteration {e['iteration']}: rank {e['rank']}, residual {e['residual_loss']['linearized']:.2e} (LSR) / "
-        f"{e['residual_loss']['network']:.2e} (net){refs}, fit {e['alignment']['relative_fit']:.1e}, "
+        f"{e['residual_loss']['network']:.2e} (net){refs}, fit {e['alignment']['relative_fit']:.1e}, {kept}, "
         f"{e['seconds']['total']:.1f}s"
     )
 

@@ -78,6 +78,7 @@ from .iterate_parts import (
     reference_errors,
     validation_set,
 )
+from .iterate_physics import physics_pass
 from .iterate_step import Targets, lsr_targets
 from .problem import PdeProblem, resample
 from .refine_pde import (
@@ -206,6 +207,46 @@ class _Budget:
         return max(0.0, self.limit - (time.perf_counter() - self.t0) - self.longest["evaluation"])
 
 
+PHYSICS_TRIGGER = 2.0
+"""An LSR iteration that lowers the kept criterion less than this factor (or is rejected) is
+followed by a physics pass (``iterate.physics``); physics passes go on while they are kept."""
+
+
+def _physics_iteration(
+    k: int,
+    module: nn.Module,
+    problem: PdeProblem,
+    val: PdeProblem | None,
+    cfg: Config,
+    gen: torch.Generator,
+    comm: Comm,
+    budget: _Budget,
+    t0: float,
+) -> tuple[dict[str, Any], tuple[float, dict[str, float], float, dict[str, Any] | None]]:
+    """Iteration ``k`` as a physics pass (:mod:`.iterate_physics`) from the kept network: its
+    report entry and the evaluation of the network it leaves."""
+    info = physics_pass(module, problem, val, cfg, gen, comm, budget.fit_limit())
+    t1 = time.perf_counter()
+    net = _evaluate(module, problem, val, cfg, comm, math.nan)
+    t2 = time.perf_counter()
+    budget.record(0.0, t1 - t0, t2 - t1)
+    net_loss, net_blocks, crit, net_ref = net
+    entry = {
+        "iteration": k,
+        "step": "physics",
+        "rank": None,
+        "residual_loss": {"linearized": None, "network": net_loss},
+        "blocks": {name: {"network": net_blocks[name]} for name in net_blocks},
+        "reference_rel_l2": {"linearized": None, "network": net_ref["rel_l2"] if net_ref else None},
+        "network_error_estimate": None,
+        "criterion": {"name": cfg.iterate.select, "value": crit, "kept": False},
+        "physics": info,
+        "alignment": {"relative_fit": None, "gauss_newton_steps": info["steps"]},
+        "seconds": {"lsr": 0.0, "align": t1 - t0, "total": t2 - t0},
+    }
+    return entry, net
+
+
 def _stop_reason_for_budget(budget: _Budget) -> str:
     return (
         f"iterate.time_limit ({budget.limit:g} s): the time left is below what the next iteration needs at least "
@@ -246,6 +287,7 @@ def _entry(
     net_loss, net_blocks, crit, net_ref = net
     return {
         "iteration": k,
+        "step": "lsr",
         "rank": t.sub.rank,
         "residual_loss": {"linearized": t.lin_loss, "network": net_loss},
         "blocks": {name: {"network": net_blocks[name]} for name in net_blocks},
@@ -286,7 +328,7 @@ def iterate(
     sink = progress or NoProgress()
     dtype, device, gen = start_run(cfg.dtype, cfg.device, cfg.seed)
     it_cfg = cfg.iterate
-    timings = {"lsr": 0.0, "align": 0.0, "evaluate": 0.0}
+    timings = {"lsr": 0.0, "align": 0.0, "evaluate": 0.0, "physics": 0.0}
     history: list[dict[str, Any]] = []
     warnings: list[str] = []
     _check_lbfgs(problem, cfg)
@@ -302,7 +344,7 @@ def iterate(
         start_blocks = block_losses(ops.f0, problem, comm)
         start_crit = criterion_value(it_cfg.select, val, module, start_loss, math.inf, comm)
         best = _Kept(start_iteration - 1, copy.deepcopy(module.state_dict()), start_loss, start_blocks, start_crit)
-        stale = 0
+        stale, direct = 0, False
         stop_reason = f"reached iterate.iterations = {it_cfg.iterations}"
         advance = sink.begin("I-LSR iterations", it_cfg.iterations)
         for k in range(start_iteration, start_iteration + it_cfg.iterations):
@@ -312,6 +354,25 @@ def iterate(
             t0 = time.perf_counter()
             if it_cfg.resample and k > start_iteration:
                 resample(problem, gen, data_path, base_dir, comm.rank, comm.world)
+            if direct:  # the last LSR iteration gained too little: a physics pass instead
+                entry, net = _physics_iteration(k, module, problem, val, cfg, gen, comm, budget, t0)
+                kept = math.isfinite(net[0]) and math.isfinite(net[2]) and net[2] < best.criterion
+                if kept:
+                    best, stale = _Kept(k, copy.deepcopy(module.state_dict()), net[0], net[1], net[2]), 0
+                else:  # no gain: the next iteration tries an LSR step again
+                    module.load_state_dict(best.state)
+                    stale, direct = stale + 1, False
+                entry["criterion"]["kept"] = kept
+                timings["physics"] += entry["seconds"]["total"]
+                history.append(entry)
+                if on_iteration is not None:
+                    on_iteration(entry)
+                advance(1)
+                if stale >= it_cfg.patience:
+                    stop_reason = f"the {CRITERIA[it_cfg.select]} did not fall for {stale} iterations"
+                    break
+                continue
+            before = best.criterion
             if k > start_iteration:  # the first iteration uses the operators built at the start
                 space = select_space(module, cfg, gen)
                 ops = build_operators(module, problem, space, cfg, comm=comm)
@@ -346,7 +407,9 @@ def iterate(
             advance(1)
             if not math.isfinite(net_loss):
                 warnings.append(f"non-finite residual at iteration {k}: the step was rejected")
-            if t.sub.dz is None and not it_cfg.resample:
+            # a weak LSR iteration (the criterion fell less than PHYSICS_TRIGGER×): a physics pass next
+            direct = it_cfg.physics and (not kept or before < PHYSICS_TRIGGER * crit)
+            if t.sub.dz is None and not it_cfg.resample and not direct:
                 stop_reason = "no LSR step lowered the residual at the validation points (the pde.validation guard)"
                 break
             if kept and alignment["relative_fit"] <= it_cfg.tolerance:

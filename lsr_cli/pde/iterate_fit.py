@@ -188,7 +188,7 @@ def gauss_newton_fit(
     time_limit: float = math.inf,
     shared: Sequence[bool] = (),
     frozen: Sequence[str] = (),
-    on_step: Callable[[int, float, dict[str, float]], None] | None = None,
+    on_step: Callable[[int, float, dict[str, float]], bool | None] | None = None,
 ) -> int:
     """Levenberg–Marquardt with geodesic acceleration on ``‖q(θ, x) − y‖²`` in a parameter
     subspace, re-linearized every step; returns the number of accepted steps.
@@ -219,8 +219,35 @@ def gauss_newton_fit(
 
     ``frozen``: parameter names left out of the fit (unknown constants beside the network).
     """
-    it = cfg.iterate
     inputs = points if isinstance(points, tuple) else (points,)
+
+    def output_operator(space: ParameterSpace) -> tuple[Any, Any]:
+        op = JacobianOperator(module, space, inputs, 1024, cfg.lsr.tangent_chunk, shared=shared)
+        dense = None
+        if comm.world == 1:
+            budget = resolve_memory_budget(cfg.lsr.max_memory, target.device)
+            dense, _ = materialize(op, budget // 4, torch.Generator().manual_seed(0))
+        return op, dense
+
+    return levenberg_marquardt(module, output_operator, target, cfg, gen, comm, time_limit, frozen, on_step)
+
+
+def levenberg_marquardt(
+    module: nn.Module,
+    make_operator: Callable[[ParameterSpace], tuple[Any, Any]],
+    target: Tensor | None,
+    cfg: Config,
+    gen: torch.Generator,
+    comm: Comm = SINGLE,
+    time_limit: float = math.inf,
+    frozen: Sequence[str] = (),
+    on_step: Callable[[int, float, dict[str, float]], bool | None] | None = None,
+) -> int:
+    """The loop of :func:`gauss_newton_fit` on ``‖F(θ) − y‖²`` for any residual: ``make_operator(space)``
+    gives the operator at the current weights (``forward(params)`` for ``F``, its Jacobian's
+    products) and its dense form or ``None``; ``target`` ``y`` (``None``: zero, a physics residual).
+    ``on_step`` may return ``True`` to stop."""
+    it = cfg.iterate
     t0 = time.perf_counter()
     j: float | None = None
     accepted = 0
@@ -232,13 +259,12 @@ def gauss_newton_fit(
             n: p.detach().clone() for n, p in module.named_parameters() if p.is_floating_point() and n not in frozen
         }
         space = ParameterSpace(named)
-        op: Any = JacobianOperator(module, space, inputs, 1024, cfg.lsr.tangent_chunk, shared=shared)
+        op, dense = make_operator(space)
         n, m = comm.sum_int(op.shape[0]), op.shape[1]
-        res = (op.forward() - target).to(torch.float64)
-        dense = None
-        if comm.world == 1:
-            budget = resolve_memory_budget(cfg.lsr.max_memory, res.device)
-            dense, _ = materialize(op, budget // 4, torch.Generator().manual_seed(0))
+        value = op.forward()
+        if target is None:
+            target = torch.zeros_like(value)
+        res = (value - target).to(torch.float64)
         tk = time.perf_counter()
         k = min(it.gauss_newton_rank, n, m)
         if dense is not None and k >= min(n, m):
@@ -285,7 +311,8 @@ def gauss_newton_fit(
         accepted += 1
         if on_step is not None:
             now = time.perf_counter()
-            on_step(accepted, best[0], {"jacobian": tk - tj, "subspace": ts - tk, "trials": now - ts, "j": j})
+            if on_step(accepted, best[0], {"jacobian": tk - tj, "subspace": ts - tk, "trials": now - ts, "j": j}):
+                break
         if best[0] <= 1e-30 * max(n, 1):
             break
     return accepted
