@@ -849,6 +849,9 @@ def iterate_table(results: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+NOTES = "<!-- notes: kept when the tables are rewritten -->"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
@@ -893,7 +896,10 @@ def main() -> None:
         + iterate_table(results)
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(md)
+    md_path = args.out.with_suffix(".md")
+    if md_path.exists() and NOTES in (old := md_path.read_text()):  # the hand-written notes stay
+        md += "\n" + old[old.index(NOTES) :]
+    md_path.write_text(md)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     log(md)
 

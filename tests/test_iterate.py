@@ -20,6 +20,7 @@ from lsr_cli.checkpoint import LoadedCheckpoint
 from lsr_cli.cli.iterate import _iteration_line as iterate_cli_line
 from lsr_cli.config import parse_config
 from lsr_cli.data import read_data
+from lsr_cli.distributed import SINGLE
 from lsr_cli.errors import ConfigError
 from lsr_cli.iterate_supervised import iterate_supervised
 from lsr_cli.models import MLP
@@ -252,6 +253,27 @@ def test_physics_pass_stops_after_its_patience_and_restores_the_best_step(monkey
     assert info["steps"] == 1 + physics.PATIENCE and info["kept_step"] == 1 and info["monitor_best"] == 0.5
     for name, value in net.state_dict().items():  # the weights after step 1, not after the last step
         assert torch.equal(value, states[1][name]), name
+
+
+def test_physics_pass_fresh_points_are_seeded_new_every_pass_and_disjoint_from_the_fit_points():
+    cfg = Config()
+    cfg.device = "cpu"
+    problem = parse_problem(PDE, None, torch.Generator().manual_seed(cfg.seed))
+    val, _ = validation_problem(problem, cfg.seed)
+    first, again, second = (iterate_parts.fresh_points(problem, cfg, SINGLE, k) for k in (1, 1, 2))
+    assert first is not None and again is not None and second is not None and val is not None
+    for a, b, c, fit, v in zip(first.blocks, again.blocks, second.blocks, problem.blocks, val.blocks, strict=True):
+        assert torch.equal(a.points, b.points)  # seeded: the same pass draws the same points
+        assert a.points.shape[0] == fit.points.shape[0]  # as many as the block's fit points
+        for other in (c.points, fit.points, v.points):  # new in every pass, never a fit or validation point
+            assert torch.cdist(a.points.double(), other.double()).min() > 0
+
+
+def test_iterate_physics_is_a_boolean_key():
+    assert Config().iterate.physics is True
+    assert parse_config({"iterate": {"physics": False}}).iterate.physics is False
+    with pytest.raises(ConfigError, match=r"iterate.physics"):
+        parse_config({"iterate": {"physics": "yes"}})
 
 
 def test_iterate_time_limit_parses_durations_and_names_a_bad_value():

@@ -75,6 +75,7 @@ from .iterate_parts import (
     criterion_value,
     distance,
     fit_points,
+    fresh_points,
     reference_errors,
     validation_set,
 )
@@ -225,7 +226,8 @@ def _physics_iteration(
 ) -> tuple[dict[str, Any], tuple[float, dict[str, float], float, dict[str, Any] | None]]:
     """Iteration ``k`` as a physics pass (:mod:`.iterate_physics`) from the kept network: its
     report entry and the evaluation of the network it leaves."""
-    info = physics_pass(module, problem, val, cfg, gen, comm, budget.fit_limit())
+    fresh = fresh_points(problem, cfg, comm, k)
+    info = physics_pass(module, problem, val, cfg, gen, comm, budget.fit_limit(), fresh)
     t1 = time.perf_counter()
     net = _evaluate(module, problem, val, cfg, comm, math.nan)
     t2 = time.perf_counter()

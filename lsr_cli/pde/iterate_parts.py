@@ -120,6 +120,24 @@ def validation_set(problem: PdeProblem, cfg: Config, comm: Comm) -> tuple[PdePro
     return val, info
 
 
+FRESH_OFFSET = 7919
+"""The fresh points of the physics pass of iteration ``k`` are seeded ``seed + FRESH_OFFSET + k``."""
+
+
+def fresh_points(problem: PdeProblem, cfg: Config, comm: Comm, k: int) -> PdeProblem | None:
+    """Points drawn as the validation points are (:mod:`.validation`) from another seed per
+    iteration, this rank's share on the problem's device; ``None`` when no block allows them."""
+    if problem.instance is not None:
+        return None
+    fresh, _ = validation_problem(problem, cfg.seed, offset=FRESH_OFFSET + k)
+    if fresh is None:
+        return None
+    fresh.shard(comm.rank, comm.world)
+    x = problem.blocks[0].points
+    fresh.to(x.device, x.dtype)
+    return fresh
+
+
 def predictor_validation_loss(
     module: nn.Module, space: ParameterSpace, dz: Tensor | None, val: PdeProblem, comm: Comm = SINGLE
 ) -> float:
