@@ -891,7 +891,8 @@ def main() -> None:
         "`lsr refine`'s time; oracle GN: dense Gauss–Newton step on the same rows at the rank with the best "
         "reference error.\n\n" + table(results) + "\n## `lsr iterate` with its defaults\n\n"
         "The written plain network against the start (gain), beside the best LSR predictor an iteration "
-        "produced and `lsr refine`'s predictor (which adds collocation points; `lsr iterate` does not). "
+        "produced and `lsr refine`'s predictor (which adds collocation points). Physics passes (`iterate.physics`) fit the "
+        "network's own residual at the file's points and fresh ones. "
         "`iterate.time_limit` (9 min) bounds the run; CPU: user + system seconds of the command.\n\n"
         + iterate_table(results)
     )
