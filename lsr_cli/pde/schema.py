@@ -97,7 +97,7 @@ PDE_KEYS = {
         "string or mapping",
         "auto",
         "residual-based adaptive collocation: while the refined predictor's exact residual at the validation "
-        "points is over 10× the one at the fit points, add as many points per `pde` block as it has where the "
+        "points is above the one at the fit points, add as many points per `pde` block as it has where the "
         "residual is largest (RAD sampling from a dense seeded candidate set) and solve again; a round is kept "
         "only when it lowers the validation loss by 10 %. `auto`: at most 3 rounds, 600 s; "
         "`{rounds: N, time_limit: SECONDS}`; `none`: off. Needs validation points",
