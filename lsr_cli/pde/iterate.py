@@ -229,9 +229,11 @@ def _physics_iteration(
     comm: Comm,
     budget: _Budget,
     t0: float,
-) -> tuple[dict[str, Any], tuple[float, dict[str, float], float, dict[str, Any] | None]]:
-    """Iteration ``k`` as a physics pass (:mod:`.iterate_physics`) from the kept network: its
-    report entry and the evaluation of the network it leaves."""
+    best: _Kept,
+) -> tuple[dict[str, Any], _Kept, bool]:
+    """Iteration ``k`` as a physics pass (:mod:`.iterate_physics`) from the kept network ``best``:
+    its report entry, the kept network after it and whether the pass was kept (else the weights
+    are restored to ``best``'s)."""
     fresh = fresh_points(problem, cfg, comm, k)
     info = physics_pass(module, problem, val, cfg, gen, comm, budget.fit_limit(), fresh)
     t1 = time.perf_counter()
@@ -239,7 +241,7 @@ def _physics_iteration(
     t2 = time.perf_counter()
     budget.record(0.0, t1 - t0, t2 - t1)
     net_loss, net_blocks, crit, net_ref = net
-    entry = {
+    entry: dict[str, Any] = {
         "iteration": k,
         "step": "physics",
         "rank": None,
@@ -247,12 +249,20 @@ def _physics_iteration(
         "blocks": {name: {"network": net_blocks[name]} for name in net_blocks},
         "reference_rel_l2": {"linearized": None, "network": net_ref["rel_l2"] if net_ref else None},
         "network_error_estimate": None,
-        "criterion": {"name": cfg.iterate.select, "value": crit, "kept": False},
+        "criterion": {"name": cfg.iterate.select, "value": crit},
         "physics": info,
         "alignment": {"relative_fit": None, "gauss_newton_steps": info["steps"]},
         "seconds": {"lsr": 0.0, "align": t1 - t0, "total": t2 - t0},
     }
-    return entry, net
+    kept = math.isfinite(net_loss) and math.isfinite(crit) and crit < best.criterion
+    if kept:
+        best = _Kept(k, copy.deepcopy(module.state_dict()), net_loss, net_blocks, crit)
+    else:
+        module.load_state_dict(best.state)
+    entry["criterion"] = {**entry["criterion"], "kept": kept}
+    if isinstance(module, WithUnknowns):  # pde.unknowns: the values after the pass (as kept)
+        entry["unknowns"] = module.values()
+    return entry, best, kept
 
 
 def _stop_reason_for_budget(budget: _Budget) -> str:
@@ -355,6 +365,13 @@ def iterate(
         stale, direct = 0, False
         stop_reason = f"reached iterate.iterations = {it_cfg.iterations}"
         advance = sink.begin("I-LSR iterations", it_cfg.iterations)
+
+        def record(entry: dict[str, Any]) -> None:
+            history.append(entry)
+            if on_iteration is not None:
+                on_iteration(entry)
+            advance(1)
+
         for k in range(start_iteration, start_iteration + it_cfg.iterations):
             if budget.next_would_overrun(comm):
                 stop_reason = _stop_reason_for_budget(budget)
@@ -363,19 +380,10 @@ def iterate(
             if it_cfg.resample and k > start_iteration:
                 resample(problem, gen, data_path, base_dir, comm.rank, comm.world)
             if direct:  # the last LSR iteration gained too little: a physics pass instead
-                entry, net = _physics_iteration(k, module, problem, val, cfg, gen, comm, budget, t0)
-                kept = math.isfinite(net[0]) and math.isfinite(net[2]) and net[2] < best.criterion
-                if kept:
-                    best, stale = _Kept(k, copy.deepcopy(module.state_dict()), net[0], net[1], net[2]), 0
-                else:  # no gain: the next iteration tries an LSR step again
-                    module.load_state_dict(best.state)
-                    stale, direct = stale + 1, False
-                entry["criterion"]["kept"] = kept
+                entry, best, kept = _physics_iteration(k, module, problem, val, cfg, gen, comm, budget, t0, best)
+                stale, direct = (0, True) if kept else (stale + 1, False)  # not kept: an LSR step next
                 timings["physics"] += entry["seconds"]["total"]
-                history.append(entry)
-                if on_iteration is not None:
-                    on_iteration(entry)
-                advance(1)
+                record(entry)
                 if stale >= it_cfg.patience:
                     stop_reason = f"the {CRITERIA[it_cfg.select]} did not fall for {stale} iterations"
                     break
@@ -409,10 +417,7 @@ def iterate(
             entry = _entry(k, t, net, kept, alignment, {"lsr": t1 - t0, "align": t2 - t1, "total": t3 - t0}, cfg)
             if isinstance(module, WithUnknowns):  # pde.unknowns: this iteration's values (kept or not)
                 entry["unknowns"] = module.values()
-            history.append(entry)
-            if on_iteration is not None:
-                on_iteration(entry)
-            advance(1)
+            record(entry)
             if not math.isfinite(net_loss):
                 warnings.append(f"non-finite residual at iteration {k}: the step was rejected")
             # a weak LSR iteration (the criterion fell less than PHYSICS_TRIGGER×): a physics pass next
