@@ -18,7 +18,7 @@ from lsr_cli.refine import predict
 from .problem import PdeProblem
 from .refine_pde import true_residual
 from .unknowns import WithUnknowns
-from .validation import validation_problem
+from .validation import SEED_OFFSET, validation_problem
 
 
 def reference_errors(
@@ -106,12 +106,15 @@ def broadcast_parameters(module: nn.Module, comm: Comm) -> None:
             p.copy_(comm.broadcast(p.detach()))
 
 
-def validation_set(problem: PdeProblem, cfg: Config, comm: Comm) -> tuple[PdeProblem | None, dict[str, Any]]:
-    """Fresh validation points (:mod:`.validation`, as one-shot PDE refinement draws them), this
-    rank's share on the problem's device; ``None`` when no block allows them."""
+def validation_set(
+    problem: PdeProblem, cfg: Config, comm: Comm, offset: int = SEED_OFFSET
+) -> tuple[PdeProblem | None, dict[str, Any]]:
+    """Fresh validation points (:mod:`.validation`, as one-shot PDE refinement draws them; another
+    ``offset`` draws other points by the same rules), this rank's share on the problem's device;
+    ``None`` when no block allows them."""
     if problem.instance is not None:
         return None, {"source": "lsr instances: none"}
-    val, info = validation_problem(problem, cfg.seed)
+    val, info = validation_problem(problem, cfg.seed, offset=offset)
     if val is None:
         return None, info
     val.shard(comm.rank, comm.world)
@@ -125,17 +128,9 @@ FRESH_OFFSET = 7919
 
 
 def fresh_points(problem: PdeProblem, cfg: Config, comm: Comm, k: int) -> PdeProblem | None:
-    """Points drawn as the validation points are (:mod:`.validation`) from another seed per
-    iteration, this rank's share on the problem's device; ``None`` when no block allows them."""
-    if problem.instance is not None:
-        return None
-    fresh, _ = validation_problem(problem, cfg.seed, offset=FRESH_OFFSET + k)
-    if fresh is None:
-        return None
-    fresh.shard(comm.rank, comm.world)
-    x = problem.blocks[0].points
-    fresh.to(x.device, x.dtype)
-    return fresh
+    """The physics pass's fresh points of iteration ``k``: drawn as the validation points are,
+    from a seed of their own (:func:`validation_set` with another offset)."""
+    return validation_set(problem, cfg, comm, FRESH_OFFSET + k)[0]
 
 
 def predictor_validation_loss(
