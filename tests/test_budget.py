@@ -56,6 +56,13 @@ def test_auto_rank_plan_narrows_the_sketch_to_fit_and_says_so():
     used = 20 * MB + sketch_bytes(20000, 5000, plan.max_columns) + triangle_bytes(r) + fold_bytes(r, 64)
     assert used <= SAFETY * budget
     assert any("sketch width capped" in a for a in plan.adapted)
+    # the widest that leaves room for the requested chunk (512 samples) and folds of 2r rows
+    k1 = plan.max_columns + 1
+    r1 = min(2048, k1)
+    fixed = 20 * MB + sketch_bytes(20000, 5000, k1) + triangle_bytes(r1) + fold_bytes(r1, 64)
+    assert fixed + 8 * r1 * 512 + fold_bytes(r1, 2 * r1) > SAFETY * budget
+    r = min(2048, plan.max_columns)
+    assert plan.fold_budget >= fold_bytes(r, 2 * r) and plan.row_chunk == 512
 
 
 def test_fixed_ranks_that_do_not_fit_are_refused_with_the_minimum():
