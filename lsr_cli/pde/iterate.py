@@ -93,6 +93,7 @@ from .refine_pde import (
     build_operators,
     prepare_pde_run,
 )
+from .residual import ResidualOperators
 from .system_report import unknowns_message
 from .unknowns import WithUnknowns, select_space, unknowns_report
 
@@ -265,6 +266,49 @@ def _physics_iteration(
     return entry, best, kept
 
 
+def _lsr_iteration(
+    k: int,
+    module: nn.Module,
+    network: nn.Module,
+    problem: PdeProblem,
+    space: ParameterSpace,
+    ops: ResidualOperators,
+    val: PdeProblem | None,
+    cfg: Config,
+    gen: torch.Generator,
+    comm: Comm,
+    frozen: list[str],
+    budget: _Budget,
+    t0: float,
+    best: _Kept,
+) -> tuple[dict[str, Any], _Kept, bool, bool, dict[str, float]]:
+    """Iteration ``k`` as an LSR step: the predictor's targets, the network fitted to them and
+    judged. Its report entry, the kept network after it, whether it was kept (else the weights
+    are restored to ``best``'s), whether LSR kept the input (no step) and its stages' seconds."""
+    t = lsr_targets(module, problem, space, ops, cfg, gen, comm)
+    t1 = time.perf_counter()
+    alignment = _fit_network(module, network, problem, t.targets, cfg, gen, comm, frozen, budget.fit_limit())
+    t2 = time.perf_counter()
+    net = _evaluate(module, problem, val, cfg, comm, alignment["relative_fit"])
+    net_loss, crit = net[0], net[2]
+    # monotone: kept only if the criterion fell (for `distance`: below the incoming network's)
+    kept = (
+        math.isfinite(net_loss)
+        and math.isfinite(crit)
+        and crit < (t.estimate if cfg.iterate.select == "distance" else best.criterion)
+    )
+    if kept:
+        best = _Kept(k, copy.deepcopy(module.state_dict()), net_loss, net[1], crit)
+    else:  # rejected: the next iteration starts from the kept network
+        module.load_state_dict(best.state)
+    t3 = time.perf_counter()
+    budget.record(t1 - t0, t2 - t1, t3 - t2)
+    entry = _entry(k, t, net, kept, alignment, {"lsr": t1 - t0, "align": t2 - t1, "total": t3 - t0}, cfg)
+    if isinstance(module, WithUnknowns):  # pde.unknowns: this iteration's values (kept or not)
+        entry["unknowns"] = module.values()
+    return entry, best, kept, t.sub.dz is None, {"lsr": t1 - t0, "align": t2 - t1, "evaluate": t3 - t2}
+
+
 def _stop_reason_for_budget(budget: _Budget) -> str:
     return (
         f"iterate.time_limit ({budget.limit:g} s): the time left is below what the next iteration needs at least "
@@ -392,43 +436,22 @@ def iterate(
             if k > start_iteration:  # the first iteration uses the operators built at the start
                 space = select_space(module, cfg, gen)
                 ops = build_operators(module, problem, space, cfg, comm=comm)
-            t = lsr_targets(module, problem, space, ops, cfg, gen, comm)
-            t1 = time.perf_counter()
-            alignment = _fit_network(module, network, problem, t.targets, cfg, gen, comm, frozen, budget.fit_limit())
-            t2 = time.perf_counter()
-            net = _evaluate(module, problem, val, cfg, comm, alignment["relative_fit"])
-            net_loss, crit = net[0], net[2]
-            # monotone: kept only if the criterion fell (for `distance`: below the incoming network's)
-            kept = (
-                math.isfinite(net_loss)
-                and math.isfinite(crit)
-                and crit < (t.estimate if it_cfg.select == "distance" else best.criterion)
+            entry, best, kept, no_step, seconds = _lsr_iteration(
+                k, module, network, problem, space, ops, val, cfg, gen, comm, frozen, budget, t0, best
             )
-            if kept:
-                best, stale = _Kept(k, copy.deepcopy(module.state_dict()), net_loss, net[1], crit), 0
-            else:  # rejected: the next iteration starts from the kept network
-                module.load_state_dict(best.state)
-                stale += 1
-            t3 = time.perf_counter()
-            timings["lsr"] += t1 - t0
-            timings["align"] += t2 - t1
-            timings["evaluate"] += t3 - t2
-            budget.record(t1 - t0, t2 - t1, t3 - t2)
-            entry = _entry(k, t, net, kept, alignment, {"lsr": t1 - t0, "align": t2 - t1, "total": t3 - t0}, cfg)
-            if isinstance(module, WithUnknowns):  # pde.unknowns: this iteration's values (kept or not)
-                entry["unknowns"] = module.values()
+            stale = 0 if kept else stale + 1
+            timings.update({key: timings[key] + value for key, value in seconds.items()})
             record(entry)
-            if not math.isfinite(net_loss):
+            if not math.isfinite(entry["residual_loss"]["network"]):
                 warnings.append(f"non-finite residual at iteration {k}: the step was rejected")
             # a weak LSR iteration (the criterion fell less than PHYSICS_TRIGGER×): a physics pass next
-            direct = it_cfg.physics and (not kept or before < PHYSICS_TRIGGER * crit)
-            if t.sub.dz is None and not it_cfg.resample and not direct:
+            direct = it_cfg.physics and (not kept or before < PHYSICS_TRIGGER * entry["criterion"]["value"])
+            if no_step and not it_cfg.resample and not direct:
                 stop_reason = "no LSR step lowered the residual at the validation points (the pde.validation guard)"
                 break
-            if kept and alignment["relative_fit"] <= it_cfg.tolerance:
-                stop_reason = (
-                    f"the network fits the LSR predictor to {alignment['relative_fit']:.3e} (iterate.tolerance)"
-                )
+            fit = entry["alignment"]["relative_fit"]
+            if kept and fit <= it_cfg.tolerance:
+                stop_reason = f"the network fits the LSR predictor to {fit:.3e} (iterate.tolerance)"
                 break
             if stale >= it_cfg.patience:
                 stop_reason = f"the {CRITERIA[it_cfg.select]} did not fall for {stale} iterations"
