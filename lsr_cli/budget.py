@@ -210,11 +210,13 @@ def plan_memory(
 
     k = max_columns
     adapted: list[str] = []
-    if adaptable and k > min_columns and not fits_in(k):
+    if adaptable and k > min_columns and not fits_fast(k):
         # the widest sketch that still leaves room for efficient products and folds (bisection:
         # the need grows with k). Measured on the paper DeepONet with 14 GB: halving the width
         # stopped at 2 252 of 9 010 columns; the widest that merely fits (4 280) left folds of 64
-        # rows at rank 4 270, a QR estimated at 117 000 s (a fold costs ~2 (r + rows) r² flop)
+        # rows at rank 4 270, a QR estimated at 117 000 s (a fold costs ~2 (r + rows) r² flop);
+        # with max_rank 4 000 the full 4 010 columns merely fitted and the run overran its
+        # 20-minute limit in the QR
         ok = fits_fast if fits_fast(min_columns) else fits_in
         lo, hi = min_columns, k
         while hi - lo > 1:

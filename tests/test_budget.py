@@ -65,6 +65,19 @@ def test_auto_rank_plan_narrows_the_sketch_to_fit_and_says_so():
     assert plan.fold_budget >= fold_bytes(r, 2 * r) and plan.row_chunk == 512
 
 
+def test_auto_rank_plan_narrows_a_sketch_that_fits_only_without_room_for_folds():
+    # 2058 columns fit with one-sample chunks and 64-row folds, not with the requested chunk and
+    # folds of 2r rows: the plan narrows the sketch rather than folding 64 rows at a time
+    full = 20 * MB + sketch_bytes(20000, 5000, 2058) + triangle_bytes(2048) + fold_bytes(2048, 64)
+    budget = int((full + 8 * 2048 + MB) / SAFETY)
+    plan = _plan(budget, held=20 * MB)
+    assert 266 <= plan.max_columns < 2058 and plan.row_chunk == 512
+    r = min(2048, plan.max_columns)
+    assert plan.fold_budget >= fold_bytes(r, 2 * r)
+    fixed = _plan(budget, held=20 * MB, adaptable=False)  # a fixed rank keeps its sketch
+    assert fixed.max_columns == 2058
+
+
 def test_fixed_ranks_that_do_not_fit_are_refused_with_the_minimum():
     with pytest.raises(ConfigError) as exc:
         _plan(300 * MB, held=20 * MB, adaptable=False)
