@@ -193,20 +193,24 @@ def plan_memory(
     held = meter.current_above_start()
     usable = SAFETY * budget
 
+    def rank_at(k: int) -> int:  # the largest rank a sketch of k columns serves
+        return max(1, min(max_rank, k))
+
     def fixed(k: int) -> int:
-        r = max(1, min(max_rank, k))
+        r = rank_at(k)
         return held + sketch_bytes(sketch_rows, m, k, itemsize) + triangle_bytes(r) + fold_bytes(r, MIN_FOLD_ROWS)
 
-    def smallest_chunk(k: int) -> float:  # one sample, one tangent column, its row block of G P
-        return per_unit + itemsize * out_numel * max(1, min(max_rank, k))
+    def chunk_bytes(rows: int, tangents: int, k: int) -> float:  # autodiff workspace + its rows of G P
+        return per_unit * rows * tangents + itemsize * out_numel * rank_at(k) * rows
+
+    def smallest_chunk(k: int) -> float:  # one sample, one tangent column
+        return chunk_bytes(1, 1, k)
 
     def fits_in(k: int) -> bool:
         return fixed(k) + smallest_chunk(k) <= usable
 
     def fits_fast(k: int) -> bool:  # with the requested chunks and QR folds of 2r rows
-        r = max(1, min(max_rank, k))
-        chunk = per_unit * row_chunk * tangent_chunk + itemsize * out_numel * r * row_chunk
-        return fixed(k) + chunk + fold_bytes(r, 2 * r) <= usable
+        return fixed(k) + chunk_bytes(row_chunk, tangent_chunk, k) + fold_bytes(rank_at(k), 2 * rank_at(k)) <= usable
 
     k = max_columns
     adapted: list[str] = []
@@ -237,11 +241,11 @@ def plan_memory(
     if k < max_columns:
         adapted.append(f"sketch width capped at {k} columns (from {max_columns}) to fit the memory budget")
     room = usable - fixed(k)
-    r = max(1, min(max_rank, k))
-    tangents = max(1, min(tangent_chunk, int(room // max(per_unit + itemsize * out_numel * r, 1.0))))
-    rows = max(1, min(row_chunk, int(room // max(per_unit * tangents + itemsize * out_numel * r, 1.0))))
+    r = rank_at(k)
+    tangents = max(1, min(tangent_chunk, int(room // max(smallest_chunk(k), 1.0))))
+    rows = max(1, min(row_chunk, int(room // max(chunk_bytes(1, tangents, k), 1.0))))
     rows, tangents = min(comm.allgather_object(rows)), min(comm.allgather_object(tangents))
-    chunk = per_unit * rows * tangents + itemsize * out_numel * r * rows
+    chunk = chunk_bytes(rows, tangents, k)
     # the folds take what the chunks leave (fold_rows sizes a batch to a quarter of this per copy)
     fold_budget = int(max(room - chunk, 0) + fold_bytes(r, MIN_FOLD_ROWS))
     if rows < row_chunk:
