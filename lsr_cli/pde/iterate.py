@@ -220,6 +220,23 @@ PHYSICS_TRIGGER = 2.0
 followed by a physics pass (``iterate.physics``); physics passes go on while they are kept."""
 
 
+def _keep_or_restore(
+    k: int,
+    module: nn.Module,
+    net: tuple[float, dict[str, float], float, dict[str, Any] | None],
+    threshold: float,
+    best: _Kept,
+) -> tuple[_Kept, bool]:
+    """Iteration ``k``'s network (evaluated as ``net``) is kept when its loss and criterion are
+    finite and the criterion is below ``threshold``; otherwise the weights go back to ``best``'s,
+    where the next iteration starts. The kept network after it, and whether it was this one."""
+    net_loss, net_blocks, crit, _ = net
+    if math.isfinite(net_loss) and math.isfinite(crit) and crit < threshold:
+        return _Kept(k, copy.deepcopy(module.state_dict()), net_loss, net_blocks, crit), True
+    module.load_state_dict(best.state)
+    return best, False
+
+
 def _physics_iteration(
     k: int,
     module: nn.Module,
@@ -242,6 +259,7 @@ def _physics_iteration(
     t2 = time.perf_counter()
     budget.record(0.0, t1 - t0, t2 - t1)
     net_loss, net_blocks, crit, net_ref = net
+    best, kept = _keep_or_restore(k, module, net, best.criterion, best)
     entry: dict[str, Any] = {
         "iteration": k,
         "step": "physics",
@@ -250,17 +268,11 @@ def _physics_iteration(
         "blocks": {name: {"network": net_blocks[name]} for name in net_blocks},
         "reference_rel_l2": {"linearized": None, "network": net_ref["rel_l2"] if net_ref else None},
         "network_error_estimate": None,
-        "criterion": {"name": cfg.iterate.select, "value": crit},
+        "criterion": {"name": cfg.iterate.select, "value": crit, "kept": kept},
         "physics": info,
         "alignment": {"relative_fit": None, "gauss_newton_steps": info["steps"]},
         "seconds": {"lsr": 0.0, "align": t1 - t0, "total": t2 - t0},
     }
-    kept = math.isfinite(net_loss) and math.isfinite(crit) and crit < best.criterion
-    if kept:
-        best = _Kept(k, copy.deepcopy(module.state_dict()), net_loss, net_blocks, crit)
-    else:
-        module.load_state_dict(best.state)
-    entry["criterion"] = {**entry["criterion"], "kept": kept}
     if isinstance(module, WithUnknowns):  # pde.unknowns: the values after the pass (as kept)
         entry["unknowns"] = module.values()
     return entry, best, kept
@@ -290,17 +302,9 @@ def _lsr_iteration(
     alignment = _fit_network(module, network, problem, t.targets, cfg, gen, comm, frozen, budget.fit_limit())
     t2 = time.perf_counter()
     net = _evaluate(module, problem, val, cfg, comm, alignment["relative_fit"])
-    net_loss, crit = net[0], net[2]
     # monotone: kept only if the criterion fell (for `distance`: below the incoming network's)
-    kept = (
-        math.isfinite(net_loss)
-        and math.isfinite(crit)
-        and crit < (t.estimate if cfg.iterate.select == "distance" else best.criterion)
-    )
-    if kept:
-        best = _Kept(k, copy.deepcopy(module.state_dict()), net_loss, net[1], crit)
-    else:  # rejected: the next iteration starts from the kept network
-        module.load_state_dict(best.state)
+    threshold = t.estimate if cfg.iterate.select == "distance" else best.criterion
+    best, kept = _keep_or_restore(k, module, net, threshold, best)
     t3 = time.perf_counter()
     budget.record(t1 - t0, t2 - t1, t3 - t2)
     entry = _entry(k, t, net, kept, alignment, {"lsr": t1 - t0, "align": t2 - t1, "total": t3 - t0}, cfg)
