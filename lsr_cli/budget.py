@@ -127,6 +127,21 @@ def sketch_bytes(rows: int, m: int, k: int, itemsize: int = 8) -> int:
     return itemsize * (rows * (2 * k + b) + m * b + 4 * m * k + 2 * k * k)
 
 
+def released_sketch_bytes(rows: int, m: int, k: int, itemsize: int = 8) -> int:
+    """The range finder of a run that builds its sketch once and releases it before the SVD
+    (:meth:`~.sketch.RangeSketch.release`: one round of a fixed rank above the sweep limit, on one
+    process). The peak is the largest of: the growth (``Q`` and ``B`` in their buffers, one
+    block's ``Ω``, ``Y``, its orthonormal copies, ``JᵀQ_b`` and its norm's copies); the
+    Householder QR of ``B`` beside ``B`` (``2 m k`` and ``R_B``); ``Q_B`` with the SVD of ``R_B``
+    (LAPACK's copies and workspace, about ``8 k²``); and ``W = Q_B U`` formed in place, a block
+    of at most 2²⁴ entries at a time (and BLAS's packed copies). ``P`` then replaces ``W``. Measured on a 1 500 × 6 000
+    operator at k = 700 (`tests/test_budget.py`), the peak stays within this count."""
+    b = min(k, SKETCH_BLOCK)
+    growth = rows * (k + 3 * b) + m * (k + 5 * b)
+    in_place = m * k + 2 * min(m, max(1, (1 << 24) // k)) * k + 3 * k * k  # the block and BLAS's copies
+    return itemsize * max(growth, 2 * m * k + k * k, m * k + 8 * k * k, in_place)
+
+
 def triangle_bytes(r: int) -> int:
     """The reduced problem at rank ``r`` (float64): the QR triangles (fit, held-out or
     validation, merged) and the SVD of the chosen rank's triangle."""
@@ -181,13 +196,16 @@ def plan_memory(
     adaptable: bool,
     comm: Comm = SINGLE,
     itemsize: int = 8,
+    full_svd_columns: int | None = None,
 ) -> MemoryPlan:
     """The plan of a supervised run from the sketch on (see the module doc).
 
     ``sketch_rows``: rows of this rank's sketched operator; ``max_columns``: the widest sketch the
     run may build (``min_columns`` the narrowest useful one); ``adaptable``: the rank is chosen
     by the run (``auto``), so a narrower sketch is a smaller plan rather than a different
-    request. Distributed: every rank plans its own rows; the chunk sizes and the refusal are
+    request. ``full_svd_columns``: the run releases its sketch before the SVD whenever it is wider
+    than this (:func:`released_sketch_bytes`; a narrower one takes the full SVD of ``B``), and
+    its projection then holds only ``P`` beside the triangles, folds and chunks; None: never. Distributed: every rank plans its own rows; the chunk sizes and the refusal are
     made the same on every rank (the most constrained rank decides)."""
     per_unit, measured = measure_workspace(op, meter)
     held = meter.current_above_start()
@@ -196,9 +214,20 @@ def plan_memory(
     def rank_at(k: int) -> int:  # the largest rank a sketch of k columns serves
         return max(1, min(max_rank, k))
 
+    def sketch_at(k: int) -> int:
+        if full_svd_columns is None or k <= full_svd_columns:
+            return sketch_bytes(sketch_rows, m, k, itemsize)
+        return max(
+            released_sketch_bytes(sketch_rows, m, k, itemsize), sketch_bytes(sketch_rows, m, full_svd_columns, itemsize)
+        )
+
     def fixed(k: int) -> int:
         r = rank_at(k)
-        return held + sketch_bytes(sketch_rows, m, k, itemsize) + triangle_bytes(r) + fold_bytes(r, MIN_FOLD_ROWS)
+        projection = triangle_bytes(r) + fold_bytes(r, MIN_FOLD_ROWS)
+        if full_svd_columns is None or k <= full_svd_columns:
+            return held + sketch_at(k) + projection
+        # released: the projection holds only P (W scaled in place) and the k × k factors
+        return held + max(sketch_at(k), itemsize * (m * k + 2 * k * k) + projection)
 
     def chunk_bytes(rows: int, tangents: int, k: int) -> float:  # autodiff workspace + its rows of G P
         return per_unit * rows * tangents + itemsize * out_numel * rank_at(k) * rows
@@ -234,7 +263,7 @@ def plan_memory(
         needed = max(comm.allgather_object(minimum))
         raise ConfigError(
             f"lsr.max_memory: {_mb(budget)} is below the {_mb(needed)} this run needs{where} "
-            f"(held {_mb(held)}, sketch {_mb(sketch_bytes(sketch_rows, m, k, itemsize))} at {k} columns, "
+            f"(held {_mb(held)}, sketch {_mb(sketch_at(k))} at {k} columns, "
             f"autodiff {per_unit / 1e3:.1f} kB per sample and tangent); raise --max-memory or lower lsr.max_rank, "
             "lsr.sketch_rows or lsr.parameters.fraction"
         )
@@ -255,7 +284,7 @@ def plan_memory(
     return MemoryPlan(
         budget=budget,
         held=held,
-        sketch=sketch_bytes(sketch_rows, m, k, itemsize),
+        sketch=sketch_at(k),
         projection=triangle_bytes(r) + fold_bytes(r, MIN_FOLD_ROWS) + int(itemsize * out_numel * r * rows),
         workspace_per_unit=per_unit,
         workspace_measured=measured,
@@ -274,6 +303,7 @@ __all__ = [
     "limit_allocator_slack",
     "measure_workspace",
     "plan_memory",
+    "released_sketch_bytes",
     "sketch_bytes",
     "triangle_bytes",
 ]

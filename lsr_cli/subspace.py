@@ -216,7 +216,15 @@ def _plan_rounds(
     """The time plan (one process) and the fixed ranks and first rank it allows."""
     t0 = time.perf_counter()
     tplan = measure_and_plan(
-        sketch, setup.train_op, setup.selection, setup.lsr, (ranks_wanted, rank), setup.limit, device, dtype
+        sketch,
+        setup.train_op,
+        setup.selection,
+        setup.lsr,
+        (ranks_wanted, rank),
+        setup.limit,
+        device,
+        dtype,
+        setup.memory_budget,
     )
     timings["sketch"] += time.perf_counter() - t0
     if tplan.single:

@@ -37,10 +37,12 @@ def measure_and_plan(
     limit: int,
     device: torch.device,
     dtype: torch.dtype,
+    fold_budget: int | None = None,
 ) -> TimePlan:
     """Measure the costs and plan the rounds, before any heavy stage: probes of the sketched
     operator's JVPs and VJPs (on its first rows) and of the residual operator's JVPs, a QR rate;
-    a sketch already begun (the spectral path's) gives its measured rates instead."""
+    a sketch already begun (the spectral path's) gives its measured rates instead.
+    ``fold_budget``: the memory plan's room for the QR's folds (smaller folds cost more)."""
     ranks_wanted, rank = plan_ranks
     cols = max(1, min(int(getattr(train_op, "tangent_chunk", 32)), 32))
     if sketch.columns["jvp"] > 0 and sketch.columns["vjp"] > 0:
@@ -61,6 +63,7 @@ def measure_and_plan(
         m=train_op.shape[1],
         oversampling=lsr.oversampling,
         eval_rows=train_op.shape[0] + sel_rows,
+        fold_budget=fold_budget,
     )
     planned = ladder(rank, lsr.growth, min(lsr.max_rank, limit)) if not ranks_wanted else [rank]
     return plan_time(costs, planned, ranks_wanted, sketch.num_columns, lsr.time_limit, run_elapsed())

@@ -135,6 +135,19 @@ def probe_vjp(op: Any, columns: int, dtype: torch.dtype, device: torch.device) -
     return (time.perf_counter() - t0) / max(sub.shape[0] * columns, 1)
 
 
+def qr_fold_factor(r: int, fold_budget: int | None) -> float:
+    """The streaming QR's cost over ``2 n r²`` with the folds a memory budget allows, relative to
+    the unlimited folds of ``4r + 64`` rows the QR rate was calibrated with. Folding ``f`` rows
+    into the triangle is a QR of ``(r + f) × r``: ``(4/3) r³ + 2 f r²`` flops per fold, ``n / f``
+    folds, so ``2 n r² (1 + 2r / 3f)``. Folds of 64 rows at r = 4 000 cost 37× the unlimited ones."""
+    from .projection import fold_rows
+
+    def per_row(f: int) -> float:
+        return 1.0 + 2.0 * r / (3.0 * f)
+
+    return per_row(fold_rows(r, fold_budget)) / per_row(fold_rows(r, None))
+
+
 @dataclass
 class Costs:
     """Measured unit costs and the sizes they apply to."""
@@ -148,6 +161,7 @@ class Costs:
     m: int
     oversampling: int
     eval_rows: int = 0  # rows evaluated after the solve (every split)
+    fold_budget: int | None = None  # the memory plan's room for QR folds (None: unlimited)
 
     def round_parts(self, k0: int, r: int, candidates: list[int]) -> dict[str, float]:
         """Seconds of one round at rank ``r`` after a sketch of ``k0`` columns."""
@@ -156,7 +170,8 @@ class Costs:
         sketch = new * self.rows_sketch * (self.sketch_jvp_s + self.sketch_vjp_s)
         sketch += (3.0 * self.rows_sketch * (k * k - k0 * k0) + 4.0 * self.m * k * k) / self.flops
         sketch += SVD_FLOPS_PER_CUBE * float(k) ** 3 / self.flops
-        project = r * self.rows * self.jvp_s + 2.0 * self.rows * float(r) ** 2 / self.flops
+        qr = 2.0 * self.rows * float(r) ** 2 * qr_fold_factor(r, self.fold_budget)
+        project = r * self.rows * self.jvp_s + qr / self.flops
         if r > SVD_SWEEP_MAX:
             solve = float(r) ** 3 / self.flops
         else:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lsr_cli.budget import SAFETY, fold_bytes, plan_memory, sketch_bytes, triangle_bytes
+from lsr_cli.budget import SAFETY, fold_bytes, plan_memory, released_sketch_bytes, sketch_bytes, triangle_bytes
 from lsr_cli.errors import ConfigError
 from lsr_cli.runtime import MemoryMeter
 
@@ -139,3 +139,46 @@ def test_a_run_under_a_budget_stays_under_it_and_reports_its_plan(regression_fil
     assert mem["peak_above_start_bytes"] <= 64 * MB
     assert mem["plan"]["minimum_budget_bytes"] <= 64 * MB
     assert set(mem["peak_above_start_by_stage"]) == {"baseline", "sketch_project_solve", "evaluate"}
+
+
+def test_fixed_rank_plan_counts_the_sketch_it_releases():
+    # a fixed rank above the sweep limit takes one round and releases Q and B before the SVD:
+    # the plan counts that peak (about 2 m k), not the full SVD's copies (4 m k)
+    kw = {"max_columns": 4106, "min_columns": 4106, "max_rank": 4096}
+    lean = released_sketch_bytes(20000, 5000, 4106)
+    full = sketch_bytes(20000, 5000, 4106)
+    assert lean < 0.6 * full
+    budget = int((20 * MB + lean + triangle_bytes(4096) + fold_bytes(4096, 64) + 8 * 4096 + MB) / SAFETY)
+    with pytest.raises(ConfigError):
+        _plan(budget, held=20 * MB, adaptable=False, **kw)
+    plan = _plan(budget, held=20 * MB, adaptable=False, full_svd_columns=2058, **kw)
+    assert plan.max_columns == 4106 and plan.sketch == max(lean, sketch_bytes(20000, 5000, 2058))
+    narrow = _plan(4000 * MB, held=20 * MB, adaptable=False, full_svd_columns=2058)  # 2 058 columns: full SVD
+    assert narrow.sketch == sketch_bytes(20000, 5000, 2058)
+
+
+def test_a_released_sketch_stays_within_its_count():
+    from lsr_cli.budget import limit_allocator_slack
+    from lsr_cli.linear_ops import DenseOperator
+    from lsr_cli.sketch import RangeSketch
+
+    meter = MemoryMeter(torch.device("cpu"))
+    if not meter.resettable:
+        pytest.skip("this kernel does not let a process reset its peak resident set")
+    limit_allocator_slack()  # as lsr refine does
+    rows, m, k = 1500, 6000, 700
+    J = torch.randn(rows, m, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def run(k: int) -> None:
+        op = DenseOperator(None, J)  # type: ignore[arg-type]  # products only
+        sketch = RangeSketch(op, torch.Generator().manual_seed(1), torch.float64, torch.device("cpu"))
+        sketch.extend(k)
+        sketch.release()
+        P, _ = sketch.basis(k - 10, consume=True)
+        assert P.shape == (m, k - 10)
+
+    run(40)  # BLAS and LAPACK allocate their buffers once, at their first call
+    peak = meter.measure(lambda: run(k))
+    assert peak is not None
+    assert peak <= released_sketch_bytes(rows, m, k) + 4 * MB
+    assert peak < 0.75 * sketch_bytes(rows, m, k)

@@ -145,3 +145,21 @@ def test_a_slow_sketch_shrinks_the_projected_rank() -> None:
     assert plan.shrink_after_sketch(r, est_sketch, None) == r  # on time: unchanged
     slow = plan.shrink_after_sketch(r, 6.0 * est_sketch + 30.0, None)
     assert 1 <= slow < r and "no longer fitted" in plan.replanned
+
+
+def test_the_plan_counts_the_qr_folds_a_memory_budget_allows() -> None:
+    import dataclasses
+
+    from lsr_cli.projection import fold_rows
+    from lsr_cli.timeplan import qr_fold_factor
+
+    assert qr_fold_factor(4000, None) == 1.0
+    tight = 8 * 3 * (64 + 4001) * 4001  # room for folds of 64 rows only
+    assert fold_rows(4000, tight) == 64
+    assert qr_fold_factor(4000, tight) == pytest.approx((1 + 8000 / 192) / (1 + 8000 / (3 * 16064)))
+    assert qr_fold_factor(4000, 10 * tight) < qr_fold_factor(4000, tight)
+    free = _costs().round_parts(0, 4000, [4000])
+    held = dataclasses.replace(_costs(), fold_budget=tight).round_parts(0, 4000, [4000])
+    qr = 2.0 * 100_000 * 4000**2 / 1e10
+    assert held["project"] - free["project"] == pytest.approx(qr * (qr_fold_factor(4000, tight) - 1.0))
+    assert held["sketch"] == free["sketch"] and held["solve"] == free["solve"]
