@@ -7,7 +7,9 @@ from then on and sizes the rest from what remains of ``lsr.max_memory``:
   residuals, a dense Jacobian), measured by the :class:`~.runtime.MemoryMeter`;
 - ``sketch``: the range finder at its largest width ``k`` — ``Y``, ``Q`` and the copies of its
   orthonormalization over the sketched rows, ``Ω``, ``B = JᵀQ``, its SVD and the basis ``P``
-  (``m × k`` each), the small ``k × k`` factors;
+  (``m × k`` each), the small ``k × k`` factors; a fixed rank above the sweep limit on one
+  process releases its sketch before the SVD and is counted that way
+  (:func:`released_sketch_bytes`, about ``2 m k``);
 - ``projection``: the streaming QR of ``[G P | f0]`` — a batch of folded rows and its copies, the
   triangles — at the largest rank;
 - the autodiff ``workspace`` of one Jacobian-product chunk, measured on the model itself (one
@@ -134,8 +136,9 @@ def released_sketch_bytes(rows: int, m: int, k: int, itemsize: int = 8) -> int:
     block's ``Ω``, ``Y``, its orthonormal copies, ``JᵀQ_b`` and its norm's copies); the
     Householder QR of ``B`` beside ``B`` (``2 m k`` and ``R_B``); ``Q_B`` with the SVD of ``R_B``
     (LAPACK's copies and workspace, about ``8 k²``); and ``W = Q_B U`` formed in place, a block
-    of at most 2²⁴ entries at a time (and BLAS's packed copies). ``P`` then replaces ``W``. Measured on a 1 500 × 6 000
-    operator at k = 700 (`tests/test_budget.py`), the peak stays within this count."""
+    of at most 2²⁴ entries at a time (and BLAS's packed copies). ``P`` then replaces ``W``.
+    Measured on a 1 500 × 6 000 operator at k = 700 (`tests/test_budget.py`), the peak stays
+    within this count."""
     b = min(k, SKETCH_BLOCK)
     growth = rows * (k + 3 * b) + m * (k + 5 * b)
     in_place = m * k + 2 * min(m, max(1, (1 << 24) // k)) * k + 3 * k * k  # the block and BLAS's copies
@@ -205,8 +208,9 @@ def plan_memory(
     by the run (``auto``), so a narrower sketch is a smaller plan rather than a different
     request. ``full_svd_columns``: the run releases its sketch before the SVD whenever it is wider
     than this (:func:`released_sketch_bytes`; a narrower one takes the full SVD of ``B``), and
-    its projection then holds only ``P`` beside the triangles, folds and chunks; None: never. Distributed: every rank plans its own rows; the chunk sizes and the refusal are
-    made the same on every rank (the most constrained rank decides)."""
+    its projection then holds only ``P`` beside the triangles, folds and chunks; None: never.
+    Distributed: every rank plans its own rows; the chunk sizes and the refusal are made the
+    same on every rank (the most constrained rank decides)."""
     per_unit, measured = measure_workspace(op, meter)
     held = meter.current_above_start()
     usable = SAFETY * budget
