@@ -266,6 +266,12 @@ class IterateConfig:
         "residual at the fit points, kept at the step with the lowest validation residual; passes go on while "
         "they are kept. The report's iterations say which ran (`step`: `lsr` or `physics`)",
     )
+    physics_points: str = key(
+        "adaptive",
+        help="the physics pass's fresh points: `adaptive`: drawn as the validation points are, plus per `pde` "
+        "block as many points (at most 8 192) drawn where the network's residual is large (RAD, p ∝ |r| / mean|r| "
+        "+ 1, from candidates 4× the block; the report's `physics.points_added`); `uniform`: the drawn points only",
+    )
     time_limit: float | None = key(
         540.0,
         shown="9min",
@@ -393,6 +399,10 @@ def _parse_iterate(raw: dict[str, Any], cfg: Config) -> None:
             if not isinstance(it[key], bool):
                 raise _fail(f"iterate.{key}", "true or false", it[key])
             setattr(cfg.iterate, key, it[key])
+    if "physics_points" in it:
+        if it["physics_points"] not in ("adaptive", "uniform"):
+            raise _fail("iterate.physics_points", "adaptive or uniform", it["physics_points"])
+        cfg.iterate.physics_points = it["physics_points"]
     if "select" in it:
         if it["select"] not in ("validation", "distance", "residual"):
             raise ConfigError(f"config.iterate.select: expected validation, distance or residual, got {it['select']!r}")

@@ -260,13 +260,50 @@ def test_physics_pass_fresh_points_are_seeded_new_every_pass_and_disjoint_from_t
     cfg.device = "cpu"
     problem = parse_problem(PDE, None, torch.Generator().manual_seed(cfg.seed))
     val, _ = validation_problem(problem, cfg.seed)
-    first, again, second = (iterate_parts.fresh_points(problem, cfg, SINGLE, k) for k in (1, 1, 2))
+    first, again, second = (iterate_parts.fresh_points(problem, cfg, SINGLE, k)[0] for k in (1, 1, 2))
     assert first is not None and again is not None and second is not None and val is not None
     for a, b, c, fit, v in zip(first.blocks, again.blocks, second.blocks, problem.blocks, val.blocks, strict=True):
         assert torch.equal(a.points, b.points)  # seeded: the same pass draws the same points
         assert a.points.shape[0] == fit.points.shape[0]  # as many as the block's fit points
         for other in (c.points, fit.points, v.points):  # new in every pass, never a fit or validation point
             assert torch.cdist(a.points.double(), other.double()).min() > 0
+
+
+def test_physics_pass_adds_points_where_the_network_residual_is_largest():
+    from .test_adaptive import HOT, HotSpot
+
+    cfg = Config()
+    spec = {**PDE, "coefficients": {"source": "0"}}  # the residual is −Δu: it peaks at HOT
+    problem = parse_problem(spec, None, torch.Generator().manual_seed(cfg.seed))
+    uniform, none = iterate_parts.fresh_points(problem, cfg, SINGLE, 1)  # no module: uniform points only
+    assert none == {} and uniform is not None
+    fresh, added = iterate_parts.fresh_points(problem, cfg, SINGLE, 1, HotSpot())
+    again, _ = iterate_parts.fresh_points(problem, cfg, SINGLE, 1, HotSpot())
+    assert fresh is not None and again is not None
+    n = problem.blocks[0].num_global
+    assert added == {"interior": n}  # pde blocks only; the walls get their uniform points
+    new = fresh.blocks[-1]
+    assert new.name == "interior+added2" and new.points.shape[0] == n
+    assert torch.equal(new.points, again.blocks[-1].points)  # seeded
+    near = lambda p: float(((p - HOT).norm(dim=1) < 0.15).double().mean())  # noqa: E731
+    assert near(new.points) > 1.5 * near(uniform.blocks[0].points)  # half the sampling mass follows |r|
+    mag = lambda b: float(b.residual(HotSpot(), b.inputs).abs().mean())  # noqa: E731
+    assert mag(new) > 1.5 * mag(uniform.blocks[0])
+    for b, u in zip(fresh.blocks[:-1], uniform.blocks, strict=True):  # the drawn points stay, reweighted
+        assert torch.equal(b.points, u.points)
+    assert fresh.blocks[0].weight + new.weight == pytest.approx(uniform.blocks[0].weight)
+    cfg.iterate.physics_points = "uniform"
+    plain, none = iterate_parts.fresh_points(problem, cfg, SINGLE, 1, HotSpot())
+    assert none == {} and plain is not None and [b.name for b in plain.blocks] == [b.name for b in uniform.blocks]
+
+
+def test_iterate_physics_points_is_adaptive_or_uniform():
+    assert Config().iterate.physics_points == "adaptive"
+    assert parse_config({"iterate": {"physics_points": "uniform"}}).iterate.physics_points == "uniform"
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"iterate": {"physics_points": "rad"}})
+    assert str(exc.value).startswith("config.iterate.physics_points: expected adaptive or uniform")
+    assert "\n" not in str(exc.value)
 
 
 def test_iterate_physics_is_a_boolean_key():

@@ -252,8 +252,9 @@ def _physics_iteration(
     """Iteration ``k`` as a physics pass (:mod:`.iterate_physics`) from the kept network ``best``:
     its report entry, the kept network after it and whether the pass was kept (else the weights
     are restored to ``best``'s)."""
-    fresh = fresh_points(problem, cfg, comm, k)
+    fresh, added = fresh_points(problem, cfg, comm, k, module)
     info = physics_pass(module, problem, val, cfg, gen, comm, budget.fit_limit(), fresh)
+    info["points_added"] = added
     t1 = time.perf_counter()
     net = _evaluate(module, problem, val, cfg, comm, math.nan)
     t2 = time.perf_counter()
