@@ -218,9 +218,13 @@ def plan_memory(
     def rank_at(k: int) -> int:  # the largest rank a sketch of k columns serves
         return max(1, min(max_rank, k))
 
+    def released(k: int) -> bool:  # a sketch of k columns is released before its SVD
+        return full_svd_columns is not None and k > full_svd_columns
+
     def sketch_at(k: int) -> int:
-        if full_svd_columns is None or k <= full_svd_columns:
+        if not released(k):
             return sketch_bytes(sketch_rows, m, k, itemsize)
+        assert full_svd_columns is not None
         return max(
             released_sketch_bytes(sketch_rows, m, k, itemsize), sketch_bytes(sketch_rows, m, full_svd_columns, itemsize)
         )
@@ -228,7 +232,7 @@ def plan_memory(
     def fixed(k: int) -> int:
         r = rank_at(k)
         projection = triangle_bytes(r) + fold_bytes(r, MIN_FOLD_ROWS)
-        if full_svd_columns is None or k <= full_svd_columns:
+        if not released(k):
             return held + sketch_at(k) + projection
         # released: the projection holds only P (W scaled in place) and the k × k factors
         return held + max(sketch_at(k), itemsize * (m * k + 2 * k * k) + projection)

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from .projection import fold_rows
+
 SVD_FLOPS_PER_CUBE = 20.0
 """A full SVD of an ``r × r`` matrix costs about this many ``r³`` flops at the QR rate."""
 
@@ -140,7 +142,6 @@ def qr_fold_factor(r: int, fold_budget: int | None) -> float:
     the unlimited folds of ``4r + 64`` rows the QR rate was calibrated with. Folding ``f`` rows
     into the triangle is a QR of ``(r + f) × r``: ``(4/3) r³ + 2 f r²`` flops per fold, ``n / f``
     folds, so ``2 n r² (1 + 2r / 3f)``. Folds of 64 rows at r = 4 000 cost 37× the unlimited ones."""
-    from .projection import fold_rows
 
     def per_row(f: int) -> float:
         return 1.0 + 2.0 * r / (3.0 * f)
