@@ -34,7 +34,7 @@ from .linearization import (
 from .linearized import LinearizedModel
 from .runtime import MemoryMeter, ProgressSink, resolve_memory_budget
 from .spectral import SPECTRAL_BLOCK, SPECTRAL_MAX_ENTRIES, SPECTRAL_MAX_WORK
-from .timeplan import SVD_SWEEP_MAX
+from .timeplan import release_rank
 
 if TYPE_CHECKING:  # the PDE types, for annotations only: plan.py does not depend on pde/
     from .pde.problem import PdeProblem
@@ -161,6 +161,7 @@ def plan_supervised(
     spectral, why = spectral_path(jacobian["path"], run.basis is train, selection_kind, lsr, (n, m))
     limit = min(n, m, comm.sum_int(run.basis.shape[0]))
     widest = min(limit, lsr.max_rank + SPECTRAL_BLOCK if spectral else largest_rank(lsr) + lsr.oversampling)
+    release = release_rank(comm.world)
     memory = plan_memory(
         budget,
         meter,
@@ -176,9 +177,9 @@ def plan_supervised(
         lsr.rank == "auto",
         comm,
         torch.empty(0, dtype=run.dtype).element_size(),
-        # fixed ranks take one round, whose sketch is released before its SVD above the sweep
-        # limit (subspace._grow_sketch); rank: auto keeps every round's full SVD
-        SVD_SWEEP_MAX + lsr.oversampling if lsr.rank != "auto" and not spectral and comm.world == 1 else None,
+        # fixed ranks take one round, whose sketch is released before its SVD above
+        # release_rank (subspace._grow_sketch); rank: auto keeps every round's full SVD
+        release + lsr.oversampling if release is not None and lsr.rank != "auto" and not spectral else None,
     )
     if memory.max_columns < widest:
         lsr = dataclasses.replace(lsr, max_rank=max(1, memory.max_columns - lsr.oversampling))

@@ -43,6 +43,7 @@ from .timeplan import (
     SVD_SWEEP_MAX,
     TimePlan,
     default_candidates,
+    release_rank,
     run_elapsed,
     single_round_candidates,
 )
@@ -285,7 +286,8 @@ def _grow_sketch(
         sketch.extend(new_cols, advance)
         setup.sink.end()
     last = bool(ranks_wanted) or (tplan is not None and tplan.single)
-    if last and rank > SVD_SWEEP_MAX and setup.comm.world == 1:
+    above = release_rank(setup.comm.world)
+    if last and above is not None and rank > above:
         sketch.release()  # the sketch will not grow again: Q and B go (lean SVD), P is W scaled in place
     usable = sketch.usable_rank()
     r_eff = min(rank, usable)

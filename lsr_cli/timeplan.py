@@ -41,6 +41,14 @@ SVD_SWEEP_MAX = 2048
 """Above this rank a round scores its ranks by leading-column losses (one triangular solve,
 :func:`~.solve.leading_column_losses`) instead of an SVD per candidate rank."""
 
+
+def release_rank(world: int) -> int | None:
+    """A last round (it will not grow again) of a rank above this releases its sketch before the
+    SVD (:meth:`~.sketch.RangeSketch.release`); ``None``: never (several processes keep it). The
+    one rule that ``subspace._grow_sketch`` follows and the memory plan counts."""
+    return SVD_SWEEP_MAX if world == 1 else None
+
+
 PROBE_SECONDS = 2.0
 """Longest JVP probe of the residual operator."""
 
