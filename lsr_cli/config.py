@@ -268,9 +268,10 @@ class IterateConfig:
     )
     physics_points: str = key(
         "adaptive",
-        help="the physics pass's fresh points: `adaptive`: drawn as the validation points are, plus per `pde` "
-        "block as many points (at most 8 192) drawn where the network's residual is large (RAD, p ∝ |r| / mean|r| "
-        "+ 1, from candidates 4× the block; the report's `physics.points_added`); `uniform`: the drawn points only",
+        help="the physics pass's fresh points: `adaptive`: each `pde` block's drawn where the network's residual "
+        "is large (RAD, p ∝ |r| / mean|r| + 1, from candidates 4× the block, as many as the block has; the "
+        "report's `physics.points_added`), the faces' drawn as the validation points are; `uniform`: all drawn "
+        "as the validation points are",
     )
     time_limit: float | None = key(
         540.0,

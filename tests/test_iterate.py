@@ -269,32 +269,36 @@ def test_physics_pass_fresh_points_are_seeded_new_every_pass_and_disjoint_from_t
             assert torch.cdist(a.points.double(), other.double()).min() > 0
 
 
-def test_physics_pass_adds_points_where_the_network_residual_is_largest():
+def test_physics_pass_draws_its_points_where_the_network_residual_is_largest():
     from .test_adaptive import HOT, HotSpot
 
     cfg = Config()
     spec = {**PDE, "coefficients": {"source": "0"}}  # the residual is −Δu: it peaks at HOT
     problem = parse_problem(spec, None, torch.Generator().manual_seed(cfg.seed))
+    val, _ = validation_problem(problem, cfg.seed)
     uniform, none = iterate_parts.fresh_points(problem, cfg, SINGLE, 1)  # no module: uniform points only
-    assert none == {} and uniform is not None
-    fresh, added = iterate_parts.fresh_points(problem, cfg, SINGLE, 1, HotSpot())
+    assert none == {} and uniform is not None and val is not None
+    fresh, drawn = iterate_parts.fresh_points(problem, cfg, SINGLE, 1, HotSpot())
     again, _ = iterate_parts.fresh_points(problem, cfg, SINGLE, 1, HotSpot())
     assert fresh is not None and again is not None
     n = problem.blocks[0].num_global
-    assert added == {"interior": n}  # pde blocks only; the walls get their uniform points
-    new = fresh.blocks[-1]
-    assert new.name == "interior+added2" and new.points.shape[0] == n
-    assert torch.equal(new.points, again.blocks[-1].points)  # seeded
+    assert drawn == {"interior": n}  # pde blocks only; the walls get their uniform points
+    assert [b.name for b in fresh.blocks] == [b.name for b in uniform.blocks]  # in place, as many
+    new = fresh.blocks[0]
+    assert new.points.shape[0] == n and new.weight == uniform.blocks[0].weight
+    assert torch.equal(new.points, again.blocks[0].points)  # seeded
+    for other in (problem.blocks[0].points, val.blocks[0].points):  # never a fit or validation point
+        assert torch.cdist(new.points.double(), other.double()).min() > 0
     near = lambda p: float(((p - HOT).norm(dim=1) < 0.15).double().mean())  # noqa: E731
     assert near(new.points) > 1.5 * near(uniform.blocks[0].points)  # half the sampling mass follows |r|
     mag = lambda b: float(b.residual(HotSpot(), b.inputs).abs().mean())  # noqa: E731
     assert mag(new) > 1.5 * mag(uniform.blocks[0])
-    for b, u in zip(fresh.blocks[:-1], uniform.blocks, strict=True):  # the drawn points stay, reweighted
-        assert torch.equal(b.points, u.points)
-    assert fresh.blocks[0].weight + new.weight == pytest.approx(uniform.blocks[0].weight)
+    for b, u in zip(fresh.blocks[1:], uniform.blocks[1:], strict=True):  # the faces keep their drawn points
+        assert torch.equal(b.points, u.points) and b.weight == u.weight
     cfg.iterate.physics_points = "uniform"
     plain, none = iterate_parts.fresh_points(problem, cfg, SINGLE, 1, HotSpot())
-    assert none == {} and plain is not None and [b.name for b in plain.blocks] == [b.name for b in uniform.blocks]
+    assert none == {} and plain is not None
+    assert all(torch.equal(p.points, u.points) for p, u in zip(plain.blocks, uniform.blocks, strict=True))
 
 
 def test_iterate_physics_points_is_adaptive_or_uniform():

@@ -120,6 +120,32 @@ def _residual_by_block(model: nn.Module, cand: PdeProblem, chunk: int = 4096) ->
     return out
 
 
+def _rad_draw(r: Tensor, n: int, gen: torch.Generator) -> Tensor | None:
+    """``n`` distinct candidate indices drawn with probability ``∝ |r| / mean|r| + 1`` (RAD);
+    ``None`` when the residual is zero or not finite."""
+    mag = r.double().abs().cpu()
+    if not bool(torch.isfinite(mag).all()) or float(mag.sum()) == 0.0:
+        return None
+    p = mag / mag.mean() + 1.0
+    return torch.multinomial(p / p.sum(), min(n, int(mag.numel())), replacement=False, generator=gen)
+
+
+def _drawn_block(parent: Block, cb: Block, idx: Tensor, comm: Comm, **fields: Any) -> Block:
+    """A block of ``parent``'s kind on the candidates ``idx`` of ``cb``; this rank keeps its share."""
+    s, e = shard_range(int(idx.numel()), comm.rank, comm.world)
+    keep = idx[s:e].to(cb.points.device)
+    base = {"name": parent.name, "weight": parent.weight, "spec": parent.spec}
+    return Block(
+        **{**base, **fields},
+        kind=parent.kind,
+        points=cb.points[keep],
+        inputs=tuple(x[keep] for x in cb.inputs),
+        residual_fn=cb.residual_fn,
+        first_point=s,
+        total_points=int(idx.numel()),
+    )
+
+
 def augment(
     problem: PdeProblem,
     cand: PdeProblem,
@@ -134,36 +160,49 @@ def augment(
     added: dict[str, int] = {}
     for cb, r in zip(cand.blocks, _residual_by_block(model, cand), strict=True):
         parent = next(b for b in blocks if b.name == cb.name)
-        mag = r.double().abs().cpu()
-        if not bool(torch.isfinite(mag).all()) or float(mag.sum()) == 0.0:
+        idx = _rad_draw(r, min(ADD_MAX, parent.num_global), gen)
+        if idx is None:
             continue
-        n_add = min(ADD_MAX, parent.num_global, int(mag.numel()))
-        p = mag / mag.mean() + 1.0
-        idx = torch.multinomial(p / p.sum(), n_add, replacement=False, generator=gen)
-        s, e = shard_range(n_add, comm.rank, comm.world)
-        keep = idx[s:e].to(cb.points.device)
         group = [b for b in blocks if b.name == parent.name or b.spec.get("adaptive_of") == parent.name]
         total_weight = sum(b.weight for b in group)
-        new = Block(
+        new = _drawn_block(
+            parent,
+            cb,
+            idx,
+            comm,
             name=f"{parent.name}+added{round_index + 1}",
-            kind=parent.kind,
             weight=0.0,
-            points=cb.points[keep],
-            inputs=tuple(x[keep] for x in cb.inputs),
             spec={**parent.spec, "points": {"adaptive": parent.name}, "adaptive_of": parent.name},
-            residual_fn=cb.residual_fn,
-            first_point=s,
-            total_points=n_add,
         )
         group.append(new)
         count = sum(b.num_global for b in group)
         for b in group:
             b.weight = total_weight * b.num_global / count
         blocks.append(new)
-        added[parent.name] = n_add
+        added[parent.name] = new.num_global
     out = dataclasses.replace(problem, blocks=blocks)
     set_scales(out.blocks)
     return out, added
+
+
+def redraw(
+    problem: PdeProblem, cand: PdeProblem, model: nn.Module, gen: torch.Generator, comm: Comm = SINGLE
+) -> tuple[PdeProblem, dict[str, int]]:
+    """``problem`` with the points of each ``pde`` block of ``cand`` drawn again, as many, where
+    ``model``'s residual is large (RAD from the candidates, see the module doc); names and
+    weights stay. Blocks without candidates (boundary, initial, data) keep their points."""
+    blocks = list(problem.blocks)
+    drawn: dict[str, int] = {}
+    for cb, r in zip(cand.blocks, _residual_by_block(model, cand), strict=True):
+        i = next((j for j, b in enumerate(blocks) if b.name == cb.name), None)
+        idx = None if i is None else _rad_draw(r, blocks[i].num_global, gen)
+        if i is None or idx is None:
+            continue
+        blocks[i] = _drawn_block(blocks[i], cb, idx, comm)
+        drawn[cb.name] = blocks[i].num_global
+    out = dataclasses.replace(problem, blocks=blocks)
+    set_scales(out.blocks)
+    return out, drawn
 
 
 __all__ = [
@@ -174,4 +213,5 @@ __all__ = [
     "adaptive_settings",
     "augment",
     "candidates",
+    "redraw",
 ]

@@ -15,7 +15,7 @@ from lsr_cli.linearized import LinearizedModel
 from lsr_cli.metrics import global_error_metrics
 from lsr_cli.refine import predict
 
-from .adaptive import augment, candidates
+from .adaptive import candidates, redraw
 from .problem import PdeProblem
 from .refine_pde import true_residual
 from .unknowns import WithUnknowns
@@ -136,13 +136,14 @@ PHYSICS_ROUNDS = 1000
 def fresh_points(
     problem: PdeProblem, cfg: Config, comm: Comm, k: int, module: nn.Module | None = None
 ) -> tuple[PdeProblem | None, dict[str, int]]:
-    """The physics pass's fresh points of iteration ``k`` and the residual-weighted points added
-    per ``pde`` block. Drawn as the validation points are, from a seed of their own
+    """The physics pass's fresh points of iteration ``k`` and the points drawn where the residual
+    is large, per ``pde`` block. Drawn as the validation points are, from a seed of their own
     (:func:`validation_set` with another offset); with ``iterate.physics_points: adaptive`` and
-    the ``module``, each ``pde`` block also gets points drawn where the module's residual is
-    large (:func:`~.adaptive.augment`: RAD from candidates 4× the block). Measured on a Burgers
-    PINN that Adam left at 7.45e-2 (`docs/benchmarks/unseen_pinns.md`): the uniform points alone
-    let the passes reach 2.04e-2; with the added points one pass reached 4.40e-4."""
+    the ``module``, each ``pde`` block's fresh points are drawn instead where the module's
+    residual is large (:func:`~.adaptive.redraw`: RAD from candidates 4× the block, as many
+    points), so a pass costs what it did with uniform points. Measured with `lsr iterate`'s
+    defaults (`docs/benchmarks/unseen_pinns.md`): on a Burgers PINN that Adam and L-BFGS left at
+    2.65e-2, 5.53e-4 with uniform points and 2.17e-4 with these."""
     fresh = validation_set(problem, cfg, comm, FRESH_OFFSET + k)[0]
     if fresh is None or module is None or cfg.iterate.physics_points != "adaptive":
         return fresh, {}
@@ -150,7 +151,7 @@ def fresh_points(
     if cand is None:
         return fresh, {}
     gen = torch.Generator().manual_seed(cfg.seed + FRESH_OFFSET + k)
-    return augment(fresh, cand, module, k, gen, comm)
+    return redraw(fresh, cand, module, gen, comm)
 
 
 def predictor_validation_loss(
