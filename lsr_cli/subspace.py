@@ -293,6 +293,11 @@ def _grow_sketch(
     r_eff = min(rank, usable)
     if tplan is not None and tplan.single:
         r_eff = tplan.shrink_after_sketch(r_eff, time.perf_counter() - t_round, ranks_wanted or None)
+    if tplan is not None and usable < rank:  # the plan counted on more directions
+        line = tplan.revise_after_sketch(rank, usable, r_eff, _candidates(ranks_wanted, r_eff, tplan))
+        note = getattr(setup.sink, "note", None)
+        if note is not None:
+            note(line)
     return usable, r_eff
 
 

@@ -163,3 +163,17 @@ def test_the_plan_counts_the_qr_folds_a_memory_budget_allows() -> None:
     qr = 2.0 * 100_000 * 4000**2 / 1e10
     assert held["project"] - free["project"] == pytest.approx(qr * (qr_fold_factor(4000, tight) - 1.0))
     assert held["sketch"] == free["sketch"] and held["solve"] == free["solve"]
+
+
+def test_a_range_that_runs_out_revises_the_estimate() -> None:
+    from lsr_cli.timeplan import mark_run_start
+
+    mark_run_start()
+    plan = plan_time(_costs(), [3000], [3000], 128, None, 0.0)
+    assert not plan.revised
+    line = plan.revise_after_sketch(3000, 1200, 1200, [1200])
+    rev = plan.revised
+    assert (rev["planned_rank"], rev["usable_rank"], rev["rank"]) == (3000, 1200, 1200)
+    assert rev["elapsed_s"] < rev["estimate_total_s"] < plan.estimate_s  # the rest of a smaller round
+    assert "range holds 1200 directions" in line and "rank 3000 planned" in line
+    assert plan.report(1.0, [1.0], 2.0)["revised"] == rev
