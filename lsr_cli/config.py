@@ -278,7 +278,8 @@ class IterateConfig:
         shown="9min",
         shown_type="number | string | null",
         help="wall-time budget of the iterations: seconds or `90s`, `10min`, `1.5h` (`null`: none). The "
-        "Levenberg–Marquardt fit stops at it, and no iteration starts when the time left is below its LSR step, "
+        "Levenberg–Marquardt fit and the L-BFGS pass (`lbfgs_iterations`; the report's "
+        "`alignment.lbfgs_stopped_at_time_limit`) stop at it, and no iteration starts when the time left is below its LSR step, "
         "its evaluation and a quarter of its fit (each as long as the longest so far); the best network is "
         "written and the report's `stop_reason` says so. 9 minutes keep a default run, loading and writing "
         "included, within 10",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -491,3 +492,24 @@ def test_iterate_lbfgs_pass_with_several_outputs_is_a_config_error(tmp_path):
     files["config"].write_text(yaml.safe_dump(raw), encoding="utf-8")
     with pytest.raises(ConfigError, match=r"config.iterate.lbfgs_iterations: the pseudo-time L-BFGS pass needs one"):
         _run_system(files)
+
+
+def test_the_lbfgs_pass_stops_at_its_time_limit(monkeypatch):
+    import types
+
+    iterate_fit = sys.modules["lsr_cli.pde.iterate_fit"]
+    net = _pinn()
+    cfg = Config()
+    cfg.iterate.lbfgs_iterations = 50
+    problem = parse_problem(PDE, None, torch.Generator().manual_seed(cfg.seed))
+    with torch.no_grad():  # targets a little off the network: L-BFGS has work to do
+        targets = [net(x).reshape(-1) + 0.01 for x in iterate_parts.fit_points(problem)]
+    clock = iter(range(1000))  # one "second" per look at the clock: t0 = 0, then 1, 2, …
+    monkeypatch.setattr(iterate_fit, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    start = copy.deepcopy(net.state_dict())
+    evaluations, loss, stopped = iterate_fit.align(net, problem, targets, cfg, SINGLE, time_limit=3.5)
+    assert stopped and evaluations == 3 and math.isfinite(loss)  # the 4th evaluation is past the limit
+    assert any(not torch.equal(v, start[k]) for k, v in net.state_dict().items())  # it did step
+    free = _pinn()
+    evaluations, _, stopped = iterate_fit.align(free, problem, targets, cfg, SINGLE)  # no limit
+    assert not stopped and evaluations > 3

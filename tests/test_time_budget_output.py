@@ -52,3 +52,13 @@ def test_time_budget_line_gives_every_key_in_order():
     assert line == "time budget: limit 10.0 min, estimate 9.8 min, measured 45.0 s, ranks tried 64, 128, plan cut"
     assert time_budget_line({}) is None and time_budget_line({"time_budget": None}) is None
     assert time_budget_line({"time_budget": {"limit_s": None, "estimate_s": 5.0}}) is None  # no limit: report only
+
+
+def test_time_budget_line_gives_the_estimate_revised_when_the_range_ran_out():
+    revised = {"planned_rank": 9000, "usable_rank": 4460, "rank": 4460, "elapsed_s": 600.0, "estimate_total_s": 1106.0}
+    budget = {"limit_s": 5100.0, "estimate_total_s": 3713.0, "elapsed_after_solve_s": 1056.0, "revised": revised}
+    line = time_budget_line({"time_budget": budget})
+    assert line == (
+        "time budget: limit 85.0 min, estimate total 61.9 min, revised after the sketch 18.4 min (the range held "
+        "4460 directions, rank 9000 planned), elapsed after solve 17.6 min"
+    )

@@ -56,6 +56,12 @@ def time_budget_line(report: dict[str, Any]) -> str | None:
         else:
             text = str(value)
         parts.append(f"{label} {text}")
+        if key == "estimate_total_s" and isinstance(budget.get("revised"), dict):  # the range ran out
+            rev = budget["revised"]
+            parts.append(
+                f"revised after the sketch {rev['estimate_total_s'] / 60:.1f} min (the range held "
+                f"{rev['usable_rank']} directions, rank {rev['planned_rank']} planned)"
+            )
     return "time budget: " + ", ".join(parts)
 
 

@@ -139,17 +139,19 @@ def _fit_network(
     """Fit the network to the predictor (Levenberg–Marquardt, then the optional L-BFGS pass, kept
     only if it brought the network closer); returns the report's ``alignment`` entry."""
     it_cfg = cfg.iterate
+    t0 = time.perf_counter()
     points, target = torch.cat(fit_points(problem)), torch.cat(targets)
     gn_steps = (
         gauss_newton_fit(network, points, target, cfg, gen, comm, time_limit=time_limit, frozen=frozen)
         if it_cfg.gauss_newton_steps > 0
         else 0
     )
-    evaluations, align_loss, lbfgs_kept = 0, math.nan, False
+    evaluations, align_loss, lbfgs_kept, lbfgs_stopped = 0, math.nan, False, False
     if it_cfg.lbfgs_iterations > 0:
         before_lbfgs = copy.deepcopy(module.state_dict())
         fit_before = distance(predict(module, (points,), 4096).reshape(-1), target, comm)
-        evaluations, align_loss = align(module, problem, targets, cfg, comm)
+        left = time_limit - (time.perf_counter() - t0)
+        evaluations, align_loss, lbfgs_stopped = align(module, problem, targets, cfg, comm, left)
         # the L-BFGS pass minimizes the pseudo-time loss, which also weighs the network's own
         # PDE residual: keep it only if it brought the network closer to the LSR predictor
         lbfgs_kept = distance(predict(module, (points,), 4096).reshape(-1), target, comm) <= fit_before
@@ -163,6 +165,7 @@ def _fit_network(
         "gauss_newton_steps": gn_steps,
         "lbfgs_evaluations": evaluations,
         "lbfgs_kept": lbfgs_kept,
+        "lbfgs_stopped_at_time_limit": lbfgs_stopped,
     }
 
 

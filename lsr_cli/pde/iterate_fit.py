@@ -70,14 +70,26 @@ def _allreduce_grads(params: Sequence[Tensor], comm: Comm) -> None:
         start += n
 
 
+class _OutOfTime(Exception):
+    """Raised in the L-BFGS closure past its time limit (``torch.optim.LBFGS`` has no callback)."""
+
+
 def align(
-    module: nn.Module, problem: PdeProblem, targets: list[Tensor], cfg: Config, comm: Comm = SINGLE
-) -> tuple[int, float]:
-    """L-BFGS (strong Wolfe) on the pseudo-time alignment loss; returns (evaluations, final loss).
+    module: nn.Module,
+    problem: PdeProblem,
+    targets: list[Tensor],
+    cfg: Config,
+    comm: Comm = SINGLE,
+    time_limit: float = math.inf,
+) -> tuple[int, float, bool]:
+    """L-BFGS (strong Wolfe) on the pseudo-time alignment loss; returns (evaluations, final loss,
+    whether it stopped at ``time_limit`` seconds). Stopped there, the weights are those of the
+    last evaluation (a line search's trial point): the caller keeps them only if they are better.
 
     Distributed: the closure returns the global loss and sets every ``.grad`` to the global
     gradient (all-reduced), so L-BFGS, deterministic given its closure, takes the same steps
-    on every rank."""
+    on every rank, and the time limit is decided on every rank alike."""
+    t0 = time.perf_counter()
     params = [p for p in module.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(True)
@@ -94,6 +106,8 @@ def align(
 
     def closure() -> Tensor:
         nonlocal evaluations
+        if out_of_time(time.perf_counter() - t0, time_limit, comm):
+            raise _OutOfTime
         evaluations += 1
         opt.zero_grad()
         loss = _alignment_loss(module, problem, targets, cfg.iterate.dtau, comm)
@@ -103,10 +117,14 @@ def align(
         _allreduce_grads(params, comm)
         return _global_loss(loss, comm)
 
+    stopped = False
     with torch.enable_grad():
-        opt.step(closure)
+        try:
+            opt.step(closure)
+        except _OutOfTime:
+            stopped = True
         final = _global_loss(_alignment_loss(module, problem, targets, cfg.iterate.dtau, comm), comm)
-    return evaluations, float(final.detach())
+    return evaluations, float(final.detach()), stopped
 
 
 def out_of_time(elapsed: float, limit: float, comm: Comm = SINGLE) -> bool:
