@@ -232,10 +232,15 @@ def _plan_rounds(
         rank = tplan.ranks[0]
         if ranks_wanted:
             ranks_wanted = sorted({min(r, rank) for r in ranks_wanted})
+    _note(setup, plan_line(tplan))
+    return tplan, ranks_wanted, rank
+
+
+def _note(setup: _Setup, line: str) -> None:
+    """Print ``line`` through the progress sink when it prints notes."""
     note = getattr(setup.sink, "note", None)
     if note is not None:
-        note(plan_line(tplan))
-    return tplan, ranks_wanted, rank
+        note(line)
 
 
 def _search_ranks(
@@ -294,10 +299,7 @@ def _grow_sketch(
     if tplan is not None and tplan.single:
         r_eff = tplan.shrink_after_sketch(r_eff, time.perf_counter() - t_round, ranks_wanted or None)
     if tplan is not None and usable < rank:  # the plan counted on more directions
-        line = tplan.revise_after_sketch(rank, usable, r_eff, _candidates(ranks_wanted, r_eff, tplan))
-        note = getattr(setup.sink, "note", None)
-        if note is not None:
-            note(line)
+        _note(setup, tplan.revise_after_sketch(rank, usable, r_eff, _candidates(ranks_wanted, r_eff, tplan)))
     return usable, r_eff
 
 

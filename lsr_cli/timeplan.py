@@ -241,20 +241,24 @@ class TimePlan:
     replanned: str = ""
     revised: dict[str, Any] = field(default_factory=dict)
 
+    def after_sketch_s(self, r: int, candidates: list[int] | None) -> float:
+        """Seconds of a round at rank ``r`` once its sketch is done: the projection and the sweep
+        (``candidates``; ``None``: a budget-limited round's)."""
+        parts = self.costs.round_parts(r + self.costs.oversampling, r, candidates or single_round_candidates(r))
+        return parts["project"] + parts["solve"]
+
     def shrink_after_sketch(self, rank: int, sketch_s: float, candidates: list[int] | None) -> int:
         """The one budget-limited round, after its sketch: the largest rank ``≤ rank`` whose
         projection and sweep, scaled by how much slower the sketch ran than estimated, still fit
         the time left (other jobs may have slowed the machine since the costs were measured)."""
         if self.limit_s is None or not self.single:
             return rank
-        k = max(self.k0, self.ranks[0] + self.costs.oversampling)
         est_sketch = self.costs.round_parts(self.k0, self.ranks[0], [])["sketch"]
         scale = max(1.0, sketch_s / max(est_sketch, 1e-9))
         left = self.limit_s - run_elapsed() - self.costs.reserve()
 
         def rest(r: int) -> float:
-            parts = self.costs.round_parts(k, r, candidates or single_round_candidates(r))
-            return scale * (parts["project"] + parts["solve"])
+            return scale * self.after_sketch_s(r, candidates)
 
         if rest(rank) <= left:
             return rank
@@ -277,9 +281,8 @@ class TimePlan:
         this round at ``r`` (the plan could not know; measured on the paper DeepONet, 53.5 min
         planned for rank 9 000 where the range held 4 460 and the run took 23.2 min). Recorded
         in the report's ``time_budget.revised``; returns the line to print."""
-        parts = self.costs.round_parts(r + self.costs.oversampling, r, candidates or single_round_candidates(r))
         elapsed = run_elapsed()
-        total = elapsed + parts["project"] + parts["solve"] + self.costs.reserve()
+        total = elapsed + self.after_sketch_s(r, candidates) + self.costs.reserve()
         self.revised = {
             "planned_rank": planned,
             "usable_rank": usable,
