@@ -279,7 +279,8 @@ class IterateConfig:
         shown_type="number | string | null",
         help="wall-time budget of the iterations: seconds or `90s`, `10min`, `1.5h` (`null`: none). The "
         "Levenberg–Marquardt fit and the L-BFGS pass (`lbfgs_iterations`; the report's "
-        "`alignment.lbfgs_stopped_at_time_limit`) stop at it, and no iteration starts when the time left is below its LSR step, "
+        "`alignment.lbfgs_stopped_at_time_limit`) stop at it, the LSR step's exact-residual stage takes at most 40 % of "
+        "the time left (`nonlinear.time_limit` per iteration), and no iteration starts when the time left is below its LSR step, "
         "its evaluation and a quarter of its fit (each as long as the longest so far); the best network is "
         "written and the report's `stop_reason` says so. 9 minutes keep a default run, loading and writing "
         "included, within 10",

@@ -169,3 +169,25 @@ def test_bad_iteration_count_is_a_config_error(value):
     raw["nonlinear_iterations"] = value
     with pytest.raises(ConfigError, match="config.pde.nonlinear_iterations"):
         parse_problem(raw, None, torch.Generator().manual_seed(0))
+
+
+def test_iterate_bounds_the_stage_by_a_share_of_its_time_limit(tmp_path):
+    """Under ``iterate.time_limit`` the LSR step's exact-residual stage gets at most
+    ``EXACT_STAGE_SHARE`` of the time left (its own cap, at least two minutes, is larger here)."""
+    from lsr_cli.pde.exact_stage import STAGE_MIN_SECONDS
+    from lsr_cli.pde.iterate import EXACT_STAGE_SHARE, iterate
+
+    problem = front_problem()
+    net = rough_pinn(problem)
+    torch.save(net.state_dict(), tmp_path / "pinn.pt")
+    limit = 60.0
+    cfg = Config()
+    cfg.device = "cpu"
+    cfg.lsr.rank = [16, 32]
+    cfg.iterate.iterations = 1
+    cfg.iterate.physics = False
+    cfg.iterate.time_limit = limit
+    result = iterate(LoadedCheckpoint(tmp_path / "pinn.pt", "state_dict", net), problem, cfg)
+    stage = result.history[0]["nonlinear"]
+    assert stage["ran"], stage
+    assert 0.0 < stage["time_limit"] <= EXACT_STAGE_SHARE * limit < STAGE_MIN_SECONDS

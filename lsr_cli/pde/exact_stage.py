@@ -3,6 +3,7 @@ predictor's *exact* residual inside LSR's subspace (:mod:`.subspace_newton`), wi
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -68,13 +69,15 @@ def exact_step(
     comm: Comm = SINGLE,
     sink: ProgressSink | None = None,
     validation: PdeProblem | None = None,
+    deadline: float = math.inf,
 ) -> ExactStep:
     """LSR's step ``sub.dz``, moved to minimize the refined predictor's *exact* residual in
-    LSR's subspace (see :mod:`.subspace_newton`) when the equation is nonlinear."""
+    LSR's subspace (see :mod:`.subspace_newton`) when the equation is nonlinear. ``deadline``
+    (a ``time.perf_counter()`` value) caps the stage below :func:`stage_time_limit` as well."""
     if sub.dz is None:
         return ExactStep(None, ops.f0, ops.f0, {"ran": False, "reason": "LSR kept the input (rank 0)"})
     f_lin, f_after = _step_residuals(module, problem, space, ops, sub.dz)
-    z, info = _exact_stage(module, problem, space, ops, sub, f_lin, f_after, cfg, comm, sink, validation)
+    z, info = _exact_stage(module, problem, space, ops, sub, f_lin, f_after, cfg, comm, sink, validation, deadline)
     if z is None:
         return ExactStep(sub.dz, f_lin, f_after, info)
     assert sub.basis is not None
@@ -94,6 +97,7 @@ def _exact_stage(
     comm: Comm,
     sink: ProgressSink | None,
     validation: PdeProblem | None = None,
+    deadline: float = math.inf,
 ) -> tuple[Tensor | None, dict[str, Any]]:
     """The new reduced step ``z`` (``None``: keep LSR's) and what was done."""
     info: dict[str, Any] = {"ran": False}
@@ -120,8 +124,8 @@ def _exact_stage(
     if need > budget // 2:
         info["reason"] = f"its tables need {need / 2**20:.0f} MiB, more than half of the memory budget"
         return None, info
-    time_limit = stage_time_limit(sub)
     t0 = time.perf_counter()
+    time_limit = min(stage_time_limit(sub), max(0.0, deadline - t0))
     try:
         dense = ops.jacobian["path"] == "dense"
         tables = tabulate(module, problem, space, sub.basis, cfg.lsr.tangent_chunk, dense, layout)

@@ -211,12 +211,24 @@ class _Budget:
             return False
         return out_of_time(time.perf_counter() - self.t0 + self.needed(), self.limit, comm)
 
+    def stage_deadline(self) -> float:
+        """When the LSR step's exact-residual stage must stop: after :data:`EXACT_STAGE_SHARE` of the
+        time left, so that the fit keeps the rest (``inf`` without a limit)."""
+        if math.isinf(self.limit):
+            return math.inf
+        now = time.perf_counter()
+        return now + EXACT_STAGE_SHARE * max(0.0, self.limit - (now - self.t0))
+
     def fit_limit(self) -> float:
         """Seconds the fit may take: what is left, less the longest evaluation so far."""
         if math.isinf(self.limit):
             return math.inf
         return max(0.0, self.limit - (time.perf_counter() - self.t0) - self.longest["evaluation"])
 
+
+EXACT_STAGE_SHARE = 0.4
+"""The LSR step's exact-residual stage (``lsr refine``'s, at most a few times LSR's own time) takes
+at most this share of the time left under ``iterate.time_limit``: the fit needs the rest."""
 
 PHYSICS_TRIGGER = 2.0
 """An LSR iteration that lowers the kept criterion less than this factor (or is rejected) is
@@ -301,7 +313,7 @@ def _lsr_iteration(
     """Iteration ``k`` as an LSR step: the predictor's targets, the network fitted to them and
     judged. Its report entry, the kept network after it, whether it was kept (else the weights
     are restored to ``best``'s), whether LSR kept the input (no step) and its stages' seconds."""
-    t = lsr_targets(module, problem, space, ops, cfg, gen, comm)
+    t = lsr_targets(module, problem, space, ops, cfg, gen, comm, budget.stage_deadline())
     t1 = time.perf_counter()
     alignment = _fit_network(module, network, problem, t.targets, cfg, gen, comm, frozen, budget.fit_limit())
     t2 = time.perf_counter()
@@ -369,7 +381,7 @@ def _entry(
         "criterion": {"name": cfg.iterate.select, "value": crit, "kept": kept},
         "nonlinear": {
             key: t.nonlinear[key]
-            for key in ("ran", "reason", "iterations", "monitor_start", "monitor_best", "time")
+            for key in ("ran", "reason", "iterations", "monitor_start", "monitor_best", "time", "time_limit")
             if key in t.nonlinear
         },
         "guard": t.guard,

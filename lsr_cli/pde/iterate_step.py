@@ -5,6 +5,7 @@ its residual loss and reference errors, and the incoming network's distance to i
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,11 +49,13 @@ def lsr_targets(
     cfg: Config,
     gen: torch.Generator,
     comm: Comm,
+    deadline: float = math.inf,
 ) -> Targets:
     """One-shot LSR at the current weights and the predictor ``q(θ, x) + J(x) δ`` at every fit
-    point; the unknown constants (``pde.unknowns``) take their step here."""
+    point; the unknown constants (``pde.unknowns``) take their step here. ``deadline`` (a
+    ``time.perf_counter()`` value) bounds the exact-residual stage."""
     num_out = len(problem.outputs)
-    sub, step, guard = guarded_step(module, problem, space, ops, cfg, gen, comm)
+    sub, step, guard = guarded_step(module, problem, space, ops, cfg, gen, comm, deadline)
     sub.dz, nonlinear = step.dz, step.info
     # the LSR predictor's residual: its own (exact) one when the stage ran, else f0 + G dz
     lin_loss = global_mean_square(step.f_after if nonlinear.get("ran") else step.f_lin, comm)
@@ -88,6 +91,7 @@ def guarded_step(
     cfg: Config,
     gen: torch.Generator,
     comm: Comm,
+    deadline: float = math.inf,
 ) -> tuple[SubspaceResult, ExactStep, dict[str, Any]]:
     """The LSR step as ``lsr refine`` takes it (``pde.validation``): with ``auto``, the held-out
     rows' (or GCV's) choice is kept only if the predictor's exact residual at the validation
@@ -104,7 +108,7 @@ def guarded_step(
     def one_shot(selection: Selection | None) -> tuple[SubspaceResult, ExactStep]:
         sub = lsr_step(module, problem, space, ops, cfg, gen, NoProgress(), comm, validation=selection)
         # nonlinear equations: the predictor's exact residual, minimized in LSR's subspace
-        return sub, exact_step(module, problem, space, ops, sub, cfg, comm)
+        return sub, exact_step(module, problem, space, ops, sub, cfg, comm, deadline=deadline)
 
     chosen = validation.selection if validation is not None and val is not None and mode == "choose" else None
     sub, step = one_shot(chosen)
