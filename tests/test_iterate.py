@@ -513,3 +513,22 @@ def test_the_lbfgs_pass_stops_at_its_time_limit(monkeypatch):
     free = _pinn()
     evaluations, _, stopped = iterate_fit.align(free, problem, targets, cfg, SINGLE)  # no limit
     assert not stopped and evaluations > 3
+
+
+def test_an_lbfgs_pass_without_time_for_one_evaluation_is_not_kept():
+    fit_network = sys.modules["lsr_cli.pde.iterate"]._fit_network
+    net = _pinn()
+    cfg = Config()
+    cfg.iterate.lbfgs_iterations = 50
+    cfg.iterate.gauss_newton_steps = 0
+    problem = parse_problem(PDE, None, torch.Generator().manual_seed(cfg.seed))
+    with torch.no_grad():
+        targets = [net(x).reshape(-1) + 0.01 for x in iterate_parts.fit_points(problem)]
+    start = copy.deepcopy(net.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    alignment = fit_network(net, net, problem, targets, cfg, gen, SINGLE, [], 0.0)
+    assert alignment["lbfgs_evaluations"] == 0 and alignment["lbfgs_stopped_at_time_limit"]
+    assert alignment["lbfgs_kept"] is False
+    assert all(torch.equal(v, start[k]) for k, v in net.state_dict().items())
+    alignment = fit_network(net, net, problem, targets, cfg, gen, SINGLE, [], math.inf)
+    assert alignment["lbfgs_evaluations"] > 0 and alignment["lbfgs_kept"] is True

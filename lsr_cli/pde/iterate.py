@@ -154,7 +154,9 @@ def _fit_network(
         evaluations, align_loss, lbfgs_stopped = align(module, problem, targets, cfg, comm, left)
         # the L-BFGS pass minimizes the pseudo-time loss, which also weighs the network's own
         # PDE residual: keep it only if it brought the network closer to the LSR predictor
-        lbfgs_kept = distance(predict(module, (points,), 4096).reshape(-1), target, comm) <= fit_before
+        # (a pass that the time left did not allow one evaluation changed nothing: not "kept")
+        closer = distance(predict(module, (points,), 4096).reshape(-1), target, comm) <= fit_before
+        lbfgs_kept = evaluations > 0 and closer
         if not lbfgs_kept:
             module.load_state_dict(before_lbfgs)
     broadcast_parameters(module, comm)
