@@ -1,8 +1,9 @@
 """The method's published operator results at their scale, on this CPU (issue 19).
 
 The LSR authors refine a Cartesian DeepONet and a MultiONet of about 116 000 parameters for the
-1-D viscous Burgers operator u0 ↦ u(·, 1) (ν = 0.1, 128 sensors and output points, 1 000
-training functions), linearizing half of the parameters, at ranks 9 000 and 20 000 (METHOD.md §4).
+1-D viscous Burgers operator u0 ↦ u(·, 1) (ν = 0.1/π on [−1, 1] with u(±1) = 0, 128 sensors and
+output points, 1 000 training functions), linearizing half of the parameters, at ranks 9 000 and
+20 000 (METHOD.md §4).
 This benchmark runs the same pipeline end to end with `lsr`:
 
 1. data and the two Adam-trained models from ``sample_data/make_burgers_paper.py`` (trained when
@@ -161,8 +162,9 @@ def write_docs(rows: list[dict[str, Any]], trained: dict[str, float]) -> None:
         "# Operator refinement at the method's published scale",
         "",
         "Made by `benchmarks/paper_operators.py` (issue 19). The 1-D viscous Burgers operator",
-        "u0 ↦ u(·, 1), ν = 0.1, 128 sensors and output points, 1 000 training / 100 validation / 50 test",
-        "functions (`sample_data/make_burgers_paper.py`), models trained by the authors' Adam protocol;",
+        "u0 ↦ u(·, 1), ν = 0.1/π on [−1, 1] with u(±1) = 0, 128 sensors and output points, 1 000 training /",
+        "100 validation / 50 test functions (`sample_data/make_burgers_paper.py`), models trained by the",
+        "authors' Adam protocol;",
         "`lsr refine` with `configs/burgers_paper_{deeponet,multionet}.yaml` (`rank: auto`, half of",
         "the parameters linearized, the rank chosen on the validation split) under `--time-limit`.",
         "Errors are the mean relative L2 over the test functions, as the authors report them.",

@@ -93,13 +93,14 @@ def evaluate_series(coef: np.ndarray, x: np.ndarray) -> np.ndarray:
     return coef[:, :, 0] @ np.cos(phase) + coef[:, :, 1] @ np.sin(phase)
 
 
-def solve_burgers(u0: np.ndarray, t_final: float, dt: float, nu: float = NU) -> np.ndarray:
-    """Pseudo-spectral integrating-factor RK4 for periodic viscous Burgers on [0, 1), viscosity ``nu``.
+def solve_burgers(u0: np.ndarray, t_final: float, dt: float, nu: float = NU, length: float = 1.0) -> np.ndarray:
+    """Pseudo-spectral integrating-factor RK4 for viscous Burgers on a periodic interval of ``length``
+    (default [0, 1)), viscosity ``nu``.
 
-    ``u0`` [n, M] on the grid j/M (M even); returns u(·, t_final) [n, M].
+    ``u0`` [n, M] on the grid j·length/M from the interval's left end (M even); returns u(·, t_final) [n, M].
     """
     m = u0.shape[1]
-    k = 2 * np.pi * np.fft.rfftfreq(m, d=1.0 / m)  # angular wavenumbers [M/2 + 1]
+    k = 2 * np.pi / length * np.fft.rfftfreq(m, d=1.0 / m)  # angular wavenumbers [M/2 + 1]
     dealias = np.abs(np.fft.rfftfreq(m, d=1.0 / m)) < m / 3  # 2/3 rule
     e = np.exp(-nu * k**2 * dt)
     e2 = np.exp(-nu * k**2 * dt / 2)

@@ -3,23 +3,30 @@
 The data-driven Burgers case of METHOD.md §4 (Cao & Zhang refine a DeepONet and a MultiONet)
 at its published size:
 
-    u_t + u u_x = ν u_xx,   x ∈ [0, 1) periodic,   ν = 0.1,   t ∈ [0, T],   T = 1,
+    u_t + u u_x = ν u_xx,   x ∈ [−1, 1],   u(−1, t) = u(1, t) = 0,   ν = 0.1/π,   t ∈ [0, T],   T = 1,
 
-operator u0 ↦ u(·, T) on the 128-point grid x_j = j/128 (128 sensors = 128 output points).
+operator u0 ↦ u(·, T) on the 128-point grid linspace(−1, 1, 128) (128 sensors = 128 output points).
 The protocol is that of the example notebooks in github.com/yaohua32/Deep-Neural-Operators-for-PDEs
-(Examples/01_Burgers/{DeepONet,MultiONet}Cartesian_Burgers1d.ipynb: ν = 0.1, T = 1, 128 points,
+(Examples/01_Burgers/{DeepONet,MultiONet}Cartesian_Burgers1d.ipynb: T = 1, 128 points,
 1000 training and 50 test functions, Adam lr 1e-3, StepLR every 500 epochs with gamma 0.5 (their
 log shows lr 5e-4 after epoch 500 and 6.25e-5 after 2000), batch 50, 2000 epochs, float32), whose
 data files (viscid_train.mat / viscid_test_in.mat) are not public.
 
-Initial conditions: the Gaussian random field of the FNO Burgers benchmark (Li et al. 2021),
-N(0, 625 (−Δ + 25 I)^(−2)) on the periodic [0, 1), without its constant mode (zero mean):
-u0 = Σ_{k=1..128} √(2 λ_k) (a_k cos 2πkx + b_k sin 2πkx), λ_k = 625 ((2πk)² + 25)^(−2),
-a_k, b_k ~ N(0, 1) (modes above 128 hold a fraction < 1e-9 of the variance). The authors' field
-is not stated in their notebooks; this is the standard Burgers-operator field with the same
-ν = 0.1 setting (pointwise standard deviation of u0 ≈ 0.59). Solver: pseudo-spectral on 512
-points (2/3-rule dealiasing of u u_x = ½ (u²)_x), integrating-factor RK4, dt = 5e-4; checked
-against dt/2 and a 1024-point grid (printed below).
+The setting is read from those notebooks, not from their introduction's "ν = 0.1, x ∈ (0, 1)":
+their figures plot u0 and u(·, 1) over x ∈ [−1, 1], zero at both ends, u0 of size ~0.5 and
+u(·, 1) of size ~0.07–0.3 (one to three waves), and the physics-informed notebook that loads the
+same file uses ν = 0.1/π with a factor cos(πx/2) that vanishes at x = ±1. (An earlier version of
+this script took ν = 0.1 on the periodic [0, 1): there e^(−4π²ν) ≈ 0.02 leaves u(·, 1) almost one
+Fourier mode of size 0.01, and `lsr` gains were limited by generalization near rank 3 000.)
+
+Initial conditions: u0 = Σ_{k=1..128} c_k sin(kπx), c_k ~ N(0, s² (τ² + (kπ)²)^(−α)), τ = 7,
+α = 2.5, s = 70.14: the FNO-style field on [−1, 1] with Dirichlet ends, the parameters of a
+published regeneration of these files (pointwise standard deviation of u0 ≈ 0.38, as the
+original data's). The sine series is odd and 2-periodic and Burgers keeps it so, so the Dirichlet
+problem is solved as the periodic one on [−1, 1): pseudo-spectral on 512 points (2/3-rule
+dealiasing of u u_x = ½ (u²)_x), integrating-factor RK4, dt = 5e-4, evaluated at the output grid
+by trigonometric interpolation; the values at x = ±1 are set to exactly 0. Checked against dt/2
+and a 1024-point grid (printed below).
 
 Splits: 1000 train, 100 val (extra functions for `lsr`'s rank selection), 50 test. HDF5 layout as
 sample_data/burgers_operator.h5 (float64, gzip)::
@@ -40,20 +47,17 @@ shuffled batches of 50. Loss: the notebooks' "mse_org", which is the mean over t
 per-function L2 norm of the error, ‖u_pred − u‖₂ (not squared); ``--loss mse`` uses the mean
 squared error instead.
 
-Result (torch 2.13 CPU, one thread, 2 cores shared with other jobs): data 71 s (u0 standard
-deviation 0.58, max |u0| 2.5, max |u(T)| 0.03: e^(−4π²ν T) ≈ 0.02 damps mode 1); solver check
-max |u(dt) − u(dt/2)| / max|u| = 1.9e-10, 256 vs 512 points 5.6e-16. The best affine map
-u0 ↦ u(T) fitted on the training split has a validation relative L2 error of 0.076, so the
-operator is far from linear at the networks' error level. Full protocol (2000 epochs, nothing
-scaled), relative L2 error, whole split / mean over functions:
+Result (torch 2.13 CPU, one thread, the two models trained side by side on the 2 cores): data 78 s
+(u0 standard deviation 0.376, max |u0| 1.71; u(T) standard deviation 0.187, max |u(T)| 0.69);
+solver check max |u(dt) − u(dt/2)| / max|u| = 7.0e-12, 512 vs 1024 points 1.2e-15. The best
+affine map u0 ↦ u(T) fitted on the training split has a validation relative L2 error of 0.335.
+Full protocol (2000 epochs, nothing scaled), relative L2 error, whole split / mean over functions:
 
     model      params   time    train              val                test
-    DeepONet   115 841  369 s   8.31e-3 / 9.63e-3  9.20e-3 / 1.01e-2  9.43e-3 / 1.01e-2
-    MultiONet  115 844  566 s   7.30e-3 / 8.21e-3  8.69e-3 / 9.19e-3  1.06e-2 / 9.84e-3
+    DeepONet   115 841  163 s   9.77e-3 / 1.13e-2  1.12e-2 / 1.23e-2  1.87e-2 / 1.62e-2
+    MultiONet  115 844  210 s   1.03e-2 / 1.20e-2  1.34e-2 / 1.34e-2  1.73e-2 / 1.80e-2
 
-(authors, mean over test functions: DeepONet 1.08e-2, MultiONet 7.48e-3). `lsr refine --rank 64`
-with configs/burgers_paper_{deeponet,multionet}.yaml (half the parameters linearized, float64,
-about 13 s of work each): mean test error DeepONet 1.01e-2 -> 4.93e-3, MultiONet 9.84e-3 -> 8.31e-3.
+(authors, mean over test functions: DeepONet 1.08e-2, MultiONet 7.48e-3).
 
 Usage (from the repository root):
 
@@ -81,12 +85,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_burgers_operator import solve_burgers  # noqa: E402  (the same solver, ν an argument)
 
 HERE = Path(__file__).resolve().parent
-NU = 0.1
+NU = 0.1 / np.pi
 T_FINAL = 1.0
 GRID = 128
-FINE = 256
+FINE = 512
 DT = 5e-4
-NUM_MODES = 64
+NUM_MODES = 128
+GRF_S, GRF_TAU, GRF_ALPHA = 70.14, 7.0, 2.5
 SPLITS = {"train": 1000, "val": 100, "test": 50}
 MODELS: dict[str, tuple[type[nn.Module], dict[str, object]]] = {
     "deeponet": (
@@ -100,36 +105,61 @@ MODELS: dict[str, tuple[type[nn.Module], dict[str, object]]] = {
 }
 
 
-def initial_conditions(rng: np.random.Generator, n: int, m: int) -> np.ndarray:
-    """``n`` draws of the GRF N(0, 625 (−Δ + 25 I)^(−2)) on the periodic [0, 1) without its constant
-    mode, modes 1 ≤ k ≤ NUM_MODES, on the grid j/m; ``[n, m]``."""
+def sine_series(coef: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``Σ_k coef[:, k-1] sin(kπx)`` at the points ``x``; ``[n, len(x)]``."""
+    k = np.arange(1, coef.shape[1] + 1)
+    return coef @ np.sin(np.pi * np.outer(k, x))
+
+
+def initial_coefficients(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` draws of the sine coefficients c_k ~ N(0, s² (τ² + (kπ)²)^(−α)), 1 ≤ k ≤ NUM_MODES; ``[n, NUM_MODES]``."""
     k = np.arange(1, NUM_MODES + 1)
-    lam = 625.0 * ((2 * np.pi * k) ** 2 + 25.0) ** -2.0
-    a = rng.standard_normal((n, NUM_MODES))
-    b = rng.standard_normal((n, NUM_MODES))
-    spec = np.zeros((n, m // 2 + 1), dtype=complex)
-    # irfft of m √(2 λ_k)/2 (a − i b) gives √(2 λ_k) (a cos 2πkx + b sin 2πkx)
-    spec[:, 1 : NUM_MODES + 1] = m * np.sqrt(2 * lam) / 2 * (a - 1j * b)
-    return np.fft.irfft(spec, n=m)
+    std = GRF_S * (GRF_TAU**2 + (k * np.pi) ** 2) ** (-GRF_ALPHA / 2)
+    return rng.standard_normal((n, NUM_MODES)) * std
+
+
+def fourier_interpolate(u: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The trigonometric interpolant of ``u`` [n, M] (the periodic grid −1 + 2j/M) at the points ``x``."""
+    m = u.shape[1]
+    v = np.fft.rfft(u) / m
+    n = np.arange(m // 2 + 1)
+    w = np.full(n.shape, 2.0)
+    w[0] = 1.0
+    w[-1] = 1.0  # the Nyquist mode counts once
+    phase = np.exp(1j * np.pi * np.outer(n, x + 1.0))  # angular wavenumber nπ on the period 2
+    return np.real((v * w) @ phase)
+
+
+def solve_on_grid(coef: np.ndarray, points: int, dt: float) -> tuple[np.ndarray, np.ndarray]:
+    """u0 and u(·, T) at the output grid for sine coefficients ``coef``, solved on ``points`` periodic points.
+
+    The sine series is odd and 2-periodic, and Burgers keeps it so: the periodic solution on [−1, 1)
+    vanishes at x = ±1 and is the Dirichlet solution. Values at x = ±1 are set to exactly 0.
+    """
+    x_solver = -1.0 + 2.0 * np.arange(points) / points
+    u_end = solve_burgers(sine_series(coef, x_solver), T_FINAL, dt, NU, length=2.0)
+    x_out = np.linspace(-1.0, 1.0, GRID)
+    u0 = sine_series(coef, x_out)
+    ut = fourier_interpolate(u_end, x_out)
+    for u in (u0, ut):
+        u[:, [0, -1]] = 0.0
+    return u0, ut
 
 
 def make_data(path: Path, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    x_grid = np.arange(GRID) / GRID
+    x_grid = np.linspace(-1.0, 1.0, GRID)
     start = time.perf_counter()
-    data = {}
-    for split, n in SPLITS.items():
-        u0 = initial_conditions(rng, n, FINE)
-        data[split] = (u0[:, :: FINE // GRID], solve_burgers(u0, T_FINAL, DT, NU)[:, :: FINE // GRID])
+    data = {split: solve_on_grid(initial_coefficients(rng, n), FINE, DT) for split, n in SPLITS.items()}
     print(
         f"data: {time.perf_counter() - start:.1f} s; u0 std {data['train'][0].std():.3f}, max |u0| "
-        f"{np.abs(data['train'][0]).max():.2f}, max |u(T)| {np.abs(data['train'][1]).max():.2f}"
+        f"{np.abs(data['train'][0]).max():.2f}, u(T) std {data['train'][1].std():.3f}, "
+        f"max |u(T)| {np.abs(data['train'][1]).max():.2f}"
     )
-    check = np.random.default_rng(seed + 1)
-    u0 = initial_conditions(check, 20, 2 * FINE)
-    base = solve_burgers(u0[:, ::2], T_FINAL, DT, NU)[:, :: FINE // GRID]
-    half = solve_burgers(u0[:, ::2], T_FINAL, DT / 2, NU)[:, :: FINE // GRID]
-    fine = solve_burgers(u0, T_FINAL, DT, NU)[:, :: 2 * FINE // GRID]
+    coef = initial_coefficients(np.random.default_rng(seed + 1), 20)
+    base = solve_on_grid(coef, FINE, DT)[1]
+    half = solve_on_grid(coef, FINE, DT / 2)[1]
+    fine = solve_on_grid(coef, 2 * FINE, DT)[1]
     scale = np.abs(half).max()
     print(
         f"solver check: max |u(dt) - u(dt/2)| / max|u| = {np.abs(base - half).max() / scale:.1e}; "
@@ -137,17 +167,19 @@ def make_data(path: Path, seed: int) -> None:
     )
     u0t, utt = data["train"]
     u0v, utv = data["val"]
-    coef = np.linalg.lstsq(np.c_[u0t, np.ones(len(u0t))], utt, rcond=None)[0]
-    lin = np.c_[u0v, np.ones(len(u0v))] @ coef
+    lin_coef = np.linalg.lstsq(np.c_[u0t, np.ones(len(u0t))], utt, rcond=None)[0]
+    lin = np.c_[u0v, np.ones(len(u0v))] @ lin_coef
     print(
         f"best affine map u0 -> u(T) (fitted on train): val relative L2 {np.linalg.norm(lin - utv) / np.linalg.norm(utv):.3f}"
     )
     with h5py.File(path, "w") as f:
         f.attrs["description"] = (
-            f"Burgers operator at the LSR paper's scale (lsr): u0 -> u(., T), u_t + u u_x = nu u_xx, nu = {NU}, "
-            f"T = {T_FINAL}, periodic x in [0, 1), {GRID}-point grid x_j = j/{GRID}; u0 ~ N(0, 625 (-Laplacian + 25 I)^-2) "
-            f"without its constant mode (modes 1..{NUM_MODES}); pseudo-spectral IF-RK4 on {FINE} points, dt = {DT}; "
-            f"inputs: branch [N, {GRID}] (u0 on the grid), trunk [{GRID}, 1] shared (the grid); targets [N, {GRID}] u(x_j, T)"
+            f"Burgers operator at the LSR paper's scale (lsr): u0 -> u(., T), u_t + u u_x = nu u_xx, nu = 0.1/pi, "
+            f"T = {T_FINAL}, x in [-1, 1], u(-1, t) = u(1, t) = 0, {GRID}-point grid linspace(-1, 1, {GRID}); "
+            f"u0 = sum_k c_k sin(k pi x), c_k ~ N(0, s^2 (tau^2 + (k pi)^2)^-alpha), s = {GRF_S}, tau = {GRF_TAU}, "
+            f"alpha = {GRF_ALPHA}, k = 1..{NUM_MODES}; pseudo-spectral IF-RK4 on the 2-periodic odd extension, "
+            f"{FINE} points, dt = {DT}; inputs: branch [N, {GRID}] (u0 on the grid), trunk [{GRID}, 1] shared (the grid); "
+            f"targets [N, {GRID}] u(x_j, T)"
         )
         for split, (u0s, uts) in data.items():
             grp = f.create_group(split)
@@ -187,8 +219,10 @@ def train(name: str, data: dict, epochs: int, seed: int, loss_kind: str, out: Pa
     torch.manual_seed(seed)
     model = cls(**kwargs)
     bt, xt, yt = data["train"]
+    # the sensors at x = ±1 are always 0 (Dirichlet): z-score them by 1, not by their zero spread
+    spread = bt.std(0)
     model.branch.input_shift.copy_(bt.mean(0))
-    model.branch.input_scale.copy_(bt.std(0))
+    model.branch.input_scale.copy_(torch.where(spread > 0, spread, torch.ones_like(spread)))
     model.trunk.input_shift.copy_(xt.mean(0))
     model.trunk.input_scale.copy_(xt.std(0))
     num_params = sum(p.numel() for p in model.parameters())
