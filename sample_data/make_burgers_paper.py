@@ -92,6 +92,7 @@ FINE = 512
 DT = 5e-4
 NUM_MODES = 128
 GRF_S, GRF_TAU, GRF_ALPHA = 70.14, 7.0, 2.5
+X_GRID = np.linspace(-1.0, 1.0, GRID)  # the sensors and output points (the trunk input)
 SPLITS = {"train": 1000, "val": 100, "test": 50}
 MODELS: dict[str, tuple[type[nn.Module], dict[str, object]]] = {
     "deeponet": (
@@ -138,9 +139,8 @@ def solve_on_grid(coef: np.ndarray, points: int, dt: float) -> tuple[np.ndarray,
     """
     x_solver = -1.0 + 2.0 * np.arange(points) / points
     u_end = solve_burgers(sine_series(coef, x_solver), T_FINAL, dt, NU, length=2.0)
-    x_out = np.linspace(-1.0, 1.0, GRID)
-    u0 = sine_series(coef, x_out)
-    ut = fourier_interpolate(u_end, x_out)
+    u0 = sine_series(coef, X_GRID)
+    ut = fourier_interpolate(u_end, X_GRID)
     for u in (u0, ut):
         u[:, [0, -1]] = 0.0
     return u0, ut
@@ -148,7 +148,6 @@ def solve_on_grid(coef: np.ndarray, points: int, dt: float) -> tuple[np.ndarray,
 
 def make_data(path: Path, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    x_grid = np.linspace(-1.0, 1.0, GRID)
     start = time.perf_counter()
     data = {split: solve_on_grid(initial_coefficients(rng, n), FINE, DT) for split, n in SPLITS.items()}
     print(
@@ -186,7 +185,7 @@ def make_data(path: Path, seed: int) -> None:
             inp = grp.create_group("inputs")
             inp.attrs["order"] = ["branch", "trunk"]
             inp.create_dataset("branch", data=u0s.astype(np.float64), compression="gzip", shuffle=True)
-            trunk = inp.create_dataset("trunk", data=x_grid[:, None].astype(np.float64))
+            trunk = inp.create_dataset("trunk", data=X_GRID[:, None].astype(np.float64))
             trunk.attrs["shared"] = True
             grp.create_dataset("targets", data=uts.astype(np.float64), compression="gzip", shuffle=True)
 
