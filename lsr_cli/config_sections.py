@@ -121,6 +121,12 @@ def parse_lsr(raw: dict[str, Any], cfg: Config) -> None:
         lsr.jacobian = s["jacobian"]
     if "compile" in s:
         lsr.compile = parse_compile("lsr.compile", s["compile"])
+    if "product_dtype" in s:
+        if s["product_dtype"] not in ("auto", "float32", "float64"):
+            raise ConfigError(
+                f"config.lsr.product_dtype: expected auto, float32 or float64, got {s['product_dtype']!r}"
+            )
+        lsr.product_dtype = s["product_dtype"]
     if "exact" in s:
         if not isinstance(s["exact"], bool):
             raise wrong_type("lsr.exact", "true or false", s["exact"])

@@ -10,12 +10,20 @@ Plain modules go through ``torch.func.functional_call``. TorchScript modules are
 that API, so their parameter attributes are swapped for the transformed tensors during the
 call (``torch.func`` transforms work at the dispatcher level, below the TorchScript
 interpreter) and restored afterwards.
+
+Products in lower precision (``lsr.products: float32``): the operator is given a copy of the
+module in that precision (:func:`low_precision_copy`); the sketch and projection products run
+on it, with inputs and tangents cast down and every result block cast back to the operator's
+dtype, where the QR and the reduced problem accumulate. ``precise=True`` (the final evaluation,
+the dense path's check) always uses the module itself.
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -259,6 +267,25 @@ def _jvp_block(
     return torch.func.vmap(one)(tan)
 
 
+def low_precision_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``module`` (plain or TorchScript) whose floating parameters and buffers are
+    ``dtype`` and complex ones its complex counterpart (``float32`` → ``complex64``), for
+    Jacobian products in lower precision (``JacobianOperator(products=...)``)."""
+    from .runtime import cast_module  # runtime imports this module
+
+    device = next((t.device for t in module.parameters()), torch.device("cpu"))
+    with warnings.catch_warnings():  # copying and casting a TorchScript module read .grad of its parameters
+        warnings.simplefilter("ignore")
+        return cast_module(copy.deepcopy(module), dtype, device)
+
+
+def _cast_like(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` (complex data in its complex counterpart); other dtypes unchanged."""
+    if t.is_complex():
+        return t.to(torch.complex64 if dtype == torch.float32 else torch.complex128)
+    return t.to(dtype) if t.is_floating_point() else t
+
+
 def _pad_rows(rows: Inputs, count: int, shared: Sequence[bool]) -> Inputs:
     """``rows`` with their last sample repeated ``count`` more times (shared inputs unchanged)."""
     if count <= 0:
@@ -285,6 +312,9 @@ class JacobianOperator:
     the Jacobian is then ``G``). ``probe``: one row of inputs used to learn the output shape
     when ``inputs`` have no rows (a rank's empty share of a row subset); without one (or an empty
     one: a rank that holds no point at all), a row of zeros shaped like a row of ``inputs``.
+    ``products``: a lower-precision copy of ``module`` (:func:`low_precision_copy`) on which
+    :meth:`matmat` and :meth:`rmatmat` run unless called with ``precise=True``; results come back
+    in the operator's dtype.
     """
 
     def __init__(
@@ -297,8 +327,10 @@ class JacobianOperator:
         residual: ResidualFn | None = None,
         shared: Sequence[bool] = (),
         probe: Inputs | None = None,
+        products: nn.Module | None = None,
     ) -> None:
         self.module = module
+        self.products = products
         self.residual = residual
         self.space = space
         self.inputs = inputs
@@ -314,6 +346,15 @@ class JacobianOperator:
         self._primals = {n: named[n].detach() for n in space.names}
         # parameters outside the space enter as detached constants: no autograd graph on them
         self._frozen = {n: p.detach() for n, p in named.items() if n not in self._primals}
+        self.product_dtype: torch.dtype | None = None
+        if products is not None:
+            low = dict(products.named_parameters())
+            self._low_call = make_functional(products)
+            self._low_primals = {n: low[n].detach() for n in space.names}
+            self._low_frozen = {n: p.detach() for n, p in low.items() if n not in self._low_primals}
+            first_low = next(iter(self._low_primals.values()), None)
+            if first_low is not None:
+                self.product_dtype = first_low.real.dtype if first_low.is_complex() else first_low.dtype
         first = take_rows(inputs, 0, 1, self.shared)
         if self.num_samples == 0:  # only the shape of a row's output is learnt here
             usable = probe is not None and num_rows(probe, self.shared) > 0
@@ -353,7 +394,14 @@ class JacobianOperator:
     def head(self, samples: int, row_chunk: int, tangent_chunk: int) -> JacobianOperator:
         """The operator of the first ``samples`` samples (probes and chunk tuning time it)."""
         return JacobianOperator(
-            self.module, self.space, self._rows(0, samples), row_chunk, tangent_chunk, self.residual, self.shared
+            self.module,
+            self.space,
+            self._rows(0, samples),
+            row_chunk,
+            tangent_chunk,
+            self.residual,
+            self.shared,
+            products=self.products,
         )
 
     def _apply(self, params: dict[str, Tensor], rows: Inputs) -> Tensor:
@@ -361,6 +409,23 @@ class JacobianOperator:
         if self.residual is None:
             return self._call(full, rows)
         return self.residual(lambda *xs: self._call(full, xs), rows)
+
+    def _apply_low(self, params: dict[str, Tensor], rows: Inputs) -> Tensor:
+        full = {**self._low_frozen, **params}
+        if self.residual is None:
+            return self._low_call(full, rows)
+        return self.residual(lambda *xs: self._low_call(full, xs), rows)
+
+    def _precision(
+        self, precise: bool
+    ) -> tuple[Callable[[dict[str, Tensor], Inputs], Tensor], dict[str, Tensor], Callable[[Tensor], Tensor]]:
+        """``(apply, primals, cast)`` of the products: the module's own, or (``products`` given
+        and not ``precise``) the lower-precision copy's, with ``cast`` bringing inputs and
+        tangents down to it."""
+        low = self.product_dtype
+        if low is None or precise:
+            return self._apply, self._primals, lambda t: t
+        return self._apply_low, self._low_primals, lambda t: _cast_like(t, low)
 
     def _forward_chunk(self, inputs: Inputs, params: dict[str, Tensor] | None = None) -> Tensor:
         with torch.no_grad():
@@ -371,27 +436,34 @@ class JacobianOperator:
         outs = [self._forward_chunk(self._rows(s, e), params).reshape(-1) for s, e in self._chunks()]
         return torch.cat(outs) if outs else torch.zeros(0, dtype=self.dtype, device=self.device)
 
-    def iter_matmat(self, V: Tensor, progress: ProgressFn | None = None) -> Iterator[tuple[int, Tensor]]:
+    def iter_matmat(
+        self, V: Tensor, progress: ProgressFn | None = None, precise: bool = False
+    ) -> Iterator[tuple[int, Tensor]]:
         """``J V`` by row blocks: yields ``(first_row, block [rows, k])`` in row order.
 
         Only one row chunk of inputs and of ``J V`` exists at a time (the streaming path)."""
         k = V.shape[1]
-        primals = self._primals
+        apply, primals, cast = self._precision(precise)
         tangents = [
-            (c0, min(c0 + self.tangent_chunk, k), self.space.unflatten(V[:, c0 : min(c0 + self.tangent_chunk, k)]))
+            (
+                c0,
+                min(c0 + self.tangent_chunk, k),
+                self.space.unflatten(cast(V[:, c0 : min(c0 + self.tangent_chunk, k)])),
+            )
             for c0 in range(0, k, self.tangent_chunk)
         ]
         N = self.num_samples
-        compiled = self.compiled if k >= self.tangent_chunk else None  # a few columns: padding would waste more
+        # a few columns: padding would waste more; compiled graphs are traced in the operator's dtype
+        compiled = self.compiled if k >= self.tangent_chunk and (precise or self.product_dtype is None) else None
         for s, e in self._chunks():
-            rows = self._rows(s, e)
+            rows = tuple(cast(x) for x in self._rows(s, e))
             if compiled is not None:  # static shapes: one compiled graph for every chunk
                 rows = _pad_rows(rows, self.row_chunk - (e - s), self.shared)
             block = V.new_empty((e - s) * self.out_numel, k)
             for c0, c1, tan in tangents:
                 with torch.no_grad():
                     if compiled is None:
-                        jv = _jvp_block(self._apply, primals, tan, rows)  # [kc, rows, *out]
+                        jv = _jvp_block(apply, primals, tan, rows)  # [kc, rows, *out]
                     else:
                         pad = self.tangent_chunk - (c1 - c0)  # static shapes and strides: no recompiles
                         tan = {n: torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) for n, t in tan.items()}
@@ -401,36 +473,36 @@ class JacobianOperator:
                 progress(round(k * e / N) - round(k * s / N))
             yield s * self.out_numel, block
 
-    def matmat(self, V: Tensor, progress: ProgressFn | None = None) -> Tensor:
+    def matmat(self, V: Tensor, progress: ProgressFn | None = None, precise: bool = False) -> Tensor:
         """``J V``: ``V`` ``[m, k]`` → ``[n, k]`` by batched forward-mode JVPs."""
         n, _ = self.shape
         out = V.new_empty(n, V.shape[1])
-        for start, block in self.iter_matmat(V, progress):
+        for start, block in self.iter_matmat(V, progress, precise):
             out[start : start + block.shape[0]] = block
         return out
 
-    def matvec(self, v: Tensor) -> Tensor:
+    def matvec(self, v: Tensor, precise: bool = False) -> Tensor:
         """``J v``: ``[m]`` → ``[n]``."""
-        return self.matmat(v[:, None])[:, 0]
+        return self.matmat(v[:, None], precise=precise)[:, 0]
 
-    def rmatmat(self, U: Tensor, progress: ProgressFn | None = None) -> Tensor:
+    def rmatmat(self, U: Tensor, progress: ProgressFn | None = None, precise: bool = False) -> Tensor:
         """``Jᵀ U``: ``U`` ``[n, k]`` → ``[m, k]`` by batched reverse-mode VJPs."""
         m = self.space.num
         k = U.shape[1]
         out = U.new_zeros(m, k)
-        primals = self._primals
+        apply, primals, cast = self._precision(precise)
         N = self.num_samples
         for s, e in self._chunks(self.vjp_row_chunk):
-            rows = self._rows(s, e)
+            rows = tuple(cast(x) for x in self._rows(s, e))
 
             def f(p: dict[str, Tensor], rows: Inputs = rows) -> Tensor:
-                return self._apply(p, rows)
+                return apply(p, rows)
 
             with torch.enable_grad():
                 _, vjp_fn = torch.func.vjp(f, primals)  # type: ignore[misc]  # one forward per row chunk
             for c0 in range(0, k, self.tangent_chunk):
                 c1 = min(c0 + self.tangent_chunk, k)
-                cot = U[s * self.out_numel : e * self.out_numel, c0:c1].T
+                cot = cast(U[s * self.out_numel : e * self.out_numel, c0:c1].T)
                 cot = cot.reshape(c1 - c0, e - s, *self.output_shape)
                 (grads,) = torch.func.vmap(vjp_fn)(cot)
                 out[:, c0:c1] += self.space.flatten(grads)

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .checkpoint import LoadedCheckpoint
 from .config import Config, LsrConfig
 from .data import LazyArray, Split
 from .dense import estimated_costs  # noqa: F401  (re-exported: its old place)
 from .distributed import SINGLE, Comm, local_rows
-from .linearization import JacobianOperator, ParameterSpace, real_numel, take_rows
+from .errors import ConfigError
+from .linearization import JacobianOperator, ParameterSpace, low_precision_copy, real_numel, take_rows
 from .linearized import LinearizedModel
 from .metrics import error_metrics, global_error_metrics
 from .plan import ROW_BUDGET, RunPlan, SupervisedOperators, chunk_rows, plan_supervised, sketch_samples
@@ -134,13 +135,51 @@ def _baseline(
     return Baseline(module, named, space, prev_delta, data, before, f0, out_numel)
 
 
-def _operators(base: Baseline, lsr: LsrConfig, gen: torch.Generator, comm: Comm) -> SupervisedOperators:
+def _product_model(module: nn.Module, cfg: Config) -> nn.Module | None:
+    """The float32 copy of the network the matrix-free products run on (``lsr.product_dtype:
+    float32`` with ``dtype: float64``), or ``None`` (products in ``dtype``)."""
+    want = cfg.lsr.product_dtype
+    if want in ("auto", cfg.dtype):
+        return None
+    if cfg.dtype != "float64":
+        raise ConfigError(
+            f"config.lsr.product_dtype: {want} needs dtype: float64 (products above the run's precision), "
+            f"got dtype: {cfg.dtype}"
+        )
+    if cfg.lsr.compile is not None:
+        raise ConfigError(
+            "config.lsr.product_dtype: float32 cannot be combined with lsr.compile (its graph is traced in "
+            "dtype); remove one of the two"
+        )
+    return low_precision_copy(module, torch.float32)
+
+
+def _products_report(cfg: Config, products: nn.Module | None, path: str) -> dict[str, Any] | None:
+    """The report's ``products`` (only when ``lsr.product_dtype`` asks for other than ``dtype``)."""
+    if products is None:
+        return None
+    if path != "matrix_free":
+        return {
+            "dtype": cfg.dtype,
+            "requested": cfg.lsr.product_dtype,
+            "used": False,
+            "reason": f"the dense path ran: its products are BLAS on J held in {cfg.dtype}",
+        }
+    return {"dtype": cfg.lsr.product_dtype, "requested": cfg.lsr.product_dtype, "used": True}
+
+
+def _operators(
+    base: Baseline, lsr: LsrConfig, gen: torch.Generator, comm: Comm, products: nn.Module | None = None
+) -> SupervisedOperators:
     """The Jacobian operator of every split and the one the basis is sketched on: the training
     split's, or a seeded random subset of its samples (:func:`~.plan.sketch_samples`, drawn over
-    every rank's samples; each rank keeps its own)."""
+    every rank's samples; each rank keeps its own). ``products``: the lower-precision copy of the
+    network their sketch and projection products run on (:func:`_product_model`)."""
     row_chunk = chunk_rows(base.out_numel, lsr.row_chunk)
     ops: dict[str, Any] = {
-        name: JacobianOperator(base.module, base.space, s.inputs, row_chunk, lsr.tangent_chunk, shared=s.shared)
+        name: JacobianOperator(
+            base.module, base.space, s.inputs, row_chunk, lsr.tangent_chunk, shared=s.shared, products=products
+        )
         for name, s in base.data.items()
     }
     train = base.data["train"]
@@ -165,6 +204,7 @@ def _operators(base: Baseline, lsr: LsrConfig, gen: torch.Generator, comm: Comm)
             lsr.tangent_chunk,
             shared=train.shared,
             probe=take_rows(train.inputs, 0, 1, train.shared),
+            products=products,
         )
     return SupervisedOperators(
         ops=ops,
@@ -259,7 +299,8 @@ def _errors(
     for name, s in base.data.items():
         after = base.before[name]
         if dz is not None:
-            after = base.before[name] + run.ops[name].matvec(dz).reshape(s.targets.shape)
+            # in the run's dtype even when the products ran lower (lsr.products): what the checkpoint computes
+            after = base.before[name] + run.ops[name].matvec(dz, precise=True).reshape(s.targets.shape)
         net_params = {k: base.named[k].detach() + v for k, v in delta.items()}
         net = predict(base.module, s.inputs, row_chunk, net_params, s.shared).reshape(s.targets.shape)
         errors[name] = {
@@ -317,7 +358,8 @@ def refine(
     with no_tf32():
         t0 = time.perf_counter()
         base = _baseline(ckpt, splits, cfg, dtype, device, gen, comm)
-        run = _operators(base, cfg.lsr, gen, comm)
+        products = _product_model(base.module, cfg)
+        run = _operators(base, cfg.lsr, gen, comm, products)
         timings["baseline"] = time.perf_counter() - t0
         stage_peaks = {"baseline": meter.peak_above_start()}
         split_rows = _holdout(base, cfg.lsr, gen, comm)
@@ -377,6 +419,7 @@ def refine(
         memory=memory,
         jacobian=plan.jacobian,
         compile=plan.compile_report(),
+        products=_products_report(cfg, products, plan.jacobian["path"]),
         time_budget=sub.time_budget,
     )
 
