@@ -177,3 +177,59 @@ def test_a_range_that_runs_out_revises_the_estimate() -> None:
     assert rev["elapsed_s"] < rev["estimate_total_s"] < plan.estimate_s  # the rest of a smaller round
     assert "range holds 1200 directions" in line and "rank 3000 planned" in line
     assert plan.report(1.0, [1.0], 2.0)["revised"] == rev
+
+
+def _noisy_triangles(seed: int) -> tuple[QRAccumulator, QRAccumulator, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """QR triangles of ``[A | f]`` for fitted and selection rows of an ill-conditioned ``A``
+    (singular values 1 … 1e-4) with noisy labels: truncation alone cannot filter the noise."""
+    gen = torch.Generator().manual_seed(seed)
+    n, r = 300, 40
+    V, _ = torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=torch.float64))
+    S = torch.logspace(0, -4, r, dtype=torch.float64)
+    z_true = V @ (torch.randn(r, generator=gen, dtype=torch.float64) / (1 + torch.arange(r)))
+
+    def rows() -> tuple[torch.Tensor, torch.Tensor]:
+        A = torch.randn(n, r, generator=gen, dtype=torch.float64) @ torch.diag(S) @ V.T
+        return A, -(A @ z_true) + 0.02 * torch.randn(n, generator=gen, dtype=torch.float64)
+
+    (A, f), (Av, fv) = rows(), rows()
+    fit, sel = QRAccumulator(r, torch.device("cpu")), QRAccumulator(r, torch.device("cpu"))
+    fit.add(A, f)
+    sel.add(Av, fv)
+    return fit, sel, Av, fv, f
+
+
+def test_large_rank_sweep_scores_the_tikhonov_grid_at_its_best_rank() -> None:
+    """Above SVD_SWEEP_MAX ranks are scored at λ = 0 by leading-column losses; at the best one
+    the λ grid is scored too (one SVD) and kept when it lowers the selection loss."""
+    from types import SimpleNamespace
+
+    from lsr_cli.selection import sweep_leading
+    from lsr_cli.solve import DEFAULT_TIKHONOV_GRID
+    from lsr_cli.subspace import _tikhonov_at_best
+
+    fit, sel, Av, fv, f = _noisy_triangles(0)
+    setup = SimpleNamespace(grid=DEFAULT_TIKHONOV_GRID, rcond=None, norm_fit=float(f.norm()))
+    entries, leading_best = sweep_leading(fit, sel, None, setup.norm_fit)
+    assert leading_best is not None
+    best, problem = _tikhonov_at_best(leading_best, entries, fit, sel, setup)  # type: ignore[arg-type]
+    metric, entry = best
+    assert problem is not None and entry.tikhonov > 0 and entry.rank == leading_best[1].rank
+    assert metric < leading_best[0]  # strictly better on the selection rows than λ = 0
+    assert [e for e in entries if e.rank == entry.rank] == [entry]  # the sweep shows what was chosen
+    z = problem.solve(entry.rank, entry.tikhonov).z
+    assert float((Av[:, : entry.rank] @ z + fv).square().mean()) == pytest.approx(metric, rel=1e-9)
+
+
+def test_plan_counts_the_svd_of_the_lambda_sweep_above_the_leading_sweep_rank() -> None:
+    import dataclasses
+
+    from lsr_cli.timeplan import SVD_FLOPS_PER_CUBE, SVD_SWEEP_MAX
+
+    costs = _costs()
+    swept = dataclasses.replace(costs, tikhonov_sweep=True)
+    r = 2 * SVD_SWEEP_MAX
+    plain, with_svd = costs.round_parts(0, r, [])["solve"], swept.round_parts(0, r, [])["solve"]
+    assert with_svd - plain == pytest.approx(SVD_FLOPS_PER_CUBE * r**3 / costs.flops)
+    # at or below SVD_SWEEP_MAX every candidate rank has its SVD already
+    assert swept.round_parts(0, 256, [128, 256]) == costs.round_parts(0, 256, [128, 256])
