@@ -104,3 +104,30 @@ def test_refine_reports_the_adaptive_rounds(pinn):  # noqa: F811
     result = run("refine", pinn["torchscript"], "--config", off, "--out", pinn["dir"] / "off.pt", "--json")
     assert result.exit_code == 0, result.output
     assert "adaptive" not in json.loads(result.stdout)["validation"]
+
+
+def test_a_round_that_trades_one_block_for_another_is_not_kept():
+    """The measured cases of ``round_refusal`` (``lsr_cli.pde.rounds``)."""
+    from lsr_cli.pde.rounds import round_refusal
+
+    before = {"interior": 1.574e-4, "initial": 7.14e-8, "boundary": 2.6e-9}
+    # Burgers shock, round 2: the total fell 10x, the initial condition's part rose 3x
+    burgers = {"interior": 1.558e-5, "initial": 2.14e-7, "boundary": 1.15e-9}
+    why = round_refusal(2, 1.5749e-4, before, 1.58e-5, burgers)
+    assert why.startswith("round 2 raised the validation loss of block(s) initial by more than 2x")
+    # the same fall with the initial condition's part 1.9x higher is kept
+    assert round_refusal(2, 1.5749e-4, before, 1.58e-5, {**burgers, "initial": 1.9 * 7.14e-8}) == ""
+    # Helmholtz: the total fell 21x, the boundary's part rose 38x
+    why = round_refusal(1, 21.0, {"interior": 20.9, "boundary": 0.1}, 1.0, {"interior": 0.9, "boundary": 3.8})
+    assert "boundary by more than 2x" in why
+    # a small fall allows a smaller rise: 1.44x down allows 1.2x, not 1.3x
+    assert "by more than 1.2x (the square root" in round_refusal(
+        1, 1.44, {"a": 1.0, "b": 0.44}, 1.0, {"a": 0.4, "b": 0.6}
+    )
+    # Poisson sample: the total fell 31 000x, the boundary's part rose 1.4x at round-off
+    assert (
+        round_refusal(1, 3.1e-4, {"interior": 3.1e-4, "boundary": 1e-14}, 1e-8, {"interior": 1e-8, "boundary": 1.4e-14})
+        == ""
+    )
+    # no 10 % gain: not kept, whatever the blocks
+    assert round_refusal(3, 1.0, {"a": 1.0}, 0.95, {"a": 0.95}) == "round 3 did not lower the validation loss by 10%"

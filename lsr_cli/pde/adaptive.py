@@ -18,8 +18,8 @@ validation loss (:mod:`.validation`) is more than :data:`TRIGGER` times the fit 
 
 A round is kept only when the validation loss falls below ``(1 - MIN_GAIN)`` times the best so
 far and no block's part of it rises by more than the square root of the factor by which the
-total fell (at least ``1 + MIN_GAIN`` is allowed): a round that buys interior accuracy with the
-boundary's is refused. The rounds stop there, after ``pde.adaptive.rounds``, or past ``pde.adaptive.time_limit``.
+total fell (at least ``1 + MIN_GAIN``, at most :data:`BLOCK_RISE_MAX`): a round that buys
+interior accuracy with the boundary's or the initial condition's is refused. The rounds stop there, after ``pde.adaptive.rounds``, or past ``pde.adaptive.time_limit``.
 The validation points never change, and the candidates are drawn from a generator of their own,
 so no validation point is ever fitted.
 """
@@ -49,6 +49,15 @@ Poisson sample the extra round is refused (1.52e-8 either way, 16 → 26 s)."""
 
 MIN_GAIN = 0.1
 """A round is kept when it lowers the best validation loss by at least this fraction."""
+
+BLOCK_RISE_MAX = 2.0
+"""However far the total fell, a round that raises one block's part of the validation loss by
+more than this factor is refused. Measured: on the Burgers-shock PINN trained by Adam + L-BFGS
+(``benchmarks/unseen_pinns.py``) round 2 lowered the total 10× and raised the initial
+condition's part 3× (allowed by the square root alone); keeping it and round 3 took the
+reference error from 1.29e-3 (round 1) to 7.94e-3, since a shock's position follows its initial
+data. Harmless rises seen: 1.4× (the Poisson sample's boundary at round-off, error 8.6× lower),
+1.34× (a diffusion–reaction PINN's initial condition, error lower)."""
 
 CANDIDATE_OFFSET = 15485863
 """The candidate generator is seeded with ``seed + CANDIDATE_OFFSET + round``."""
@@ -208,6 +217,7 @@ def redraw(
 __all__ = [
     "ADD_MAX",
     "AdaptiveSettings",
+    "BLOCK_RISE_MAX",
     "MIN_GAIN",
     "TRIGGER",
     "adaptive_settings",
