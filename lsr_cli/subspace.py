@@ -157,7 +157,7 @@ def solve_subspace(
     On one process the rounds follow a time plan (:mod:`.timeplan`): measured costs, an
     estimate, and under ``lsr.time_limit`` the largest plan that fits. Ranks above
     :data:`~.timeplan.SVD_SWEEP_MAX` are scored by leading-column losses (every rank of the
-    round at once, no SVD per rank, λ = 0), then the λ grid at the best of them (one SVD).
+    round at once, no SVD per rank, λ = 0).
 
     Distributed (``comm``): every operator and ``f0`` hold this rank's rows; the sketch is
     distributed (:class:`~.sketch.RangeSketch`), each rank folds its rows into its own QR
@@ -332,8 +332,6 @@ def _run_round(
     if leading:
         entries, round_best = sweep_leading(fit_qr, sel_qr, candidates, setup.norm_fit)
         problem = None
-        if round_best is not None and len(setup.grid) > 1:
-            round_best, problem = _tikhonov_at_best(round_best, entries, fit_qr, sel_qr, setup)
     else:
         problem = ReducedProblem.from_qr(fit_qr)
         entries, round_best = sweep_reduced(
@@ -359,26 +357,6 @@ def _run_round(
         search.best = _refit(P, entry, fit_qr, hold_qr, problem, setup.rcond)
     search.timings["solve"] += time.perf_counter() - t3
     return metric, top
-
-
-def _tikhonov_at_best(
-    round_best: tuple[float, SweepEntry],
-    entries: list[SweepEntry],
-    fit_qr: QRAccumulator,
-    sel_qr: QRAccumulator | None,
-    setup: _Setup,
-) -> tuple[tuple[float, SweepEntry], ReducedProblem | None]:
-    """The leading-column sweep scores λ = 0 only; at its best rank the λ grid is scored too
-    (one SVD of that rank's triangle, ``~20 r³``) and the best λ kept when it lowers the
-    selection metric (the rank's entry in ``entries`` replaced). Returns the round's best and
-    the reduced problem that solves it (``None``: the leading-column solution, λ = 0)."""
-    metric, entry = round_best
-    problem = ReducedProblem.from_qr(fit_qr)
-    _, best = sweep_reduced(problem, sel_qr, [entry.rank], setup.grid, setup.rcond, setup.norm_fit)
-    if best is None or not best[0] < metric:
-        return round_best, None
-    entries[:] = [best[1] if e.rank == entry.rank else e for e in entries]
-    return best, problem
 
 
 def _project(
@@ -412,8 +390,8 @@ def _refit(
     rcond: float | None,
 ) -> dict[str, Any]:
     """The chosen (rank, λ) solved on all rows (held-out rows included): the step ``dz`` ``[m]``,
-    ``P`` ``[m, rank]``, ``z`` ``[rank]`` and the absolute λ. ``problem`` None: the
-    leading-column solution (λ = 0)."""
+    ``P`` ``[m, rank]``, ``z`` ``[rank]`` and the absolute λ. ``problem`` None: scored by
+    leading-column losses (λ = 0)."""
     whole = fit_qr if hold_qr is None else fit_qr.merge(hold_qr)
     if problem is None:
         z = leading_column_solution(whole, entry.rank).to(P.dtype)
@@ -509,10 +487,7 @@ def _regularization(setup: _Setup, chosen: SweepEntry, rounds: list[dict[str, An
         "chosen_by": setup.selection.kind,
         "holdout_fraction": setup.selection.holdout_fraction,
         **(
-            {
-                "large_rank_sweep": f"ranks above {SVD_SWEEP_MAX}: leading-column losses at lambda 0, then the "
-                "lambda grid at the best rank"
-            }
+            {"large_rank_sweep": f"ranks above {SVD_SWEEP_MAX}: leading-column losses, lambda 0"}
             if any(r["rank"] > SVD_SWEEP_MAX for r in rounds)
             else {}
         ),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .config import LsrConfig
-from .selection import Selection, tikhonov_grid
+from .selection import Selection
 from .sketch import LinearOperator, RangeSketch
 from .timeplan import (
     VJP_OVER_JVP,
@@ -64,7 +64,6 @@ def measure_and_plan(
         oversampling=lsr.oversampling,
         eval_rows=train_op.shape[0] + sel_rows,
         fold_budget=fold_budget,
-        tikhonov_sweep=len(tikhonov_grid(lsr, selection.kind != "train_loss")) > 1,
     )
     planned = ladder(rank, lsr.growth, min(lsr.max_rank, limit)) if not ranks_wanted else [rank]
     return plan_time(costs, planned, ranks_wanted, sketch.num_columns, lsr.time_limit, run_elapsed())

@@ -13,7 +13,6 @@ From these, one round at rank ``r`` after a sketch of ``k₀`` columns costs abo
     sketch   (k − k₀) · rows_s · (t_jvp + t_vjp) + 3 rows_s (k² − k₀²) + 4 m k² + 20 k³   (k = r + oversampling)
     project  r · rows · t_jvp + 2 rows · r²
     solve    Σ 20 c³ over the candidate ranks c (an SVD each), or r³ for the leading-column sweep
-             (+ 20 r³ when a λ grid is scored: one SVD at its best rank)
 
 (dense terms in flops at the measured rate; the SVD constant 20 was measured here: a full SVD
 of a 3 000 × 3 000 matrix took as long as 18 r³ flops of QR). With ``lsr.time_limit`` the plan
@@ -172,7 +171,6 @@ class Costs:
     oversampling: int
     eval_rows: int = 0  # rows evaluated after the solve (every split)
     fold_budget: int | None = None  # the memory plan's room for QR folds (None: unlimited)
-    tikhonov_sweep: bool = False  # a λ grid is scored: above SVD_SWEEP_MAX, one SVD at the best rank
 
     def round_parts(self, k0: int, r: int, candidates: list[int]) -> dict[str, float]:
         """Seconds of one round at rank ``r`` after a sketch of ``k0`` columns."""
@@ -183,8 +181,8 @@ class Costs:
         sketch += SVD_FLOPS_PER_CUBE * float(k) ** 3 / self.flops
         qr = 2.0 * self.rows * float(r) ** 2 * qr_fold_factor(r, self.fold_budget)
         project = r * self.rows * self.jvp_s + qr / self.flops
-        if r > SVD_SWEEP_MAX:  # the best rank is at most r: its SVD is bounded by r's
-            solve = (1.0 + (SVD_FLOPS_PER_CUBE if self.tikhonov_sweep else 0.0)) * float(r) ** 3 / self.flops
+        if r > SVD_SWEEP_MAX:
+            solve = float(r) ** 3 / self.flops
         else:
             solve = sum(SVD_FLOPS_PER_CUBE * float(c) ** 3 for c in candidates) / self.flops
         return {"sketch": sketch, "project": project, "solve": solve}
