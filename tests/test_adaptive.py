@@ -124,6 +124,16 @@ def test_a_round_that_trades_one_block_for_another_is_not_kept():
     assert "by more than 1.2x (the square root" in round_refusal(
         1, 1.44, {"a": 1.0, "b": 0.44}, 1.0, {"a": 0.4, "b": 0.6}
     )
+    # the Burgers sample: the total fell 43x, the boundary's part rose 3.7x to 0.4 % of the total:
+    # a negligible block is held to the square root (6.6x) only
+    sample = {"interior": 3.39e-6, "more": 7.36e-6, "initial": 7.47e-9, "boundary": 2.7e-10}
+    after = {"interior": 1.45e-7, "more": 9.95e-8, "initial": 3.91e-9, "boundary": 1.01e-9}
+    assert round_refusal(1, 1.08e-5, sample, 2.5e-7, after) == ""
+    # the same 3.7x rise to 2 % of the total is refused
+    big = {**sample, "boundary": 1.35e-9}
+    assert "boundary by more than 2x (the most a block may rise)" in round_refusal(
+        1, 1.08e-5, big, 2.5e-7, {**after, "boundary": 5e-9}
+    )
     # Poisson sample: the total fell 31 000x, the boundary's part rose 1.4x at round-off
     assert (
         round_refusal(1, 3.1e-4, {"interior": 3.1e-4, "boundary": 1e-14}, 1e-8, {"interior": 1e-8, "boundary": 1.4e-14})
