@@ -11,7 +11,7 @@ that API, so their parameter attributes are swapped for the transformed tensors 
 call (``torch.func`` transforms work at the dispatcher level, below the TorchScript
 interpreter) and restored afterwards.
 
-Products in lower precision (``lsr.products: float32``): the operator is given a copy of the
+Products in lower precision (``lsr.product_dtype: float32``): the operator is given a copy of the
 module in that precision (:func:`low_precision_copy`); the sketch and projection products run
 on it, with inputs and tangents cast down and every result block cast back to the operator's
 dtype, where the QR and the reduced problem accumulate. ``precise=True`` (the final evaluation,

@@ -299,7 +299,7 @@ def _errors(
     for name, s in base.data.items():
         after = base.before[name]
         if dz is not None:
-            # in the run's dtype even when the products ran lower (lsr.products): what the checkpoint computes
+            # in the run's dtype even when the products ran lower (lsr.product_dtype): what the checkpoint computes
             after = base.before[name] + run.ops[name].matvec(dz, precise=True).reshape(s.targets.shape)
         net_params = {k: base.named[k].detach() + v for k, v in delta.items()}
         net = predict(base.module, s.inputs, row_chunk, net_params, s.shared).reshape(s.targets.shape)

@@ -19,8 +19,9 @@ validation loss (:mod:`.validation`) is more than :data:`TRIGGER` times the fit 
 A round is kept only when the validation loss falls below ``(1 - MIN_GAIN)`` times the best so
 far and no block's part of it rises by more than the square root of the factor by which the
 total fell (at least ``1 + MIN_GAIN``; at most :data:`BLOCK_RISE_MAX` for a block holding
-:data:`BLOCK_SHARE_MIN` of the total or more): a round that buys
-interior accuracy with the boundary's or the initial condition's is refused. The rounds stop there, after ``pde.adaptive.rounds``, or past ``pde.adaptive.time_limit``.
+:data:`BLOCK_SHARE_MIN` of the total or more): a round that buys interior accuracy with the
+boundary's or the initial condition's is refused. The rounds stop there, after
+``pde.adaptive.rounds``, or past ``pde.adaptive.time_limit``.
 The validation points never change, and the candidates are drawn from a generator of their own,
 so no validation point is ever fitted.
 """
