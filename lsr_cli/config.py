@@ -235,8 +235,9 @@ class LsrConfig:
         "comes back in float64, where the QR, the reduced problem and the final evaluation stay (`dtype: "
         "float64` only; not with `lsr.compile`; the dense path and physics residuals keep `dtype`). The "
         "report's `products` says what ran. For networks whose error stays far above float32 round-off "
-        "(operators). Paper-size DeepONet at rank 2 048 (benchmarks/README.md): products 2x faster per column, "
-        "the run 1.1x (the float64 QR and SVD dominate), test error equal to 5 digits, peak memory 14 % lower",
+        "(operators). Measured (benchmarks/README.md): the Darcy FNO sample at rank 256 2x faster, the "
+        "paper-size DeepONet at rank 2 048 1.1x (products 2x, the float64 QR and SVD dominate), errors equal "
+        "to 5 digits or more",
     )
     exact: bool = key(
         True,
