@@ -385,7 +385,26 @@ def parse_config(raw: Any) -> Config:
     parse_free_sections(raw, cfg)
     parse_output(raw, cfg)
     parse_top_level(raw, cfg)
+    check_product_dtype(cfg)
     return cfg
+
+
+def check_product_dtype(cfg: Config) -> None:
+    """``lsr.product_dtype`` against ``dtype`` and ``lsr.compile`` (checked again after the
+    command line's overrides)."""
+    want = cfg.lsr.product_dtype
+    if want in ("auto", cfg.dtype):
+        return
+    if cfg.dtype != "float64":
+        raise ConfigError(
+            f"config.lsr.product_dtype: {want} needs dtype: float64 (products above the run's precision), "
+            f"got dtype: {cfg.dtype}"
+        )
+    if cfg.lsr.compile is not None:
+        raise ConfigError(
+            "config.lsr.product_dtype: float32 cannot be combined with lsr.compile (its graph is traced in "
+            "dtype); remove one of the two"
+        )
 
 
 def _parse_iterate(raw: dict[str, Any], cfg: Config) -> None:

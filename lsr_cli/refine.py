@@ -21,11 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import LoadedCheckpoint
-from .config import Config, LsrConfig
+from .config import Config, LsrConfig, check_product_dtype
 from .data import LazyArray, Split
 from .dense import estimated_costs  # noqa: F401  (re-exported: its old place)
 from .distributed import SINGLE, Comm, local_rows
-from .errors import ConfigError
 from .linearization import JacobianOperator, ParameterSpace, low_precision_copy, real_numel, take_rows
 from .linearized import LinearizedModel
 from .metrics import error_metrics, global_error_metrics
@@ -138,19 +137,9 @@ def _baseline(
 def _product_model(module: nn.Module, cfg: Config) -> nn.Module | None:
     """The float32 copy of the network the matrix-free products run on (``lsr.product_dtype:
     float32`` with ``dtype: float64``), or ``None`` (products in ``dtype``)."""
-    want = cfg.lsr.product_dtype
-    if want in ("auto", cfg.dtype):
+    check_product_dtype(cfg)  # again: the command line may have set dtype or --compile
+    if cfg.lsr.product_dtype in ("auto", cfg.dtype):
         return None
-    if cfg.dtype != "float64":
-        raise ConfigError(
-            f"config.lsr.product_dtype: {want} needs dtype: float64 (products above the run's precision), "
-            f"got dtype: {cfg.dtype}"
-        )
-    if cfg.lsr.compile is not None:
-        raise ConfigError(
-            "config.lsr.product_dtype: float32 cannot be combined with lsr.compile (its graph is traced in "
-            "dtype); remove one of the two"
-        )
     return low_precision_copy(module, torch.float32)
 
 
