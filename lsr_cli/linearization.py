@@ -35,6 +35,7 @@ from .linear_ops import PATH_CHECK_RTOL as PATH_CHECK_RTOL
 from .linear_ops import DenseOperator as DenseOperator
 from .linear_ops import StackedOperator as StackedOperator
 from .linear_ops import materialize as materialize
+from .runtime import cast_module, cast_tensor
 
 Inputs = tuple[Tensor, ...]
 ProgressFn = Callable[[int], None]
@@ -271,19 +272,10 @@ def low_precision_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A copy of ``module`` (plain or TorchScript) whose floating parameters and buffers are
     ``dtype`` and complex ones its complex counterpart (``float32`` → ``complex64``), for
     Jacobian products in lower precision (``JacobianOperator(products=...)``)."""
-    from .runtime import cast_module  # runtime imports this module
-
     device = next((t.device for t in module.parameters()), torch.device("cpu"))
     with warnings.catch_warnings():  # copying and casting a TorchScript module read .grad of its parameters
         warnings.simplefilter("ignore")
         return cast_module(copy.deepcopy(module), dtype, device)
-
-
-def _cast_like(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` in ``dtype`` (complex data in its complex counterpart); other dtypes unchanged."""
-    if t.is_complex():
-        return t.to(torch.complex64 if dtype == torch.float32 else torch.complex128)
-    return t.to(dtype) if t.is_floating_point() else t
 
 
 def _pad_rows(rows: Inputs, count: int, shared: Sequence[bool]) -> Inputs:
@@ -404,17 +396,24 @@ class JacobianOperator:
             products=self.products,
         )
 
-    def _apply(self, params: dict[str, Tensor], rows: Inputs) -> Tensor:
-        full = {**self._frozen, **params}
+    def _evaluate(
+        self,
+        call: Callable[[dict[str, Tensor], Inputs], Tensor],
+        frozen: dict[str, Tensor],
+        params: dict[str, Tensor],
+        rows: Inputs,
+    ) -> Tensor:
+        """The network ``call`` (or the residual built on it) with ``params`` over ``frozen``."""
+        full = {**frozen, **params}
         if self.residual is None:
-            return self._call(full, rows)
-        return self.residual(lambda *xs: self._call(full, xs), rows)
+            return call(full, rows)
+        return self.residual(lambda *xs: call(full, xs), rows)
+
+    def _apply(self, params: dict[str, Tensor], rows: Inputs) -> Tensor:
+        return self._evaluate(self._call, self._frozen, params, rows)
 
     def _apply_low(self, params: dict[str, Tensor], rows: Inputs) -> Tensor:
-        full = {**self._low_frozen, **params}
-        if self.residual is None:
-            return self._low_call(full, rows)
-        return self.residual(lambda *xs: self._low_call(full, xs), rows)
+        return self._evaluate(self._low_call, self._low_frozen, params, rows)
 
     def _precision(
         self, precise: bool
@@ -425,7 +424,7 @@ class JacobianOperator:
         low = self.product_dtype
         if low is None or precise:
             return self._apply, self._primals, lambda t: t
-        return self._apply_low, self._low_primals, lambda t: _cast_like(t, low)
+        return self._apply_low, self._low_primals, lambda t: cast_tensor(t, low)
 
     def _forward_chunk(self, inputs: Inputs, params: dict[str, Tensor] | None = None) -> Tensor:
         with torch.no_grad():
