@@ -19,7 +19,7 @@ from lsr_cli.linearized import LinearizedModel
 from lsr_cli.models import MLP
 from lsr_cli.pde import parse_problem, refine_pde
 from lsr_cli.pde.residual import true_residual
-from lsr_cli.pde.subspace_newton import tabulate
+from lsr_cli.pde.subspace_newton import MONITOR_MIN_GAIN, PATIENCE, levenberg_marquardt, tabulate
 from tests.test_pde import poisson_1d_problem
 
 F64 = torch.float64
@@ -150,6 +150,52 @@ def test_stage_lowers_the_exact_residual_and_error_of_a_nonlinear_problem(tmp_pa
     assert with_stage.residual_loss["after"] < plain.residual_loss["after"]
     err = with_stage.errors["reference"]
     assert err["after"]["rel_l2"] < plain.errors["reference"]["after"]["rel_l2"] < err["before"]["rel_l2"]
+
+
+class _ScriptedTables:
+    """A one-unknown problem for :func:`levenberg_marquardt`: the fit row ``e^(−z)`` (each
+    Gauss–Newton step adds about 1 to ``z``) and a held-out row whose square after ``k``
+    steps is ``monitor[k]``."""
+
+    def __init__(self, monitor: list[float]) -> None:
+        self.monitor = monitor
+
+    def at(self, z: torch.Tensor) -> torch.Tensor:
+        k = min(round(float(z[0])), len(self.monitor) - 1)
+        return torch.stack([torch.exp(-z[0]), torch.tensor(math.sqrt(self.monitor[k]), dtype=F64)])
+
+    def jacobian(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.stack([-torch.exp(-z), torch.zeros(1, dtype=F64)])
+
+
+def test_stage_keeps_no_iterate_that_only_creeps_below_the_last_kept():
+    """After its fall the held-out residual creeps down 2 % per step, less than
+    MONITOR_MIN_GAIN over PATIENCE steps: those steps do not count as new lowest ones, the stage
+    stops after PATIENCE of them and keeps step 2; monitored on the fit rows alone, every fall
+    counts."""
+    rate = 0.98  # 2 % per step, as measured on a shock
+    assert rate**PATIENCE > 1 - MONITOR_MIN_GAIN
+    creep = [1e-4 * rate**j for j in range(1, 12)]
+    tables: Any = [_ScriptedTables([1.0, 1e-2, 1e-4, *creep])]
+    z0, rows = torch.zeros(1, dtype=F64), (torch.tensor([0]), torch.tensor([1]))
+    result = levenberg_marquardt(tables, z0, 0.0, *rows, 12)
+    assert round(float(result.z[0])) == 2
+    assert result.iterations == 2 + PATIENCE and result.kept_iteration == 2 and "no new lowest" in result.stop_reason
+    monitored = [h["monitor"] for h in result.history]
+    assert monitored == pytest.approx(tables[0].monitor[: 3 + PATIENCE], rel=1e-9)
+    fit_only = levenberg_marquardt(tables, z0, 0.0, rows[0], None, 12)
+    assert round(float(fit_only.z[0])) == 12
+
+
+def test_stage_counts_every_fall_while_above_the_input_residual():
+    """Above the input network's own held-out residual (z = 0) the slow first steps count: the
+    stage does not stop there and reaches the large fall after them."""
+    slow = [0.98**j for j in range(1, 8)]  # 7 steps, each 2 % down, all above the input's 1e-3
+    creep = [1e-4 * 0.98**j for j in range(1, 12)]
+    tables: Any = [_ScriptedTables([1e-3, 1.0, *slow, 1e-4, *creep])]
+    result = levenberg_marquardt(tables, torch.ones(1, dtype=F64), 0.0, torch.tensor([0]), torch.tensor([1]), 30)
+    assert round(float(result.z[0])) == 9 and result.kept_iteration == 8
+    assert result.iterations == 8 + PATIENCE
 
 
 def test_linear_equation_skips_the_stage(tmp_path):

@@ -164,6 +164,7 @@ def _exact_stage(
         {
             "ran": True,
             "iterations": result.iterations,
+            "kept_iteration": result.kept_iteration,
             "stop_reason": result.stop_reason,
             "lambda": sub.lambda_abs,
             "time_limit": time_limit,

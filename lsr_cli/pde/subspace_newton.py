@@ -26,6 +26,7 @@ linearized one) and its tables fit half of the memory budget; the report says wh
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,18 @@ from .problem import Block, PdeProblem
 ROW_CHUNK = 256
 PATIENCE = 6
 """Iterations without a new lowest held-out exact residual before the stage stops."""
+
+MONITOR_MIN_GAIN = 0.25
+"""Once the held-out (or validation) exact residual is below the input network's own there, a
+new lowest counts only when it is at least this much below the last one kept (Keras'
+``min_delta``, relative): the stage goes on while the monitored residual falls by a quarter
+within :data:`PATIENCE` iterations and keeps the last iterate that did. (Above the input's, as
+in the first damped steps on the Burgers sample, any fall counts.) Measured on a Burgers-shock PINN after L-BFGS (``benchmarks/unseen_pinns.py``):
+the validation residual fell 10^4× in 5–7 iterations, then crept down by 1–12 % per iteration for
+20 more while the reference error rose (1.7e-3 → 6.5e-3); with every fall counted, which creeping
+iterate was kept decided a 3× to 20× gain across random draws (6.7× to 23× with this rule). A
+half (0.5) cut the creep of a Burgers PINN far from its solution that lowered the error (1.32e-1
+against the input's 1.50e-1)."""
 
 
 @dataclass
@@ -154,6 +167,7 @@ class NewtonResult:
     iterations: int
     history: list[dict[str, float]] = field(default_factory=list)
     stop_reason: str = ""
+    kept_iteration: int = 0
 
 
 def _objective(f: Tensor, z: Tensor, lam: float, comm: Comm = SINGLE) -> float:
@@ -214,7 +228,16 @@ def levenberg_marquardt(
     z = z0.clone()
     f = residual(z)
     phi = _objective(part(f, fit_rows), z, lam, comm)
-    best_metric, best_z = monitor(f), z.clone()
+    best_metric, best_z, best_it = monitor(f), z.clone(), 0
+    # held out: once below the input's own (z = 0: q0 + J P z is the input), only falls of
+    # MONITOR_MIN_GAIN count; above it, or monitored on the fit alone, any fall counts
+    held_out = hold_rows is not None
+    input_loss = monitor(residual(torch.zeros_like(z))) if held_out else -math.inf
+
+    def new_lowest(metric: float) -> bool:
+        gain = MONITOR_MIN_GAIN if best_metric < input_loss else 0.0
+        return metric < (1.0 - gain) * best_metric
+
     history = [{"iteration": 0, "fit_objective": phi, "monitor": best_metric, "damping": 0.0}]
     eye = torch.eye(z.shape[0], dtype=torch.float64, device=z.device)  # the triangles are float64
     mu: float | None = None
@@ -251,18 +274,21 @@ def levenberg_marquardt(
         mu = max(mu / 4.0, 1e-30)
         metric = monitor(f)
         history.append({"iteration": it, "fit_objective": phi, "monitor": metric, "damping": mu})
-        if metric < best_metric:
-            best_metric, best_z, bad = metric, z.clone(), 0
+        if new_lowest(metric):
+            best_metric, best_z, best_it, bad = metric, z.clone(), it, 0
         else:
             bad += 1
         if gain < 1e-6:
             stop = "the fit residual stopped decreasing"
             break
         if bad >= PATIENCE:
-            stop = f"the held-out exact residual stayed above its best for {PATIENCE} iterations"
+            stop = (
+                f"no new lowest held-out exact residual for {PATIENCE} iterations (below the input's, "
+                f"a new lowest is {MONITOR_MIN_GAIN:.0%} below the last kept)"
+            )
             break
     sink.end()
-    return NewtonResult(best_z, it, history, stop)
+    return NewtonResult(best_z, it, history, stop, best_it)
 
 
 __all__ = ["BlockTables", "NewtonResult", "layouts", "levenberg_marquardt", "table_bytes", "tabulate"]
