@@ -18,7 +18,10 @@ Levenberg–Marquardt, starting from LSR's ``z``:
   table column (the residual is pointwise in the points, which is checked);
 * each step solves the damped least-squares problem by QR in float64; a step is kept only when
   it lowers the fit rows' objective; the iterate with the lowest exact residual on the
-  held-out rows (LSR's split) is returned, so the result is never worse there than LSR's own.
+  held-out rows (LSR's split, or validation points) is returned, so the result is never worse
+  there than LSR's own — where that residual is below the input's, only a fall of
+  :data:`MONITOR_MIN_GAIN` makes a new lowest, so that iterates that merely creep down are not
+  kept.
 
 The stage runs when the equation is nonlinear (the predictor's exact residual differs from the
 linearized one) and its tables fit half of the memory budget; the report says what it did.
@@ -50,13 +53,15 @@ MONITOR_MIN_GAIN = 0.25
 """Once the held-out (or validation) exact residual is below the input network's own there, a
 new lowest counts only when it is at least this much below the last one kept (Keras'
 ``min_delta``, relative): the stage goes on while the monitored residual falls by a quarter
-within :data:`PATIENCE` iterations and keeps the last iterate that did. (Above the input's, as
-in the first damped steps on the Burgers sample, any fall counts.) Measured on a Burgers-shock PINN after L-BFGS (``benchmarks/unseen_pinns.py``):
-the validation residual fell 10^4× in 5–7 iterations, then crept down by 1–12 % per iteration for
-20 more while the reference error rose (1.7e-3 → 6.5e-3); with every fall counted, which creeping
-iterate was kept decided a 3× to 20× gain across random draws (6.7× to 23× with this rule). A
-half (0.5) cut the creep of a Burgers PINN far from its solution that lowered the error (1.32e-1
-against the input's 1.50e-1)."""
+within :data:`PATIENCE` iterations and keeps the last iterate that did. Above the input's (the
+first damped steps on the Burgers sample), any fall counts.
+
+Measured on a Burgers-shock PINN after L-BFGS (``benchmarks/unseen_pinns.py``): the validation
+residual fell 10^4× in 5–7 iterations, then crept down by 1–12 % per iteration for 20 more while
+the reference error rose (1.7e-3 → 6.5e-3); with every fall counted, which creeping iterate was
+kept decided a 3× to 20× gain across random draws (6.7× to 23× with this rule). A half (0.5) cut
+the creep of a Burgers PINN far from its solution that lowered the error (1.32e-1 against the
+input's 1.50e-1)."""
 
 
 @dataclass
@@ -201,7 +206,8 @@ def levenberg_marquardt(
     comm: Comm = SINGLE,
 ) -> NewtonResult:
     """Minimize ``‖R_fit(u_z)‖² + λ²‖z‖²`` from ``z0``; return the iterate with the lowest
-    held-out exact residual (fit rows when there is no hold-out; LSR's own step included).
+    held-out exact residual (fit rows when there is no hold-out; LSR's own step included), a new
+    lowest below the input's (``z = 0``) being at least :data:`MONITOR_MIN_GAIN` lower.
 
     Distributed (``comm``): ``tables`` and the row sets hold this rank's points; every sum over
     rows is all-reduced and the fit rows' QR triangles are merged, so every rank takes the same
