@@ -170,6 +170,15 @@ class LsrConfig:
         help="λ relative to `s_max` of the reduced matrix: a number, a list, or `auto` = {0, 1e-12, …, 1e-2} "
         "chosen on the selection rows (0 when selecting on the training loss)",
     )
+    loss: str = key(
+        "mse",
+        help="the least-squares loss on data: `mse`, the mean square of every output's error; `relative`, "
+        "each sample's squared error over its target's squared norm (`Σ_i ‖q_i − y_i‖² / ‖y_i‖²`, the "
+        "per-sample relative L2 error that operator libraries train and report, squared), so that samples "
+        "with small targets count as much as large ones. It sets the fit and the selection loss (rank, λ); "
+        "the report's errors are the same either way. Data-driven runs only (physics residuals: "
+        "`pde.blocks[].weight`); a sample whose target is all zero is an error with `relative`",
+    )
     parameters: ParametersConfig = key(
         default_factory=ParametersConfig,
         help="Which parameters are linearized: fnmatch patterns on their names, a random fraction.",
@@ -386,6 +395,11 @@ def parse_config(raw: Any) -> Config:
     parse_output(raw, cfg)
     parse_top_level(raw, cfg)
     check_product_dtype(cfg)
+    if cfg.lsr.loss != "mse" and raw.get("pde") is not None:
+        raise ConfigError(
+            f"config.lsr.loss: {cfg.lsr.loss} applies to data-driven runs; a physics residual's blocks are "
+            "weighted by pde.blocks[].weight (remove lsr.loss or the pde section)"
+        )
     return cfg
 
 

@@ -127,6 +127,10 @@ def parse_lsr(raw: dict[str, Any], cfg: Config) -> None:
                 f"config.lsr.product_dtype: expected auto, float32 or float64, got {s['product_dtype']!r}"
             )
         lsr.product_dtype = s["product_dtype"]
+    if "loss" in s:
+        if s["loss"] not in ("mse", "relative"):
+            raise ConfigError(f"config.lsr.loss: expected mse or relative, got {s['loss']!r}")
+        lsr.loss = s["loss"]
     if "exact" in s:
         if not isinstance(s["exact"], bool):
             raise wrong_type("lsr.exact", "true or false", s["exact"])

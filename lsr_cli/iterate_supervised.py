@@ -8,8 +8,9 @@ Each outer iteration:
 2. its values at the training inputs are the target; the network is fitted to them by
    Levenberg–Marquardt with geodesic acceleration in parameter subspaces
    (:func:`~lsr_cli.pde.iterate.gauss_newton_fit`), re-linearized every step;
-3. the iteration is kept only if the network's mean squared error on the ``val`` split falls
-   (the training split's when there is none); a rejected or non-finite iteration is undone.
+3. the iteration is kept only if the network's loss on the ``val`` split falls (the training
+   split's when there is none): the mean squared error, or with ``lsr.loss: relative`` the
+   weighted one that LSR fits; a rejected or non-finite iteration is undone.
 
 The written network is the best kept one. Nothing here prints.
 """
@@ -30,7 +31,7 @@ from lsr_cli.checkpoint import LoadedCheckpoint, require_plain_network
 from lsr_cli.config import Config
 from lsr_cli.data import Split
 from lsr_cli.metrics import describe_change, format_error
-from lsr_cli.refine import _moved, predict, prepare_module, refine
+from lsr_cli.refine import _moved, predict, prepare_module, refine, sample_weights
 from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, start_run
 
 from .pde.iterate import IterateResult, gauss_newton_fit
@@ -42,8 +43,14 @@ def _outputs(model: nn.Module, split: Split) -> Tensor:
     return predict(model, split.inputs, ROW_CHUNK, shared=split.shared).reshape(split.targets.shape)
 
 
-def _mse(model: nn.Module, split: Split) -> float:
-    d = _outputs(model, split) - split.targets
+def _mse(model: nn.Module, split: Split, weights: Tensor | None = None) -> float:
+    """Mean squared error; with ``weights`` (``[N]``, ``lsr.loss: relative``) each sample's errors weighted."""
+    return _weighted_mse(_outputs(model, split) - split.targets, weights)
+
+
+def _weighted_mse(d: Tensor, weights: Tensor | None) -> float:
+    if weights is not None:
+        d = d * weights.reshape((-1,) + (1,) * (d.dim() - 1))
     return float(d.square().mean())
 
 
@@ -74,9 +81,11 @@ def iterate_supervised(
         data = {name: _moved(s, device, dtype) for name, s in splits.items()}
         train = data["train"]
         chooser = data.get("val", train)
+        weights = sample_weights(data, cfg.lsr.loss, cfg.data.path) or {}
+        w_train, w_chooser = weights.get("train"), weights.get("val" if "val" in data else "train")
         report_on = "test" if "test" in data else ("val" if "val" in data else "train")
-        start_crit = _mse(module, chooser)
-        start_train = _mse(module, train)
+        start_crit = _mse(module, chooser, w_chooser)
+        start_train = _mse(module, train, w_train)
         start_errors = {name: {"rel_l2": _rel_l2(module, s), "mse": _mse(module, s)} for name, s in data.items()}
         best_state = copy.deepcopy(module.state_dict())
         best = (start_iteration - 1, start_train, start_crit)
@@ -88,7 +97,7 @@ def iterate_supervised(
             current = dataclasses.replace(ckpt, module=copy.deepcopy(module), delta=None)
             sub = refine(current, splits, cfg, NoProgress())
             target = _outputs(sub.model, train).detach()
-            lin_train = float((target - train.targets).square().mean())
+            lin_train = _weighted_mse(target - train.targets, w_train)
             lin_ref = _rel_l2(sub.model, data[report_on])
             estimate = float(
                 torch.linalg.norm(_outputs(module, train) - target) / torch.linalg.norm(target).clamp_min(1e-300)
@@ -98,8 +107,8 @@ def iterate_supervised(
             steps = gauss_newton_fit(module, train.inputs, target.reshape(-1), cfg, gen, shared=train.shared)
             t2 = time.perf_counter()
             timings["align"] += t2 - t1
-            net_train = _mse(module, train)
-            crit = _mse(module, chooser)
+            net_train = _mse(module, train, w_train)
+            crit = _mse(module, chooser, w_chooser)
             fit = float(
                 torch.linalg.norm(_outputs(module, train) - target) / torch.linalg.norm(target).clamp_min(1e-300)
             )
@@ -170,7 +179,11 @@ def iterate_supervised(
         kind,
         stop_reason,
         warnings,
-        {"criterion": f"network's mean squared error on the {chooser_name}", "start": start_crit, "kept": best_crit},
+        {
+            "criterion": f"network's {'relative (lsr.loss) ' if weights else ''}mean squared error on the {chooser_name}",
+            "start": start_crit,
+            "kept": best_crit,
+        },
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,8 @@ from .config import Config, LsrConfig, check_product_dtype
 from .data import LazyArray, Split
 from .dense import estimated_costs  # noqa: F401  (re-exported: its old place)
 from .distributed import SINGLE, Comm, local_rows
-from .linearization import JacobianOperator, ParameterSpace, low_precision_copy, real_numel, take_rows
+from .errors import DataError
+from .linearization import Inputs, JacobianOperator, ParameterSpace, low_precision_copy, real_numel, take_rows
 from .linearized import LinearizedModel
 from .metrics import error_metrics, global_error_metrics
 from .plan import ROW_BUDGET, RunPlan, SupervisedOperators, chunk_rows, plan_supervised, sketch_samples
@@ -100,6 +102,7 @@ class Baseline:
     before: dict[str, Tensor]
     f0: dict[str, Tensor]
     out_numel: int
+    weights: dict[str, Tensor] | None = None  # lsr.loss: relative: each sample's row weight [N]
 
 
 def _baseline(
@@ -130,8 +133,54 @@ def _baseline(
     }
     for name, pred in before.items():
         finite_or_raise(pred, f"{ckpt.path}: model output on split '{data[name].group}'", comm)
-    f0 = {name: (before[name] - s.targets).reshape(-1) for name, s in data.items()}
-    return Baseline(module, named, space, prev_delta, data, before, f0, out_numel)
+    weights = sample_weights(data, cfg.lsr.loss, cfg.data.path, comm)
+    f0 = {name: _weigh(before[name] - s.targets, weights, name).reshape(-1) for name, s in data.items()}
+    return Baseline(module, named, space, prev_delta, data, before, f0, out_numel, weights)
+
+
+def sample_weights(
+    data: dict[str, Split], loss: str, path: str | None, comm: Comm = SINGLE
+) -> dict[str, Tensor] | None:
+    """``lsr.loss: relative``: per split, each sample's row weight ``c / ‖y_i‖`` (``[N]``), with ``c``
+    the root mean square of the training targets' norms over every rank, so that the weighted loss
+    keeps the scale of ``mse``; ``None`` for ``mse``. A sample whose target is all zero has no
+    relative error: a :class:`~.errors.DataError` naming it (on every rank, or on none)."""
+    if loss == "mse":
+        return None
+    norms = {name: torch.linalg.norm(s.targets.reshape(s.targets.shape[0], -1), dim=1) for name, s in data.items()}
+    zero = [
+        (s, int(torch.nonzero(norms[name] == 0)[0]) + s.first_row)
+        for name, s in data.items()
+        if (norms[name] == 0).any()
+    ]
+    if comm.world > 1:
+        zero = [z for found in comm.allgather_object(zero) for z in found]
+    if zero:
+        split, index = zero[0]
+        raise DataError(
+            f"{path or 'data'}: /{split.group}/targets: sample {index} is all zero, so it has no relative error "
+            "(lsr.loss: relative divides each sample's error by its target's norm); use lsr.loss: mse"
+        )
+    train = norms["train"]
+    total = comm.sum_float(float(train.square().sum()))
+    count = comm.sum_int(int(train.numel()))
+    scale = math.sqrt(total / max(count, 1))
+    return {name: scale / n for name, n in norms.items()}
+
+
+def _weigh(t: Tensor, weights: dict[str, Tensor] | None, split: str, inverse: bool = False) -> Tensor:
+    """``t`` ``[N, ...]`` with each sample's entries times its weight (``inverse``: divided by it)."""
+    if weights is None:
+        return t
+    w = weights[split].reshape((-1,) + (1,) * (t.dim() - 1))
+    return t / w if inverse else t * w
+
+
+def weighted_output(net: Callable[..., Tensor], rows: Inputs) -> Tensor:
+    """The residual rows of ``lsr.loss: relative``: the network on ``rows[:-1]``, each sample's
+    outputs times its weight ``rows[-1]`` (``[N, 1]``, appended to the inputs)."""
+    out = net(*rows[:-1])
+    return out * rows[-1].reshape((-1,) + (1,) * (out.dim() - 1))
 
 
 def _product_model(module: nn.Module, cfg: Config) -> nn.Module | None:
@@ -165,13 +214,23 @@ def _operators(
     every rank's samples; each rank keeps its own). ``products``: the lower-precision copy of the
     network their sketch and projection products run on (:func:`_product_model`)."""
     row_chunk = chunk_rows(base.out_numel, lsr.row_chunk)
+    residual = None if base.weights is None else weighted_output
+    inputs = {name: _operator_inputs(base, name) for name in base.data}
     ops: dict[str, Any] = {
         name: JacobianOperator(
-            base.module, base.space, s.inputs, row_chunk, lsr.tangent_chunk, shared=s.shared, products=products
+            base.module,
+            base.space,
+            inputs[name][0],
+            row_chunk,
+            lsr.tangent_chunk,
+            residual=residual,
+            shared=inputs[name][1],
+            products=products,
         )
-        for name, s in base.data.items()
+        for name in base.data
     }
     train = base.data["train"]
+    train_inputs, train_shared = inputs["train"]
     num_sketch = sketch_samples(lsr, train.num_global, base.out_numel)
     if lsr.time_limit is not None and lsr.sketch_rows == "auto" and comm.world == 1:
         # sized for the rank the limit affords, not the whole ladder (a probe at the default chunk)
@@ -184,15 +243,16 @@ def _operators(
     if num_sketch < train.num_global:
         idx = torch.sort(torch.randperm(train.num_global, generator=gen)[:num_sketch]).values
         idx = local_rows(idx, train.first_row, train.first_row + train.num_samples)
-        rows = tuple(x if sh else x[idx] for x, sh in zip(train.inputs, shared_flags(train), strict=True))
+        rows = tuple(x if sh else x[idx] for x, sh in zip(train_inputs, train_shared, strict=True))
         basis = JacobianOperator(
             base.module,
             base.space,
             rows,
             row_chunk,
             lsr.tangent_chunk,
-            shared=train.shared,
-            probe=take_rows(train.inputs, 0, 1, train.shared),
+            residual=residual,
+            shared=train_shared,
+            probe=take_rows(train_inputs, 0, 1, train_shared),
             products=products,
         )
     return SupervisedOperators(
@@ -204,6 +264,35 @@ def _operators(
         dtype=base.f0["train"].dtype,
         num_sketch=num_sketch,
     )
+
+
+def _loss_report(base: Baseline, comm: Comm) -> dict[str, Any] | None:
+    """The report's ``loss`` (``lsr.loss: relative`` only): the scale ``c`` of the weights ``c / ‖y_i‖``
+    and their range on the training split."""
+    if base.weights is None:
+        return None
+    w = base.weights["train"]
+    # collectives on every rank, also one that holds no training sample
+    low = -float(comm.allreduce_max(-(w.min().reshape(1) if w.numel() else w.new_full((1,), math.inf)))[0])
+    high = float(comm.allreduce_max(w.max().reshape(1) if w.numel() else w.new_zeros(1))[0])
+    scale = float(w[0] * torch.linalg.norm(base.data["train"].targets[0])) if w.numel() else None
+    return {
+        "kind": "relative",
+        "weights": "c / ||y_i|| per sample, c = root mean square of the training targets' norms",
+        "scale": scale,
+        "train_weight_min": low,
+        "train_weight_max": high,
+    }
+
+
+def _operator_inputs(base: Baseline, split: str) -> tuple[Inputs, tuple[bool, ...]]:
+    """The inputs of ``split``'s Jacobian operator and their shared flags: the split's own, and with
+    ``lsr.loss: relative`` each sample's weight appended as a last input ``[N, 1]``
+    (:func:`weighted_output` reads it)."""
+    s = base.data[split]
+    if base.weights is None:
+        return s.inputs, s.shared
+    return (*s.inputs, base.weights[split].reshape(-1, 1)), (*shared_flags(s), False)
 
 
 def _holdout(base: Baseline, lsr: LsrConfig, gen: torch.Generator, comm: Comm) -> tuple[Tensor, Tensor] | None:
@@ -289,7 +378,8 @@ def _errors(
         after = base.before[name]
         if dz is not None:
             # in the run's dtype even when the products ran lower (lsr.product_dtype): what the checkpoint computes
-            after = base.before[name] + run.ops[name].matvec(dz, precise=True).reshape(s.targets.shape)
+            step = run.ops[name].matvec(dz, precise=True).reshape(s.targets.shape)
+            after = base.before[name] + _weigh(step, base.weights, name, inverse=True)
         net_params = {k: base.named[k].detach() + v for k, v in delta.items()}
         net = predict(base.module, s.inputs, row_chunk, net_params, s.shared).reshape(s.targets.shape)
         errors[name] = {
@@ -409,6 +499,7 @@ def refine(
         jacobian=plan.jacobian,
         compile=plan.compile_report(),
         products=_products_report(cfg, products, plan.jacobian["path"]),
+        loss=_loss_report(base, comm),
         time_budget=sub.time_budget,
     )
 

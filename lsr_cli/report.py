@@ -105,6 +105,7 @@ def refine_report(
             **({"jacobian": result.jacobian} if result.jacobian is not None else {}),
             **({"compile": result.compile} if result.compile is not None else {}),
             **({"products": result.products} if result.products is not None else {}),
+            **({"loss": result.loss} if result.loss is not None else {}),
             **({"time_budget": result.time_budget} if result.time_budget is not None else {}),
             **({"nonlinear": result.nonlinear} if result.nonlinear is not None else {}),
             **({"validation": result.validation} if result.validation is not None else {}),

@@ -43,6 +43,7 @@ class RefineResult:
     memory: dict[str, Any] | None = None  # budget, peak above start, what was streamed
     jacobian: dict[str, str] | None = None  # which Jacobian path ran (dense / matrix_free) and why
     compile: dict[str, Any] | None = None  # lsr.compile: backend, whether it ran, first-call seconds or why not
+    loss: dict[str, Any] | None = None  # lsr.loss: relative: the weighting of the samples' rows
     products: dict[str, Any] | None = None  # lsr.product_dtype other than dtype: the products' dtype, used or why not
     nonlinear: dict[str, Any] | None = None  # PDE: the exact-residual stage in the subspace (subspace_newton)
     validation: dict[str, Any] | None = None  # PDE: the validation points the choices were made on

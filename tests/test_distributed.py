@@ -395,3 +395,24 @@ def test_instances_refuses_several_processes(monkeypatch, tmp_path):
     result = run("instances", "--config", cfg)
     assert result.exit_code == 2
     assert "lsr instances does not run on several processes yet" in result.stderr
+
+
+@pytest.mark.slow
+def test_relative_loss_matches_single_process(regression_files):
+    """``lsr.loss: relative`` on two processes: the weights' scale is summed over both ranks' samples."""
+    files = regression_files
+    d = files["dir"]
+    cfg = d / "relative.yaml"
+    cfg.write_text(files["config"].read_text().replace("lsr:\n", "lsr:\n  loss: relative\n"))
+    args = ["refine", files["state_dict"], "-c", cfg, "-d", files["data"], "--rank", RANKS, "-q"]
+    single = run(*args, "--out", d / "single.pt")
+    assert single.exit_code == 0, single.output
+    proc = _lsr(*args, "--out", d / "dist.pt", "--nproc", 2)
+    assert proc.returncode == 0, proc.stderr
+    assert _max_delta_diff(d / "single.pt", d / "dist.pt") < EQUAL_ATOL
+    rep_single = json.loads((d / "single.report.json").read_text())
+    rep = json.loads((d / "dist.report.json").read_text())
+    assert rep_single["loss"]["kind"] == "relative"
+    for key in ("scale", "train_weight_min", "train_weight_max"):
+        assert rep["loss"][key] == pytest.approx(rep_single["loss"][key], rel=1e-12), key
+    assert rep["rank"] == rep_single["rank"]
