@@ -177,7 +177,8 @@ class LsrConfig:
         "per-sample relative L2 error that operator libraries train and report, squared), so that samples "
         "with small targets count as much as large ones. It sets the fit and the selection loss (rank, λ); "
         "the report's errors are the same either way. Data-driven runs only (physics residuals: "
-        "`pde.blocks[].weight`); a sample whose target is all zero is an error with `relative`",
+        "`pde.blocks[].weight`); with `relative` a sample whose target is all zero is an error, and training "
+        "targets whose norms span more than 10⁴× are warned about (the smallest dominate the fit)",
     )
     parameters: ParametersConfig = key(
         default_factory=ParametersConfig,

@@ -66,6 +66,9 @@ __all__ = [
 ]
 
 
+RELATIVE_SPREAD_WARNING = 1e4
+"""``lsr.loss: relative`` warns when its weights ``c / ‖y_i‖`` span more than this factor."""
+
 FLOAT32_FLOOR_FACTOR = 100.0
 """``--dtype float32`` results within this factor of float32's epsilon are floor-limited."""
 
@@ -285,6 +288,21 @@ def _loss_report(base: Baseline, comm: Comm) -> dict[str, Any] | None:
     }
 
 
+def relative_spread_warning(loss: dict[str, Any] | None) -> str | None:
+    """A warning when ``lsr.loss: relative`` weights its samples over more than
+    :data:`RELATIVE_SPREAD_WARNING` (targets near zero dominate the fit)."""
+    if loss is None or not loss["train_weight_min"] > 0:
+        return None
+    spread = loss["train_weight_max"] / loss["train_weight_min"]
+    if spread <= RELATIVE_SPREAD_WARNING:
+        return None
+    return (
+        f"lsr.loss: relative: the training targets' norms span {spread:.1e}x, so the samples with the smallest "
+        "targets dominate the fit; if those are near zero by chance (scalar targets crossing zero), "
+        "lsr.loss: mse may suit better"
+    )
+
+
 def _operator_inputs(base: Baseline, split: str) -> tuple[Inputs, tuple[bool, ...]]:
     """The inputs of ``split``'s Jacobian operator and their shared flags: the split's own, and with
     ``lsr.loss: relative`` each sample's weight appended as a last input ``[N, 1]``
@@ -461,6 +479,10 @@ def refine(
         floor_warning = float32_floor_warning(cfg.dtype, errors)
         if floor_warning:
             warnings.append(floor_warning)
+        loss = _loss_report(base, comm)
+        spread_warning = relative_spread_warning(loss)
+        if spread_warning:
+            warnings.append(spread_warning)
     status, message = _outcome(sub, errors, plan.lsr, kind)
     peak, peak_kind = peak_memory_bytes(device)
     streamed = [s.name for s in splits.values() if any(isinstance(x, LazyArray) for x in s.inputs)]
@@ -499,7 +521,7 @@ def refine(
         jacobian=plan.jacobian,
         compile=plan.compile_report(),
         products=_products_report(cfg, products, plan.jacobian["path"]),
-        loss=_loss_report(base, comm),
+        loss=loss,
         time_budget=sub.time_budget,
     )
 

@@ -154,3 +154,25 @@ def test_iterate_keeps_iterations_by_the_relative_loss(tmp_path):
     norms = torch.linalg.norm(y, dim=1)
     expected = float(torch.mean(norms**2) * torch.mean(e.square().sum(1) / norms**2) / 3)
     assert result.selection["start"] == pytest.approx(expected, rel=1e-10)
+
+
+def test_a_wide_spread_of_target_norms_is_warned_about(tmp_path):
+    result, *_ = _refine(tmp_path, "relative")
+    spread = result.loss["train_weight_max"] / result.loss["train_weight_min"]
+    assert 10 < spread < 1e4  # three decades of amplitude, none near zero
+    assert not any("norms span" in w for w in result.warnings)
+    # scalar targets that cross zero: one sample weighs 1e6 times the rest
+    data = tmp_path / "s.h5"
+    x = np.linspace(-1, 1, 41)[:, None] * np.ones((1, 2))
+    with h5py.File(data, "w") as f:
+        f.create_dataset("train/inputs", data=x)
+        f.create_dataset("train/targets", data=np.sin(3 * x[:, :1]) + 1e-6)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    torch.jit.script(net).save(str(tmp_path / "s.pt"))
+    cfg = Config()
+    cfg.device = "cpu"
+    cfg.lsr.loss = "relative"
+    cfg.lsr.rank = 4
+    scalar = refine(load_checkpoint(tmp_path / "s.pt"), read_data(data, cfg.data, torch.float64), cfg)
+    assert any("norms span" in w and "lsr.loss: mse may suit better" in w for w in scalar.warnings)
