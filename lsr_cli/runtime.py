@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
@@ -30,8 +31,16 @@ def cast_tensor(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str 
 
 
 def cast_module(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """Move ``module`` (plain or TorchScript) in place like :func:`cast_tensor` does a tensor."""
-    return module._apply(lambda t: cast_tensor(t, dtype, device))
+    """Move ``module`` (plain or TorchScript) in place like :func:`cast_tensor` does a tensor.
+
+    A ``copy.deepcopy`` of a TorchScript module (``lsr iterate`` copies the network each
+    iteration) holds non-leaf parameters, on which ``Module._apply`` reads ``.grad`` and torch
+    warns; nothing reads those gradients here, so that one warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="The .grad attribute of a Tensor that is not a leaf", category=UserWarning
+        )
+        return module._apply(lambda t: cast_tensor(t, dtype, device))
 
 
 class ProgressSink(Protocol):

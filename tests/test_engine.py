@@ -438,3 +438,19 @@ def test_mm_is_the_matrix_product(shape):
     B = torch.randn(k, b, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(mm(A, B), A @ B, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(mm(A.T.contiguous().T, B[:, : max(1, b - 1)]), A @ B[:, : max(1, b - 1)])
+
+
+def test_casting_a_copied_torchscript_module_does_not_warn():
+    """``lsr iterate`` deep-copies the network each iteration; a copied TorchScript module holds
+    non-leaf parameters, and casting it made torch warn on every iteration."""
+    import copy
+    import warnings
+
+    from lsr_cli.runtime import cast_module
+
+    copied = copy.deepcopy(torch.jit.script(MLP(2, 1, hidden=[4])))
+    assert any(not p.is_leaf for p in copied.parameters())  # the torch behaviour guarded against
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = cast_module(copied, torch.float64, torch.device("cpu"))
+    assert all(p.dtype == torch.float64 for p in out.parameters())
