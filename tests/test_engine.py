@@ -181,11 +181,11 @@ def test_truncation_drops_dependent_columns():
 class RandomFeatures(nn.Module):
     """A model linear in its parameters: q(x) = Φ(x) w + b with fixed random features Φ."""
 
-    def __init__(self, num_features: int = 12) -> None:
+    def __init__(self, num_features: int = 12, out_features: int = 1) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(5)
         self.register_buffer("freq", torch.randn(2, num_features, generator=gen))
-        self.head = nn.Linear(num_features, 1)
+        self.head = nn.Linear(num_features, out_features)
 
     def forward(self, x):
         return self.head(torch.tanh(x @ self.freq))

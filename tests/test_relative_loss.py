@@ -14,20 +14,14 @@ from lsr_cli import Config, load_checkpoint, read_data, refine
 from lsr_cli.config import parse_config
 from lsr_cli.errors import ConfigError, DataError
 
+from .test_engine import RandomFeatures
+
 LSTSQ_TOL = 1e-10
 
 
-class VectorFeatures(nn.Module):
-    """Linear in its parameters: ``q(x) = tanh(x F) W + b``, three outputs per sample."""
-
-    def __init__(self, num_features: int = 6) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(5)
-        self.register_buffer("freq", torch.randn(2, num_features, generator=gen))
-        self.head = nn.Linear(num_features, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(x @ self.freq))
+def vector_features() -> RandomFeatures:
+    """Linear in its parameters: ``q(x) = tanh(x F) W + b``, three outputs per sample (21 parameters)."""
+    return RandomFeatures(num_features=6, out_features=3)
 
 
 def _data(path: Path, zero_sample: int | None = None) -> Path:
@@ -48,7 +42,7 @@ def _data(path: Path, zero_sample: int | None = None) -> Path:
 
 def _refine(tmp_path: Path, loss: str, jacobian: str = "auto", scripted: bool = True):
     data = _data(tmp_path / "d.h5")
-    model = VectorFeatures().double()
+    model = vector_features().double()
     path = tmp_path / "m.pt"
     torch.jit.script(model).save(str(path))
     cfg = Config()
@@ -66,7 +60,7 @@ def _refine(tmp_path: Path, loss: str, jacobian: str = "auto", scripted: bool = 
     return result, model, x, y
 
 
-def _weighted_lstsq(model: VectorFeatures, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _weighted_lstsq(model: RandomFeatures, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     feats = torch.cat([torch.tanh(x @ model.freq), torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
     coef = torch.linalg.lstsq(feats * weights[:, None], y * weights[:, None]).solution
     return feats @ coef
@@ -106,7 +100,7 @@ def test_relative_loss_lowers_the_mean_relative_error_and_mse_stays_default(tmp_
 def test_an_all_zero_target_is_a_one_line_error(tmp_path):
     data = _data(tmp_path / "d.h5", zero_sample=7)
     path = tmp_path / "m.pt"
-    torch.jit.script(VectorFeatures().double()).save(str(path))
+    torch.jit.script(vector_features().double()).save(str(path))
     cfg = Config()
     cfg.device = "cpu"
     cfg.data.path = str(data)
