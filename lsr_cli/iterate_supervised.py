@@ -31,7 +31,7 @@ from lsr_cli.checkpoint import LoadedCheckpoint, require_plain_network
 from lsr_cli.config import Config
 from lsr_cli.data import Split
 from lsr_cli.metrics import describe_change, format_error
-from lsr_cli.refine import _moved, predict, prepare_module, refine, sample_weights
+from lsr_cli.refine import _moved, predict, prepare_module, refine, sample_weights, weigh_samples
 from lsr_cli.runtime import NoProgress, ProgressSink, no_tf32, peak_memory_bytes, start_run
 
 from .pde.iterate import IterateResult, gauss_newton_fit
@@ -49,9 +49,7 @@ def _mse(model: nn.Module, split: Split, weights: Tensor | None = None) -> float
 
 
 def _weighted_mse(d: Tensor, weights: Tensor | None) -> float:
-    if weights is not None:
-        d = d * weights.reshape((-1,) + (1,) * (d.dim() - 1))
-    return float(d.square().mean())
+    return float(weigh_samples(d, weights).square().mean())
 
 
 def _rel_l2(model: nn.Module, split: Split) -> float:

@@ -171,19 +171,23 @@ def sample_weights(
     return {name: scale / n for name, n in norms.items()}
 
 
-def _weigh(t: Tensor, weights: dict[str, Tensor] | None, split: str, inverse: bool = False) -> Tensor:
-    """``t`` ``[N, ...]`` with each sample's entries times its weight (``inverse``: divided by it)."""
-    if weights is None:
+def weigh_samples(t: Tensor, w: Tensor | None, inverse: bool = False) -> Tensor:
+    """``t`` ``[N, ...]`` with each sample's entries times its weight ``w`` (``N`` values; ``inverse``:
+    divided by it); ``t`` itself without weights."""
+    if w is None:
         return t
-    w = weights[split].reshape((-1,) + (1,) * (t.dim() - 1))
+    w = w.reshape((-1,) + (1,) * (t.dim() - 1))
     return t / w if inverse else t * w
+
+
+def _weigh(t: Tensor, weights: dict[str, Tensor] | None, split: str, inverse: bool = False) -> Tensor:
+    return weigh_samples(t, None if weights is None else weights[split], inverse)
 
 
 def weighted_output(net: Callable[..., Tensor], rows: Inputs) -> Tensor:
     """The residual rows of ``lsr.loss: relative``: the network on ``rows[:-1]``, each sample's
     outputs times its weight ``rows[-1]`` (``[N, 1]``, appended to the inputs)."""
-    out = net(*rows[:-1])
-    return out * rows[-1].reshape((-1,) + (1,) * (out.dim() - 1))
+    return weigh_samples(net(*rows[:-1]), rows[-1])
 
 
 def _product_model(module: nn.Module, cfg: Config) -> nn.Module | None:
