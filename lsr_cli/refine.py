@@ -160,8 +160,9 @@ def sample_weights(
         zero = [z for found in comm.allgather_object(zero) for z in found]
     if zero:
         split, index = zero[0]
+        where = split.source or f"{path or 'data'}: split '{split.group}'"
         raise DataError(
-            f"{path or 'data'}: /{split.group}/targets: sample {index} is all zero, so it has no relative error "
+            f"{where}: sample {index} is all zero, so it has no relative error "
             "(lsr.loss: relative divides each sample's error by its target's norm); use lsr.loss: mse"
         )
     train = norms["train"]

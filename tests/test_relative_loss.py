@@ -106,7 +106,7 @@ def test_an_all_zero_target_is_a_one_line_error(tmp_path):
     cfg.data.path = str(data)
     cfg.lsr.loss = "relative"
     splits = read_data(data, cfg.data, torch.float64)
-    with pytest.raises(DataError, match=r"d\.h5: /train/targets: sample 7 is all zero.*lsr\.loss: mse") as err:
+    with pytest.raises(DataError, match=r"d\.h5:/train/targets: sample 7 is all zero.*lsr\.loss: mse") as err:
         refine(load_checkpoint(path), splits, cfg)
     assert "\n" not in str(err.value)
 

@@ -136,9 +136,10 @@ def _read_split(
             )
     if n == 0:
         raise DataError(f"{file}:{tgt.name}: the split has no samples")
+    source = f"{file}:{tgt.name}"
     if rows is None:
-        return Split(role, group, inputs, targets, names, shared)
-    return Split(role, group, inputs, targets, names, shared, first_row=rows[0], num_total=total)
+        return Split(role, group, inputs, targets, names, shared, source=source)
+    return Split(role, group, inputs, targets, names, shared, first_row=rows[0], num_total=total, source=source)
 
 
 def read_data(

@@ -185,6 +185,7 @@ class Split:
     first_row: int = 0  # distributed: this rank's samples are [first_row, first_row + num_samples)
     num_total: int | None = None  # distributed: the split's sample count over every rank
     selection: dict | None = None  # how the rows were chosen by config.data.split (for the report)
+    source: str = ""  # the file and the targets' dataset as read, for messages: "data.h5:/train/targets"
 
     @property
     def num_samples(self) -> int:

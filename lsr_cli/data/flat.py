@@ -157,5 +157,6 @@ def _read_flat(
             first_row=first,
             num_total=len(all_rows) if shard is not None else None,
             selection=desc,
+            source=f"{file}:{cfg.targets}",
         )
     return out
