@@ -63,6 +63,11 @@ Usage (from the repository root):
 
     OMP_NUM_THREADS=1 python sample_data/make_burgers_paper.py [--only data|deeponet|multionet] [--epochs N]
 
+Two options make data for sensitivity studies, not the shipped file (docs/benchmarks/paper_operators.md):
+``--alpha A`` draws the field with exponent A, s set so that u0 keeps its pointwise spread;
+``--extra-train N`` appends N training functions from their own stream (seed + 2), so the
+validation and test functions stay the shipped ones. Use them with ``--out DIR``.
+
 Writes ``sample_data/burgers_paper.h5`` and ``sample_data/burgers_paper_{deeponet,multionet}_
 {torchscript,state_dict}.pt``. Deterministic for a given torch build.
 """
@@ -112,10 +117,19 @@ def sine_series(coef: np.ndarray, x: np.ndarray) -> np.ndarray:
     return coef @ np.sin(np.pi * np.outer(k, x))
 
 
-def initial_coefficients(rng: np.random.Generator, n: int) -> np.ndarray:
+def field_scale(alpha: float) -> float:
+    """The ``s`` that gives the field of exponent ``alpha`` the pointwise spread of the shipped one (α = 2.5, s = 70.14)."""
+    if alpha == GRF_ALPHA:
+        return GRF_S
+    k = np.arange(1, NUM_MODES + 1)
+    base = GRF_TAU**2 + (k * np.pi) ** 2
+    return GRF_S * float(np.sqrt(np.sum(base**-GRF_ALPHA) / np.sum(base**-alpha)))
+
+
+def initial_coefficients(rng: np.random.Generator, n: int, alpha: float = GRF_ALPHA) -> np.ndarray:
     """``n`` draws of the sine coefficients c_k ~ N(0, s² (τ² + (kπ)²)^(−α)), 1 ≤ k ≤ NUM_MODES; ``[n, NUM_MODES]``."""
     k = np.arange(1, NUM_MODES + 1)
-    std = GRF_S * (GRF_TAU**2 + (k * np.pi) ** 2) ** (-GRF_ALPHA / 2)
+    std = field_scale(alpha) * (GRF_TAU**2 + (k * np.pi) ** 2) ** (-alpha / 2)
     return rng.standard_normal((n, NUM_MODES)) * std
 
 
@@ -146,16 +160,20 @@ def solve_on_grid(coef: np.ndarray, points: int, dt: float) -> tuple[np.ndarray,
     return u0, ut
 
 
-def make_data(path: Path, seed: int) -> None:
+def make_data(path: Path, seed: int, alpha: float = GRF_ALPHA, extra_train: int = 0) -> None:
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
-    data = {split: solve_on_grid(initial_coefficients(rng, n), FINE, DT) for split, n in SPLITS.items()}
+    data = {split: solve_on_grid(initial_coefficients(rng, n, alpha), FINE, DT) for split, n in SPLITS.items()}
+    if extra_train:  # more training functions from their own stream: val and test stay the shipped ones
+        extra = solve_on_grid(initial_coefficients(np.random.default_rng(seed + 2), extra_train, alpha), FINE, DT)
+        (u0_train, ut_train), (u0_extra, ut_extra) = data["train"], extra
+        data["train"] = (np.concatenate([u0_train, u0_extra]), np.concatenate([ut_train, ut_extra]))
     print(
         f"data: {time.perf_counter() - start:.1f} s; u0 std {data['train'][0].std():.3f}, max |u0| "
         f"{np.abs(data['train'][0]).max():.2f}, u(T) std {data['train'][1].std():.3f}, "
         f"max |u(T)| {np.abs(data['train'][1]).max():.2f}"
     )
-    coef = initial_coefficients(np.random.default_rng(seed + 1), 20)
+    coef = initial_coefficients(np.random.default_rng(seed + 1), 20, alpha)
     base = solve_on_grid(coef, FINE, DT)[1]
     half = solve_on_grid(coef, FINE, DT / 2)[1]
     fine = solve_on_grid(coef, 2 * FINE, DT)[1]
@@ -175,8 +193,8 @@ def make_data(path: Path, seed: int) -> None:
         f.attrs["description"] = (
             f"Burgers operator at the LSR paper's scale (lsr): u0 -> u(., T), u_t + u u_x = nu u_xx, nu = 0.1/pi, "
             f"T = {T_FINAL}, x in [-1, 1], u(-1, t) = u(1, t) = 0, {GRID}-point grid linspace(-1, 1, {GRID}); "
-            f"u0 = sum_k c_k sin(k pi x), c_k ~ N(0, s^2 (tau^2 + (k pi)^2)^-alpha), s = {GRF_S}, tau = {GRF_TAU}, "
-            f"alpha = {GRF_ALPHA}, k = 1..{NUM_MODES}; pseudo-spectral IF-RK4 on the 2-periodic odd extension, "
+            f"u0 = sum_k c_k sin(k pi x), c_k ~ N(0, s^2 (tau^2 + (k pi)^2)^-alpha), s = {field_scale(alpha):.6g}, "
+            f"tau = {GRF_TAU}, alpha = {alpha}, k = 1..{NUM_MODES}; pseudo-spectral IF-RK4 on the 2-periodic odd extension, "
             f"{FINE} points, dt = {DT}; inputs: branch [N, {GRID}] (u0 on the grid), trunk [{GRID}, 1] shared (the grid); "
             f"targets [N, {GRID}] u(x_j, T)"
         )
@@ -267,12 +285,24 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loss", choices=["l2", "mse"], default="l2")
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=GRF_ALPHA,
+        help=f"the field's exponent (default {GRF_ALPHA}); s is set to keep u0's pointwise spread. A sensitivity study, not the shipped data",
+    )
+    parser.add_argument(
+        "--extra-train",
+        type=int,
+        default=0,
+        help="append this many training functions (their own seed; val and test unchanged). A sensitivity study",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "burgers_paper.h5"
     if args.only in (None, "data"):
-        make_data(path, args.seed)
+        make_data(path, args.seed, args.alpha, args.extra_train)
     if args.only == "data":
         return
     data = read_data(path)
