@@ -298,6 +298,10 @@ def main() -> None:
         help="append this many training functions (their own seed; val and test unchanged). A sensitivity study",
     )
     args = parser.parse_args()
+    if (args.alpha != GRF_ALPHA or args.extra_train) and args.out.resolve() == HERE:
+        parser.error(
+            "--alpha and --extra-train make data for a sensitivity study: give --out DIR, not the shipped files"
+        )
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "burgers_paper.h5"
