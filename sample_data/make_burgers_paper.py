@@ -117,19 +117,22 @@ def sine_series(coef: np.ndarray, x: np.ndarray) -> np.ndarray:
     return coef @ np.sin(np.pi * np.outer(k, x))
 
 
+def mode_decay(alpha: float) -> np.ndarray:
+    """``(τ² + (kπ)²)^(−α/2)`` for 1 ≤ k ≤ NUM_MODES: the coefficients' standard deviations up to the scale ``s``."""
+    k = np.arange(1, NUM_MODES + 1)
+    return (GRF_TAU**2 + (k * np.pi) ** 2) ** (-alpha / 2)
+
+
 def field_scale(alpha: float) -> float:
     """The ``s`` that gives the field of exponent ``alpha`` the pointwise spread of the shipped one (α = 2.5, s = 70.14)."""
     if alpha == GRF_ALPHA:
         return GRF_S
-    k = np.arange(1, NUM_MODES + 1)
-    base = GRF_TAU**2 + (k * np.pi) ** 2
-    return GRF_S * float(np.sqrt(np.sum(base**-GRF_ALPHA) / np.sum(base**-alpha)))
+    return GRF_S * float(np.sqrt(np.sum(mode_decay(GRF_ALPHA) ** 2) / np.sum(mode_decay(alpha) ** 2)))
 
 
 def initial_coefficients(rng: np.random.Generator, n: int, alpha: float = GRF_ALPHA) -> np.ndarray:
     """``n`` draws of the sine coefficients c_k ~ N(0, s² (τ² + (kπ)²)^(−α)), 1 ≤ k ≤ NUM_MODES; ``[n, NUM_MODES]``."""
-    k = np.arange(1, NUM_MODES + 1)
-    std = field_scale(alpha) * (GRF_TAU**2 + (k * np.pi) ** 2) ** (-alpha / 2)
+    std = field_scale(alpha) * mode_decay(alpha)
     return rng.standard_normal((n, NUM_MODES)) * std
 
 
@@ -298,6 +301,8 @@ def main() -> None:
         help="append this many training functions (their own seed; val and test unchanged). A sensitivity study",
     )
     args = parser.parse_args()
+    if args.extra_train < 0:
+        parser.error(f"--extra-train: expected a count of functions >= 0, got {args.extra_train}")
     if (args.alpha != GRF_ALPHA or args.extra_train) and args.out.resolve() == HERE:
         parser.error(
             "--alpha and --extra-train make data for a sensitivity study: give --out DIR, not the shipped files"

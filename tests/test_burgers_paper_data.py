@@ -8,6 +8,7 @@ data is scored on the same test set.
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -60,3 +61,27 @@ def test_extra_training_functions_leave_val_and_test_alone(gen, tmp_path, monkey
                 np.testing.assert_allclose(b[f"{split}/{name}"][:], a[f"{split}/{name}"][:], atol=1e-13)
         # the appended functions are new ones
         assert np.abs(b["train/inputs/branch"][4:] - a["train/inputs/branch"][:3]).max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--alpha", "4"], "give --out DIR"),  # would write over the shipped files
+        (["--extra-train", "-3", "--out", "OUT"], "expected a count of functions >= 0, got -3"),
+    ],
+)
+def test_bad_sensitivity_options_are_refused(args, message, tmp_path):
+    out = tmp_path / "out"
+    args = [str(out) if a == "OUT" else a for a in args]
+    shipped = ROOT / "sample_data" / "burgers_paper.h5"
+    before = shipped.stat().st_mtime_ns
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "sample_data" / "make_burgers_paper.py"), "--only", "data", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and shipped.stat().st_mtime_ns == before
